@@ -15,7 +15,7 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_conf
 
 SIZES = {
     # name: (n_layer, n_head, n_embd)
-    "tiny": (2, 4, 64),
+    "tiny": (2, 4, 128),
     "small": (12, 12, 768),  # the real GPT-2 124M shape
 }
 
