@@ -1,0 +1,220 @@
+"""Task / soft-prompt registry: SQLAlchemy tables, content-addressed files, a facade."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from . import store
+from .errors import (
+    IntegrityError,
+    InvalidName,
+    InvalidPrompt,
+    RegistryError,
+    TaskExists,
+    TaskNotFound,
+    VersionNotFound,
+)
+from .files import read_prompt_file, write_prompt_file
+from .paths import alembic_dir, repo_root
+
+__all__ = [
+    "Registry",
+    "RegistryError",
+    "TaskNotFound",
+    "TaskExists",
+    "VersionNotFound",
+    "InvalidName",
+    "InvalidPrompt",
+    "IntegrityError",
+    "make_engine",
+    "alembic_config",
+]
+
+# arbitrary constant key for pg_advisory_lock around migrations ("polyprmt")
+_PG_MIGRATION_LOCK = 0x706F6C7970726D74
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def make_engine(db_url: str) -> Engine:
+    """An Engine for `db_url`; SQLite gets foreign keys, WAL and a busy timeout."""
+    url = make_url(db_url)
+    if url.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    memory = url.database in (None, "", ":memory:")
+    kwargs: dict[str, Any] = {
+        "connect_args": {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+    }
+    if memory:
+        kwargs["poolclass"] = StaticPool
+    else:
+        Path(url.database).resolve().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        if not memory:
+            cur.execute("PRAGMA journal_mode=WAL")
+        cur.close()
+
+    return engine
+
+
+def alembic_config(db_url: str | None = None):  # -> alembic.config.Config
+    """An alembic Config for `<repo root>/alembic.ini`, independent of the CWD."""
+    from alembic.config import Config
+
+    ini = repo_root() / "alembic.ini"
+    cfg = Config(str(ini)) if ini.is_file() else Config()
+    cfg.set_main_option("script_location", str(alembic_dir()))
+    if db_url is not None:
+        cfg.attributes["url"] = db_url
+    return cfg
+
+
+class Registry:
+    """Thread-safe facade: one Engine; every method is its own session/transaction.
+
+    Returns plain dicts, never ORM objects.
+    """
+
+    def __init__(self, db_url: str, data_dir: str | os.PathLike[str]) -> None:
+        self.db_url = db_url
+        self.data_dir = Path(data_dir).resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.engine = make_engine(db_url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.engine.url.render_as_string(hide_password=True)!r}, {str(self.data_dir)!r})"
+
+    def close(self) -> None:
+        """Dispose of the connection pool."""
+        self.engine.dispose()
+
+    def _session(self) -> Session:
+        return self._sessions()
+
+    # -- schema -------------------------------------------------------------
+    def upgrade(self, revision: str = "head") -> None:
+        """`alembic upgrade head` on this database (under an advisory lock on PostgreSQL)."""
+        from alembic import command
+
+        cfg = alembic_config(self.db_url)
+        is_pg = self.engine.dialect.name == "postgresql"
+        with self.engine.connect() as conn:
+            if is_pg:
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+                conn.commit()
+            try:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, revision)
+                conn.commit()
+            finally:
+                if is_pg:
+                    conn.rollback()
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_MIGRATION_LOCK})
+                    conn.commit()
+
+    # -- reads ---------------------------------------------------------------
+    def generation(self) -> int:
+        """Counter bumped by every mutation; poll it to hot-reload."""
+        with self._session() as s:
+            return store.get_generation(s)
+
+    def get_task(self, name: str) -> dict[str, Any]:
+        """The task as a dict; raises TaskNotFound."""
+        with self._session() as s:
+            return store.task_to_dict(store.get_task(s, name=name))
+
+    def list_tasks(self) -> list[dict[str, Any]]:
+        """All tasks (ordered by name)."""
+        with self._session() as s:
+            return [store.task_to_dict(t) for t in store.list_tasks(s)]
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """`{name: task dict}` for every task, with active version info, in one query."""
+        return {t["name"]: t for t in self.list_tasks()}
+
+    def load_prompt(self, sha256: str) -> torch.Tensor:
+        """The stored prompt `[n, hidden]` float32, sha256-verified."""
+        return read_prompt_file(self.data_dir, sha256)
+
+    # -- mutations -----------------------------------------------------------
+    def create_task(
+        self,
+        name: str,
+        *,
+        description: str = "",
+        num_virtual_tokens: int,
+        hidden_size: int,
+        base_model: str,
+    ) -> dict[str, Any]:
+        """Create a task without versions; raises TaskExists / InvalidName."""
+        with self._session() as s, s.begin():
+            task = store.create_task(
+                s,
+                name=name,
+                description=description,
+                num_virtual_tokens=num_virtual_tokens,
+                hidden_size=hidden_size,
+                base_model=base_model,
+            )
+            return store.task_to_dict(task)
+
+    def delete_task(self, name: str) -> None:
+        """Delete the task's rows (prompt files stay: they may be shared)."""
+        with self._session() as s, s.begin():
+            store.delete_task(s, name=name)
+
+    def add_version(
+        self,
+        name: str,
+        embeddings: torch.Tensor,
+        *,
+        source: str,
+        meta: dict[str, Any] | None = None,
+        activate: bool = True,
+        base_model: str | None = None,
+    ) -> dict[str, Any]:
+        """Store `embeddings` [n, hidden] as the task's next version (file first, then row)."""
+        if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2:
+            shape = tuple(getattr(embeddings, "shape", ()))
+            raise InvalidPrompt(f"embeddings must be a 2-D tensor [n, hidden], got shape {shape}")
+        n, hidden = (int(d) for d in embeddings.shape)
+        if n < 1:
+            raise InvalidPrompt("a prompt needs at least one virtual token")
+        with self._session() as s:  # fail fast before writing a file
+            task = store.get_task(s, name=name)
+            if task.hidden_size != hidden:
+                raise InvalidPrompt(f"hidden size {hidden} != task {name!r}'s {task.hidden_size}")
+        sha, rel = write_prompt_file(self.data_dir, embeddings)
+        with self._session() as s, s.begin():
+            pv = store.add_version(
+                s,
+                name=name,
+                sha256=sha,
+                path=rel,
+                num_virtual_tokens=n,
+                hidden_size=hidden,
+                source=source,
+                meta=meta,
+                activate=activate,
+                base_model=base_model,
+            )
+            return store.version_to_dict(pv)
+
+    def activate_version(self, name: str, version: int) -> dict[str, Any]:
+        """Make `version` the active one; raises TaskNotFound / VersionNotFound."""
+        with self._session() as s, s.begin():
+            return store.version_to_dict(store.activate_version(s, name=name, version=int(version)))

@@ -1,0 +1,223 @@
+"""Keyword-only store functions over a SQLAlchemy Session.
+
+Every mutation bumps `registry_state.generation` as its *first* statement, in the
+caller's transaction: on SQLite that takes the write lock up front (no lock-upgrade
+deadlocks), on PostgreSQL the row lock serialises mutations.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import exc, func, select, update
+from sqlalchemy.orm import Session, joinedload
+
+from .errors import InvalidName, InvalidPrompt, TaskExists, TaskNotFound, VersionNotFound
+from .models import PromptVersion, RegistryState, Task, utcnow
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+STATE_ID = 1
+
+
+def validate_name(name: str) -> str:
+    """Return `name` if it is a valid task name, else raise InvalidName."""
+    if not isinstance(name, str) or NAME_RE.fullmatch(name) is None:
+        raise InvalidName(
+            f"invalid task name {name!r}: use 1-64 characters of a-z 0-9 . _ -, "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def bump_generation(session: Session) -> int:
+    """Increment the registry generation; returns the new value."""
+    res = session.execute(
+        update(RegistryState)
+        .where(RegistryState.id == STATE_ID)
+        .values(generation=RegistryState.generation + 1)
+    )
+    if res.rowcount == 0:  # schema created without the migration's seed row
+        session.add(RegistryState(id=STATE_ID, generation=1))
+        session.flush()
+        return 1
+    return int(session.scalar(select(RegistryState.generation).where(RegistryState.id == STATE_ID)))
+
+
+def get_generation(session: Session) -> int:
+    """The current registry generation (0 if never mutated)."""
+    gen = session.scalar(select(RegistryState.generation).where(RegistryState.id == STATE_ID))
+    return int(gen or 0)
+
+
+def get_task(session: Session, *, name: str) -> Task:
+    """The task called `name` (versions eagerly loaded); raises TaskNotFound."""
+    stmt = select(Task).where(Task.name == name).options(joinedload(Task.versions))
+    task = session.scalars(stmt).unique().one_or_none()
+    if task is None:
+        raise TaskNotFound(f"task {name!r} not found")
+    return task
+
+
+def list_tasks(session: Session) -> list[Task]:
+    """All tasks ordered by name, versions eagerly loaded (one query)."""
+    stmt = select(Task).options(joinedload(Task.versions)).order_by(Task.name)
+    return list(session.scalars(stmt).unique().all())
+
+
+def create_task(
+    session: Session,
+    *,
+    name: str,
+    description: str = "",
+    num_virtual_tokens: int,
+    hidden_size: int,
+    base_model: str,
+) -> Task:
+    """Insert a new task; raises InvalidName / TaskExists."""
+    validate_name(name)
+    if num_virtual_tokens < 1 or hidden_size < 1:
+        raise InvalidPrompt("num_virtual_tokens and hidden_size must be positive")
+    bump_generation(session)
+    if session.scalar(select(Task.id).where(Task.name == name)) is not None:
+        raise TaskExists(f"task {name!r} already exists")
+    now = utcnow()
+    task = Task(
+        name=name,
+        description=description or "",
+        num_virtual_tokens=num_virtual_tokens,
+        hidden_size=hidden_size,
+        base_model=base_model,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(task)
+    try:
+        session.flush()
+    except exc.IntegrityError:
+        raise TaskExists(f"task {name!r} already exists") from None
+    return task
+
+
+def delete_task(session: Session, *, name: str) -> None:
+    """Delete a task and (by cascade) its versions. Files are left in place."""
+    bump_generation(session)
+    task = get_task(session, name=name)
+    session.delete(task)
+    session.flush()
+
+
+def _set_active(session: Session, task: Task, pv: PromptVersion) -> None:
+    # deactivate first (flushed) so the one-active partial unique index never trips
+    session.execute(
+        update(PromptVersion)
+        .where(PromptVersion.task_id == task.id, PromptVersion.id != pv.id)
+        .values(is_active=False)
+        .execution_options(synchronize_session="fetch")
+    )
+    pv.is_active = True
+    task.num_virtual_tokens = pv.num_virtual_tokens
+    task.updated_at = utcnow()
+    session.flush()
+
+
+def add_version(
+    session: Session,
+    *,
+    name: str,
+    sha256: str,
+    path: str,
+    num_virtual_tokens: int,
+    hidden_size: int,
+    source: str,
+    meta: dict[str, Any] | None = None,
+    activate: bool = True,
+    base_model: str | None = None,
+) -> PromptVersion:
+    """Add version max+1 of task `name`. The first version is always activated."""
+    bump_generation(session)
+    task = get_task(session, name=name)
+    if hidden_size != task.hidden_size:
+        raise InvalidPrompt(
+            f"hidden size {hidden_size} != task {name!r}'s {task.hidden_size}"
+        )
+    if num_virtual_tokens < 1:
+        raise InvalidPrompt("a prompt needs at least one virtual token")
+    last = session.scalar(select(func.max(PromptVersion.version)).where(PromptVersion.task_id == task.id))
+    has_active = any(v.is_active for v in task.versions)
+    pv = PromptVersion(
+        task_id=task.id,
+        version=(last or 0) + 1,
+        is_active=False,
+        sha256=sha256,
+        path=path,
+        num_virtual_tokens=num_virtual_tokens,
+        hidden_size=hidden_size,
+        base_model=base_model or task.base_model,
+        source=source,
+        meta=dict(meta or {}),
+        created_at=utcnow(),
+    )
+    task.versions.append(pv)
+    session.flush()
+    if activate or not has_active:
+        _set_active(session, task, pv)
+    else:
+        task.updated_at = utcnow()
+        session.flush()
+    return pv
+
+
+def activate_version(session: Session, *, name: str, version: int) -> PromptVersion:
+    """Make `version` the task's only active version; raises VersionNotFound."""
+    bump_generation(session)
+    task = get_task(session, name=name)
+    pv = next((v for v in task.versions if v.version == version), None)
+    if pv is None:
+        have = [v.version for v in task.versions]
+        raise VersionNotFound(f"task {name!r} has no version {version} (versions: {have})")
+    _set_active(session, task, pv)
+    return pv
+
+
+def _iso(dt: datetime | None) -> str | None:
+    if dt is None:
+        return None
+    if dt.tzinfo is None:  # SQLite drops the zone; we always store UTC
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.isoformat()
+
+
+def version_to_dict(pv: PromptVersion) -> dict[str, Any]:
+    """Plain-dict view of a version."""
+    return {
+        "version": pv.version,
+        "num_virtual_tokens": pv.num_virtual_tokens,
+        "hidden_size": pv.hidden_size,
+        "base_model": pv.base_model,
+        "sha256": pv.sha256,
+        "path": pv.path,
+        "is_active": bool(pv.is_active),
+        "source": pv.source,
+        "meta": dict(pv.meta or {}),
+        "created_at": _iso(pv.created_at),
+    }
+
+
+def task_to_dict(task: Task) -> dict[str, Any]:
+    """Plain-dict view of a task with its versions and active version."""
+    versions = sorted(task.versions, key=lambda v: v.version)
+    active = next((v for v in versions if v.is_active), None)
+    return {
+        "name": task.name,
+        "description": task.description,
+        "num_virtual_tokens": task.num_virtual_tokens,
+        "hidden_size": task.hidden_size,
+        "base_model": task.base_model,
+        "active_version": active.version if active else None,
+        "sha256": active.sha256 if active else None,
+        "versions": [version_to_dict(v) for v in versions],
+        "created_at": _iso(task.created_at),
+        "updated_at": _iso(task.updated_at),
+    }
