@@ -1,0 +1,275 @@
+"""The engine: one loop owns the device; each step is schedule -> execute -> update.
+
+Requests arrive from any thread (`add_request`), results leave through each request's
+`on_output` callback, called on the engine thread. The engine imports neither FastAPI
+nor SQLAlchemy, so it runs alone on a GPU box (see `bench/`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from adapters.prefix_cache import PrefixCache
+from server.engine.batch import build_step
+from server.engine.kv_cache import KVCache, slot_bytes
+from server.engine.output import Detokenizer, RequestOutput, detect_loop
+from server.engine.sampler import RowSampling, SamplingParams, TokenLogprob, sample
+from server.engine.scheduler import Scheduler, SeqState, StepPlan
+from server.model import GPT2
+
+log = logging.getLogger("polyprompt.engine")
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_queue: int = 4096
+    kv_cache_bytes: int = 6 << 30
+    prefix_cache_bytes: int = 1 << 30
+    max_model_len: int | None = None  # default: the model's n_positions
+
+
+@dataclass
+class Request:
+    req_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    task: str = ""  # for metrics and logs
+    prefix_key: str = ""  # the prompt version's sha256; "" = no soft prompt
+    soft_prompt: torch.Tensor | None = None  # [n, C] float32 (CPU), needed on a cache miss
+    on_output: Callable[[RequestOutput], None] | None = None
+    stream: bool = False
+    arrival: float = field(default_factory=time.monotonic)
+    # engine state
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    slot: int = -1
+    prefix_len: int = 0
+    sampling: RowSampling | None = None
+    detok: Detokenizer | None = None
+    first_token_time: float | None = None
+
+    @property
+    def num_virtual(self) -> int:
+        return 0 if self.soft_prompt is None else int(self.soft_prompt.shape[0])
+
+
+class Engine:
+    def __init__(self, model: GPT2, tokenizer, config: EngineConfig | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        spec = model.spec
+        self.max_len = min(self.config.max_model_len or spec.n_positions, spec.n_positions)
+        per_slot = slot_bytes(n_layer=spec.n_layer, n_head=spec.n_head, head_dim=spec.head_dim,
+                              max_len=self.max_len, dtype=self.dtype)
+        num_slots = min(self.config.max_num_seqs, self.config.kv_cache_bytes // per_slot)
+        self.cache = KVCache(n_layer=spec.n_layer, n_head=spec.n_head, head_dim=spec.head_dim,
+                             max_len=self.max_len, num_slots=num_slots, device=self.device, dtype=self.dtype)
+        self.scheduler = Scheduler(max_num_seqs=num_slots,
+                                   max_num_batched_tokens=self.config.max_num_batched_tokens)
+        self.prefixes = PrefixCache(self.config.prefix_cache_bytes)
+        self.requests: dict[str, Request] = {}
+        self._inbox: deque[Request] = deque()
+        self._aborts: deque[str] = deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.stats = {"steps": 0, "generated_tokens": 0, "prompt_tokens": 0, "finished": 0,
+                      "batch_size_last": 0}
+        self.listeners: list[Callable[[Request, RequestOutput], None]] = []
+
+    # ------------------------------------------------------------------ intake (any thread)
+    def add_request(self, req: Request) -> None:
+        need = req.num_virtual + len(req.prompt_ids) + req.params.max_tokens
+        if need > self.max_len:
+            raise ValueError(f"request needs {need} positions > context {self.max_len}")
+        if not req.prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(self._inbox) + self.scheduler.num_waiting >= self.config.max_queue:
+            raise QueueFull(f"the queue is full ({self.config.max_queue} waiting)")
+        self._inbox.append(req)
+        self._wake.set()
+
+    def abort(self, req_id: str) -> None:
+        self._aborts.append(req_id)
+        self._wake.set()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._inbox) + self.scheduler.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    # ------------------------------------------------------------------ loop
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="polyprompt-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not (self._inbox or self._aborts or self.scheduler.has_work()):
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception:  # keep serving: fail what was running, carry on
+                log.exception("engine step failed; failing the running requests")
+                for rid in list(self.scheduler.running):
+                    self._finish(self.requests[rid], "error")
+                    self.scheduler.abort(rid)
+
+    def generate(self, reqs: list[Request]) -> list[RequestOutput]:
+        """Run `reqs` to completion on the calling thread (tests, benchmarks)."""
+        finals: dict[str, RequestOutput] = {}
+        for r in reqs:
+            user_cb = r.on_output
+
+            def cb(out: RequestOutput, _cb=user_cb):
+                if out.finished:
+                    finals[out.req_id] = out
+                if _cb is not None:
+                    _cb(out)
+
+            r.on_output = cb
+            self.add_request(r)
+        while len(finals) < len(reqs):
+            self.step()
+        return [finals[r.req_id] for r in reqs]
+
+    # ------------------------------------------------------------------ one step
+    @torch.inference_mode()
+    def step(self) -> None:
+        self._drain()
+        plan = self.scheduler.schedule()
+        if not plan:
+            return
+        for rid in plan.admitted:
+            self._admit(self.requests[rid])
+        batch = build_step(plan, self.requests, self.scheduler.running, self.device)
+        hidden = self.model.forward_step(batch.ids, batch.positions, batch.meta, self.cache)
+        sampled_reqs = [self.requests[rid] for rid in batch.sample_ids]
+        if sampled_reqs:
+            logits = self.model.logits(hidden[batch.sample_rows]).float()  # [R, V]
+            tokens, lps = sample(logits, [r.sampling for r in sampled_reqs])
+        else:
+            tokens, lps = [], []
+        finished = set()
+        for req, tok, lp in zip(sampled_reqs, tokens, lps):
+            if self._append(req, tok, lp):
+                finished.add(req.req_id)
+        self.scheduler.on_step_done(plan, set(batch.sample_ids), finished)
+        for rid in finished:
+            self._release(self.requests.pop(rid))
+        self.stats["steps"] += 1
+        self.stats["batch_size_last"] = len(plan.decode) + len(plan.prefill)
+
+    def _drain(self) -> None:
+        while self._inbox:
+            req = self._inbox.popleft()
+            self.requests[req.req_id] = req
+            self.scheduler.add(SeqState(req.req_id, len(req.prompt_ids), req.params.max_tokens))
+        while self._aborts:
+            rid = self._aborts.popleft()
+            req = self.requests.get(rid)
+            seq = self.scheduler.abort(rid)
+            if req is not None and seq is not None:
+                self._finish(req, "abort")
+                self.requests.pop(rid, None)
+                self._release(req)
+
+    def _admit(self, req: Request) -> None:
+        req.slot = self.cache.allocate()
+        req.prefix_len = req.num_virtual
+        if req.soft_prompt is not None:
+            sp = req.soft_prompt
+            prefix = self.prefixes.acquire(
+                req.prefix_key, lambda: self.model.prefix_kv(sp.to(self.device, self.dtype)))
+            self.cache.write_prefix(req.slot, prefix)
+        gen = None
+        if not req.params.greedy:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(req.params.seed if req.params.seed is not None
+                            else int(torch.randint(0, 2**62, ()).item()))
+        seen = list(req.prompt_ids) if req.params.repetition_penalty != 1.0 else []
+        req.sampling = RowSampling(req.params, gen, seen)
+        req.detok = Detokenizer(self.tokenizer, req.params.stop, eos_token_id=self.model.spec.eos_token_id)
+        self.stats["prompt_tokens"] += len(req.prompt_ids)
+
+    def _release(self, req: Request) -> None:
+        if req.slot >= 0:
+            self.cache.free(req.slot)
+            req.slot = -1
+            if req.soft_prompt is not None:
+                self.prefixes.release(req.prefix_key)
+
+    def _append(self, req: Request, tok: int, lp: TokenLogprob | None) -> bool:
+        """Add a sampled token; emit output; True when the request is finished."""
+        now = time.monotonic()
+        if req.first_token_time is None:
+            req.first_token_time = now
+        req.output_ids.append(tok)
+        if lp is not None:
+            req.logprobs.append(lp)
+        if req.params.repetition_penalty != 1.0:
+            req.sampling.seen.append(tok)
+        self.stats["generated_tokens"] += 1
+        p = req.params
+        reason = None
+        if tok == self.model.spec.eos_token_id and not p.ignore_eos:
+            reason = "stop"
+        elif req.detok.add(tok):
+            reason = "stop"  # a stop string appeared
+        elif p.stop_on_repetition and detect_loop(req.output_ids):
+            reason = "repetition"
+        elif len(req.output_ids) >= p.max_tokens:
+            reason = "length"
+        if reason is not None:
+            self._finish(req, reason)
+            return True
+        if req.stream and req.on_output is not None:
+            req.on_output(RequestOutput(req.req_id, [tok], req.detok.delta(), False, None,
+                                        len(req.prompt_ids), lp and [lp]))
+        return False
+
+    def _finish(self, req: Request, reason: str) -> None:
+        self.stats["finished"] += 1
+        text = req.detok.final_text() if req.detok is not None else ""
+        out = RequestOutput(req.req_id, req.output_ids[-1:] if req.stream else list(req.output_ids),
+                            req.detok.delta(final=True) if (req.stream and req.detok) else text, True, reason,
+                            len(req.prompt_ids), req.logprobs[-1:] if req.stream else req.logprobs,
+                            token_ids=list(req.output_ids), text=text)
+        for fn in self.listeners:
+            fn(req, out)
+        if req.on_output is not None:
+            req.on_output(out)
+
+    # ------------------------------------------------------------------ introspection
+    def memory_report(self) -> dict:
+        return {"kv_cache_bytes": self.cache.nbytes, "kv_slots": self.cache.num_slots,
+                "prefix_cache": self.prefixes.stats()}

@@ -1,0 +1,61 @@
+"""The KV cache: allocated once, indexed by slot.
+
+Per layer, keys and values are `[num_slots, heads, max_len, head_dim]`. A running
+request owns one slot for its whole life; its sequence (virtual tokens first, then its
+prompt and output) sits at cache positions `0..len-1`, which are also its GPT-2
+position ids. Slots are handed out lowest-first so the busy ones stay packed at the
+front, which lets decode attention read `cache[:rows]` as a view instead of a gather.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+
+def slot_bytes(*, n_layer: int, n_head: int, head_dim: int, max_len: int, dtype: torch.dtype) -> int:
+    """Bytes one slot takes (keys and values, every layer)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * n_layer * n_head * max_len * head_dim * elem
+
+
+class KVCache:
+    def __init__(self, *, n_layer: int, n_head: int, head_dim: int, max_len: int,
+                 num_slots: int, device: torch.device | str, dtype: torch.dtype):
+        if num_slots < 1:
+            raise ValueError("the KV cache needs at least one slot; raise the memory budget")
+        shape = (n_layer, num_slots, n_head, max_len, head_dim)
+        # torch.empty: pages never written are never touched, so memory grows with use.
+        self._k = torch.empty(shape, device=device, dtype=dtype)
+        self._v = torch.empty(shape, device=device, dtype=dtype)
+        self.k = list(self._k.unbind(0))  # per layer [slots, H, M, D]
+        self.v = list(self._v.unbind(0))
+        self.num_slots = num_slots
+        self.max_len = max_len
+        self._free = list(range(num_slots))
+        heapq.heapify(self._free)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        """The lowest free slot."""
+        if not self._free:
+            raise RuntimeError("no free KV-cache slot")
+        return heapq.heappop(self._free)
+
+    def free(self, slot: int) -> None:
+        heapq.heappush(self._free, slot)
+
+    def write_prefix(self, slot: int, prefix: torch.Tensor) -> None:
+        """Copy a task's prefix KV `[L, 2, H, n, D]` into positions 0..n-1 of `slot`."""
+        n = prefix.shape[3]
+        if n:
+            self._k[:, slot, :, :n] = prefix[:, 0]
+            self._v[:, slot, :, :n] = prefix[:, 1]
+
+    @property
+    def nbytes(self) -> int:
+        return self._k.nbytes + self._v.nbytes

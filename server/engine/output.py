@@ -1,0 +1,98 @@
+"""What a request sends back: token ids, incremental text, stop strings, loop detection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from server.engine.sampler import TokenLogprob
+
+
+@dataclass
+class RequestOutput:
+    req_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "repetition" | "abort" | "error"
+    num_prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    token_ids: list[int] = field(default_factory=list)  # all output tokens, on the final output
+    text: str = ""  # the whole completion, on the final output
+
+
+class Detokenizer:
+    """Incremental detokenization with OpenAI stop-string semantics.
+
+    The completion text never contains a stop string (it is cut there); while streaming,
+    text that might be the start of a stop string is held back until it is not.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), *, eos_token_id: int | None = None):
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.eos = eos_token_id
+        self.ids: list[int] = []
+        self.text = ""
+        self.stopped_at: int | None = None
+        self.sent = 0
+
+    def _decode(self) -> str:
+        ids = self.ids if self.eos is None else [i for i in self.ids if i != self.eos]
+        return self.tokenizer.decode(ids)
+
+    def add(self, token_id: int) -> bool:
+        """Record a token; True when a stop string has now appeared."""
+        self.ids.append(token_id)
+        if not self.stop:
+            return False
+        before = len(self.text)
+        self.text = self._decode()
+        start = max(0, before - max(len(s) for s in self.stop))
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped_at = min(hits)
+            self.text = self.text[: self.stopped_at]
+            return True
+        return False
+
+    def final_text(self) -> str:
+        if self.stopped_at is None:
+            self.text = self._decode()
+        return self.text
+
+    def delta(self, *, final: bool = False) -> str:
+        """New text safe to send: no half-decoded character, no possible stop prefix."""
+        if self.stopped_at is None:
+            self.text = self._decode()
+        safe = len(self.text)
+        if final:
+            pass
+        elif self.text.endswith("\ufffd"):
+            safe = len(self.text.rstrip("\ufffd"))
+        if self.stop and self.stopped_at is None and not final:
+            for s in self.stop:
+                for k in range(min(len(s) - 1, safe), 0, -1):
+                    if self.text[:safe].endswith(s[:k]):
+                        safe -= k
+                        break
+        if safe <= self.sent:
+            return ""
+        out = self.text[self.sent:safe]
+        self.sent = safe
+        return out
+
+
+def detect_loop(ids: list[int], *, max_period: int = 16, min_repeats: int = 4, min_span: int = 32) -> bool:
+    """True when the output ends in a block of <= max_period tokens repeated back to back.
+
+    The repeated tail must cover at least `min_span` tokens and `min_repeats` periods.
+    """
+    n = len(ids)
+    for p in range(1, max_period + 1):
+        span = max(min_span, p * min_repeats)
+        if n < span:
+            continue
+        tail = ids[n - span:]
+        if all(tail[i] == tail[i - p] for i in range(p, span)):
+            return True
+    return False

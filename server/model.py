@@ -1,0 +1,249 @@
+"""A compact GPT-2 forward of our own, built for mixed-task serving.
+
+Module names follow Hugging Face's (`wte`, `wpe`, `h.N.attn.c_attn`, `ln_f`, ...) so
+weights copy over with key and shape checks. HF's GPT-2 uses `Conv1D` (weight
+`[in, out]`); we store `nn.Linear` weights (`[out, in]`) and transpose on load.
+
+Two forwards:
+- `forward_dense(x, positions)`: plain causal attention over a padded-free batch,
+  returning per-layer keys/values. Used to compute a task's prefix KV and for the
+  parity test against `GPT2LMHeadModel`.
+- `forward_step(ids, positions, meta, cache)`: the serving forward. Tokens of all rows
+  are flattened into one `[N, C]` matrix, so the matmuls (nearly all the FLOPs) carry no
+  padding; only attention is split: decode rows (one query each) attend to their slot
+  of the KV cache through a view, prefill rows (several queries) through a gather.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from server.engine.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class GPT2Spec:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_positions: int
+    vocab_size: int
+    layer_norm_epsilon: float = 1e-5
+    eos_token_id: int = 50256
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_hf_config(cls, cfg) -> "GPT2Spec":
+        act = getattr(cfg, "activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"unsupported GPT-2 activation {act!r}")
+        if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or getattr(cfg, "reorder_and_upcast_attn", False):
+            raise ValueError("GPT-2 variants with scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn are not supported")
+        if not getattr(cfg, "scale_attn_weights", True):
+            raise ValueError("GPT-2 variants without scale_attn_weights are not supported")
+        return cls(
+            n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+            n_positions=cfg.n_positions, vocab_size=cfg.vocab_size,
+            layer_norm_epsilon=cfg.layer_norm_epsilon,
+            eos_token_id=cfg.eos_token_id if cfg.eos_token_id is not None else 50256,
+        )
+
+
+@dataclass
+class StepMeta:
+    """Where each flattened token of a step lives. Built by the engine, tensors on device.
+
+    Tokens `[0, n_decode)` are decode rows (one token each), the rest are prefill rows'
+    tokens, row after row.
+    """
+
+    slot: torch.Tensor  # [N] long: cache slot of each token
+    n_decode: int
+    # decode rows: attention over cache[:decode_rows, :, :decode_len]
+    decode_rows: int = 0  # number of leading cache slots covered (>= n_decode)
+    decode_len: int = 0
+    decode_slots: torch.Tensor | None = None  # [n_decode] long, None when == arange
+    decode_mask: torch.Tensor | None = None  # [decode_rows, 1, 1, decode_len] bool
+    # prefill rows
+    prefill_slots: torch.Tensor | None = None  # [Bp] long
+    prefill_q: int = 0  # padded query length
+    prefill_len: int = 0  # keys attended (max past + q)
+    prefill_dest: torch.Tensor | None = None  # [N - n_decode] long: index into Bp * prefill_q
+    prefill_mask: torch.Tensor | None = None  # [Bp, 1, prefill_q, prefill_len] bool
+
+
+class Block(nn.Module):
+    def __init__(self, spec: GPT2Spec):
+        super().__init__()
+        c = spec.n_embd
+        self.ln_1 = nn.LayerNorm(c, eps=spec.layer_norm_epsilon)
+        self.attn = nn.Module()
+        self.attn.c_attn = nn.Linear(c, 3 * c)
+        self.attn.c_proj = nn.Linear(c, c)
+        self.ln_2 = nn.LayerNorm(c, eps=spec.layer_norm_epsilon)
+        self.mlp = nn.Module()
+        self.mlp.c_fc = nn.Linear(c, 4 * c)
+        self.mlp.c_proj = nn.Linear(4 * c, c)
+
+    def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp.c_proj(F.gelu(self.mlp.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class GPT2(nn.Module):
+    def __init__(self, spec: GPT2Spec):
+        super().__init__()
+        self.spec = spec
+        self.wte = nn.Embedding(spec.vocab_size, spec.n_embd)
+        self.wpe = nn.Embedding(spec.n_positions, spec.n_embd)
+        self.h = nn.ModuleList(Block(spec) for _ in range(spec.n_layer))
+        self.ln_f = nn.LayerNorm(spec.n_embd, eps=spec.layer_norm_epsilon)
+        self.lm_head: torch.Tensor | None = None  # None: tied to wte
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> "GPT2":
+        """Load any HF GPT-2 checkpoint (hub id or local folder)."""
+        from transformers import GPT2LMHeadModel
+
+        hf = GPT2LMHeadModel.from_pretrained(name_or_path, dtype=torch.float32)
+        model = cls.from_hf(hf)
+        del hf
+        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    @classmethod
+    def from_hf(cls, hf) -> "GPT2":
+        spec = GPT2Spec.from_hf_config(hf.config)
+        model = cls(spec)
+        src = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}
+        own = model.state_dict()
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        for key, dst in own.items():
+            if key not in src:
+                raise KeyError(f"checkpoint has no weight {key!r}")
+            w = src[key]
+            if key.endswith(conv1d):
+                w = w.t()
+            if tuple(w.shape) != tuple(dst.shape):
+                raise ValueError(f"{key}: checkpoint shape {tuple(w.shape)} != expected {tuple(dst.shape)}")
+            dst.copy_(w)
+        head = src.get("lm_head.weight")
+        if head is not None and not torch.equal(head, src["wte.weight"]):
+            model.lm_head = nn.Parameter(head.clone(), requires_grad=False)
+        return model
+
+    # ------------------------------------------------------------------ pieces
+    def head_weight(self) -> torch.Tensor:
+        return self.wte.weight if self.lm_head is None else self.lm_head
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final layer norm + LM head: `[..., C]` -> `[..., V]`."""
+        return F.linear(self.ln_f(hidden), self.head_weight())
+
+    def _qkv(self, blk: Block, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        s = self.spec
+        qkv = blk.attn.c_attn(blk.ln_1(x))  # [..., 3C]
+        q, k, v = qkv.split(s.n_embd, dim=-1)
+        shape = (*x.shape[:-1], s.n_head, s.head_dim)
+        return q.reshape(shape), k.reshape(shape), v.reshape(shape)  # [..., H, D]
+
+    # ------------------------------------------------------------------ dense forward
+    def forward_dense(self, x: torch.Tensor, positions: torch.Tensor,
+                      past: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+        """Causal forward over input embeddings `x` `[B, T, C]` at `positions` `[B, T]`.
+
+        `past` (optional) holds per-layer `(k, v)` `[B, H, P, D]` prefixes. Returns the
+        hidden states `[B, T, C]` and per-layer `(k, v)` `[B, H, P+T, D]`.
+        """
+        h = x + self.wpe(positions)
+        kvs = []
+        for i, blk in enumerate(self.h):
+            q, k, v = (t.transpose(1, 2) for t in self._qkv(blk, h))  # [B, H, T, D]
+            if past is not None:
+                k = torch.cat([past[i][0], k], dim=2)
+                v = torch.cat([past[i][1], v], dim=2)
+            kvs.append((k, v))
+            t, p = q.shape[2], k.shape[2]
+            mask = torch.ones(t, p, dtype=torch.bool, device=x.device).tril(p - t)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, D]
+            h = h + blk.attn.c_proj(a.transpose(1, 2).reshape(h.shape))
+            h = h + blk.mlp_forward(h)
+        return h, kvs
+
+    def prefix_kv(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Keys/values of a soft prompt `[n, C]` at positions 0..n-1: `[L, 2, H, n, D]`."""
+        n = embeds.shape[0]
+        pos = torch.arange(n, device=embeds.device).unsqueeze(0)
+        _, kvs = self.forward_dense(embeds.unsqueeze(0), pos)
+        return torch.stack([torch.stack([k[0], v[0]]) for k, v in kvs])
+
+    # ------------------------------------------------------------------ serving forward
+    def forward_step(self, ids: torch.Tensor, positions: torch.Tensor, meta: StepMeta,
+                     cache: "KVCache") -> torch.Tensor:
+        """One engine step over `N` flattened tokens; writes their K/V into `cache`.
+
+        Returns hidden states `[N, C]` (before the final layer norm).
+        """
+        s = self.spec
+        x = self.wte(ids) + self.wpe(positions)  # [N, C]
+        for i, blk in enumerate(self.h):
+            q, k, v = self._qkv(blk, x)  # [N, H, D]
+            kc, vc = cache.k[i], cache.v[i]  # [slots, H, M, D]
+            kc[meta.slot, :, positions] = k
+            vc[meta.slot, :, positions] = v
+            a = self._attend(q, kc, vc, meta)  # [N, H, D]
+            x = x + blk.attn.c_proj(a.reshape(-1, s.n_embd))
+            x = x + blk.mlp_forward(x)
+        return x
+
+    @staticmethod
+    def _attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: StepMeta) -> torch.Tensor:
+        n, nh, hd = q.shape
+        nd = meta.n_decode
+        if nd == n:
+            return _decode_attention(q, kc, vc, meta)
+        pre = _prefill_attention(q[nd:], kc, vc, meta)
+        if nd == 0:
+            return pre
+        return torch.cat([_decode_attention(q[:nd], kc, vc, meta), pre])
+
+
+def _decode_attention(q, kc, vc, meta: StepMeta) -> torch.Tensor:
+    """One query per row over a contiguous range of cache slots (a view, no copy)."""
+    rows, length = meta.decode_rows, meta.decode_len
+    k = kc[:rows, :, :length]  # [rows, H, S, D]
+    v = vc[:rows, :, :length]
+    if meta.decode_slots is None:  # decode rows are exactly slots 0..rows-1
+        qf = q.unsqueeze(2)  # [rows, H, 1, D]
+    else:
+        qf = q.new_zeros(rows, q.shape[1], 1, q.shape[2])
+        qf[meta.decode_slots] = q.unsqueeze(2)
+    o = F.scaled_dot_product_attention(qf, k, v, attn_mask=meta.decode_mask)  # [rows, H, 1, D]
+    o = o.squeeze(2)
+    return o if meta.decode_slots is None else o[meta.decode_slots]
+
+
+def _prefill_attention(q, kc, vc, meta: StepMeta) -> torch.Tensor:
+    """Several queries per row; rows padded to `prefill_q`, keys gathered by slot."""
+    bp, tq, length = meta.prefill_slots.shape[0], meta.prefill_q, meta.prefill_len
+    nh, hd = q.shape[1], q.shape[2]
+    k = kc[meta.prefill_slots, :, :length]  # [Bp, H, S, D]
+    v = vc[meta.prefill_slots, :, :length]
+    if bp * tq == q.shape[0]:  # no padding
+        qp = q.view(bp, tq, nh, hd)
+    else:
+        qp = q.new_zeros(bp * tq, nh, hd)
+        qp[meta.prefill_dest] = q
+        qp = qp.view(bp, tq, nh, hd)
+    o = F.scaled_dot_product_attention(qp.transpose(1, 2), k, v, attn_mask=meta.prefill_mask)
+    o = o.transpose(1, 2).reshape(bp * tq, nh, hd)  # [Bp*Tq, H, D]
+    return o if bp * tq == q.shape[0] else o[meta.prefill_dest]
