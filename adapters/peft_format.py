@@ -35,7 +35,7 @@ class AdapterError(ValueError):
 
 
 def _mib(n: int) -> str:
-    return f"{n / (1024 * 1024):.1f} MiB"
+    return f"{n / (1024 * 1024):.1f} MiB" if n >= 1024 * 1024 else f"{n} bytes"
 
 
 def _check_magic(data: bytes) -> int:

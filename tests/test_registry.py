@@ -1,0 +1,206 @@
+"""Registry: alembic schema, CRUD, versions, generation, content-addressed files."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from alembic import command
+from sqlalchemy import create_engine, inspect, text
+
+from registry import (
+    InvalidName,
+    InvalidPrompt,
+    Registry,
+    TaskExists,
+    TaskNotFound,
+    VersionNotFound,
+    alembic_config,
+)
+from registry.errors import IntegrityError
+from registry.files import read_prompt_file, write_prompt_file
+from registry.paths import default_db_url, model_id_for
+
+
+@pytest.fixture()
+def reg(tmp_path: Path) -> Iterator[Registry]:
+    r = Registry(default_db_url(tmp_path / "data"), tmp_path / "data")
+    r.upgrade()
+    yield r
+    r.close()
+
+
+def _tables(url: str) -> set[str]:
+    eng = create_engine(url)
+    try:
+        return set(inspect(eng).get_table_names())
+    finally:
+        eng.dispose()
+
+
+def test_upgrade_head_creates_schema(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    r = Registry(url, tmp_path / "data")
+    r.upgrade()
+    assert {"tasks", "prompt_versions", "registry_state", "alembic_version"} <= _tables(url)
+    eng = create_engine(url)
+    with eng.connect() as c:
+        assert c.execute(text("SELECT id, generation FROM registry_state")).all() == [(1, 0)]
+        cols = {col["name"] for col in inspect(c).get_columns("prompt_versions")}
+        fks = inspect(c).get_foreign_keys("prompt_versions")
+    eng.dispose()
+    assert {"task_id", "version", "is_active", "sha256", "path", "num_virtual_tokens",
+            "hidden_size", "base_model", "source", "meta", "created_at"} <= cols
+    assert fks[0]["referred_table"] == "tasks" and fks[0]["options"].get("ondelete") == "CASCADE"
+    r.upgrade()  # idempotent
+    assert r.generation() == 0
+    r.close()
+
+
+def test_downgrade_then_upgrade(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    r = Registry(url, tmp_path / "data")
+    r.upgrade()
+    r.create_task("t", num_virtual_tokens=2, hidden_size=4, base_model="gpt2")
+    r.close()
+    command.downgrade(alembic_config(url), "base")
+    assert _tables(url) <= {"alembic_version"}
+    r = Registry(url, tmp_path / "data")
+    r.upgrade()
+    assert r.list_tasks() == [] and r.generation() == 0
+    r.close()
+
+
+def test_create_get_list_delete(reg: Registry) -> None:
+    t = reg.create_task("beta", description="d", num_virtual_tokens=3, hidden_size=8, base_model="gpt2")
+    assert t["name"] == "beta" and t["active_version"] is None and t["versions"] == []
+    assert t["sha256"] is None and t["created_at"].endswith("+00:00")
+    reg.create_task("alpha", num_virtual_tokens=3, hidden_size=8, base_model="gpt2")
+    assert [x["name"] for x in reg.list_tasks()] == ["alpha", "beta"]
+    assert reg.get_task("beta")["description"] == "d"
+    with pytest.raises(TaskExists):
+        reg.create_task("beta", num_virtual_tokens=3, hidden_size=8, base_model="gpt2")
+    for bad in ["", "Upper", "-x", ".x", "a/b", "../etc", "a" * 65, "x\n", "sp ace"]:
+        with pytest.raises(InvalidName):
+            reg.create_task(bad, num_virtual_tokens=3, hidden_size=8, base_model="gpt2")
+    reg.create_task("a" * 64, num_virtual_tokens=1, hidden_size=8, base_model="gpt2")
+    reg.delete_task("beta")
+    with pytest.raises(TaskNotFound):
+        reg.get_task("beta")
+    with pytest.raises(TaskNotFound):
+        reg.delete_task("beta")
+    assert isinstance(TaskNotFound("x"), LookupError)
+
+
+def test_versions_activate_and_generation(reg: Registry) -> None:
+    g0 = reg.generation()
+    reg.create_task("t", num_virtual_tokens=3, hidden_size=8, base_model="gpt2")
+    assert reg.generation() == g0 + 1
+    e1, e2 = torch.randn(3, 8), torch.randn(5, 8)
+    v1 = reg.add_version("t", e1, source="init", meta={"k": 1})
+    assert v1["version"] == 1 and v1["is_active"] and v1["meta"] == {"k": 1}
+    assert reg.generation() == g0 + 2
+    v2 = reg.add_version("t", e2, source="train", activate=False, base_model="other")
+    assert v2["version"] == 2 and not v2["is_active"] and v2["base_model"] == "other"
+    t = reg.get_task("t")
+    assert t["active_version"] == 1 and t["num_virtual_tokens"] == 3 and t["sha256"] == v1["sha256"]
+    reg.activate_version("t", 2)
+    t = reg.get_task("t")
+    assert t["active_version"] == 2 and t["num_virtual_tokens"] == 5
+    assert [v["is_active"] for v in t["versions"]] == [False, True]
+    assert torch.equal(reg.load_prompt(t["sha256"]), e2)
+    assert reg.generation() == g0 + 4
+    v3 = reg.add_version("t", e1, source="upload")  # same content: same file, new version
+    assert v3["version"] == 3 and v3["sha256"] == v1["sha256"] and v3["path"] == v1["path"]
+    assert sum(v["is_active"] for v in reg.get_task("t")["versions"]) == 1
+    with pytest.raises(VersionNotFound):
+        reg.activate_version("t", 9)
+    with pytest.raises(TaskNotFound):
+        reg.add_version("nope", e1, source="x")
+    with pytest.raises(InvalidPrompt):
+        reg.add_version("t", torch.randn(3, 7), source="x")
+    with pytest.raises(InvalidPrompt):
+        reg.add_version("t", torch.randn(3), source="x")
+    g = reg.generation()
+    assert g == g0 + 5  # failed mutations do not bump
+    snap = reg.snapshot()
+    assert set(snap) == {"t"} and snap["t"]["active_version"] == 3
+    reg.delete_task("t")
+    assert reg.generation() == g + 1 and reg.snapshot() == {}
+    assert (reg.data_dir / v1["path"]).is_file()  # files are left in place
+
+
+def test_first_version_always_active(reg: Registry) -> None:
+    reg.create_task("t", num_virtual_tokens=2, hidden_size=4, base_model="gpt2")
+    v = reg.add_version("t", torch.randn(2, 4), source="x", activate=False)
+    assert v["is_active"] and reg.get_task("t")["active_version"] == 1
+
+
+def test_content_addressed_atomic_file(tmp_path: Path) -> None:
+    e = torch.randn(4, 6, dtype=torch.float64)
+    sha, rel = write_prompt_file(tmp_path, e)
+    path = tmp_path / rel
+    assert rel == f"prompts/{sha[:2]}/{sha}.safetensors"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == sha
+    assert write_prompt_file(tmp_path, e.float()) == (sha, rel)  # idempotent, canonical float32
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]
+    back = read_prompt_file(tmp_path, sha)
+    assert back.dtype == torch.float32 and back.is_contiguous() and torch.equal(back, e.float())
+    path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(IntegrityError, match="corrupt"):
+        read_prompt_file(tmp_path, sha)
+    write_prompt_file(tmp_path, e)  # repairs a corrupt file
+    assert torch.equal(read_prompt_file(tmp_path, sha), e.float())
+    with pytest.raises(ValueError):
+        read_prompt_file(tmp_path, "../../etc/passwd")
+    with pytest.raises(IntegrityError, match="missing"):
+        read_prompt_file(tmp_path, "0" * 64)
+
+
+def test_persists_across_instances(tmp_path: Path) -> None:
+    url, data = default_db_url(tmp_path / "d"), tmp_path / "d"
+    r1 = Registry(url, data)
+    r1.upgrade()
+    r1.create_task("keep", num_virtual_tokens=2, hidden_size=4, base_model="gpt2")
+    e = torch.randn(2, 4)
+    r1.add_version("keep", e, source="x")
+    gen = r1.generation()
+    r1.close()
+    r2 = Registry(url, data)
+    r2.upgrade()
+    t = r2.get_task("keep")
+    assert t["active_version"] == 1 and r2.generation() == gen
+    assert torch.equal(r2.load_prompt(t["sha256"]), e)
+    r2.close()
+
+
+def test_concurrent_add_version(reg: Registry) -> None:
+    reg.create_task("c", num_virtual_tokens=2, hidden_size=4, base_model="gpt2")
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            for _ in range(5):
+                reg.add_version("c", torch.full((2, 4), float(i)), source="x")
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    versions = reg.get_task("c")["versions"]
+    assert [v["version"] for v in versions] == list(range(1, 21))
+    assert sum(v["is_active"] for v in versions) == 1
+
+
+def test_model_id_for(tmp_path: Path) -> None:
+    (tmp_path / "my-model").mkdir()
+    assert model_id_for(str(tmp_path / "my-model")) == "my-model"
+    assert model_id_for("gpt2") == "gpt2"
