@@ -1,0 +1,95 @@
+"""POST /v1/completions (OpenAI) and POST /v1/generate (mixed-task batch)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from server import service
+from server.api.deps import RuntimeDep, User
+from server.api.schemas import CompletionRequest, GenerateRequest
+from server.errors import APIError
+
+router = APIRouter(dependencies=[User])
+
+
+def _prompts(prompt) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError("prompt must not be an empty list")
+    if all(isinstance(p, int) for p in prompt):
+        return [prompt]
+    return list(prompt)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, rt: RuntimeDep):
+    if (msg := body.unsupported()) is not None:
+        raise APIError(msg)
+    prompts = _prompts(body.prompt)
+    items = [(body.model, p, body.sampling_params(seed_offset=j)) for p in prompts for j in range(body.n)]
+    prepared = await service.prepare(rt, items)
+    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    prompt_tokens = sum(len(prepared[i * body.n].prompt_ids) for i in range(len(prompts)))
+    if body.stream:
+        return StreamingResponse(_stream(rt, body, prepared, cid, created, prompt_tokens),
+                                 media_type="text/event-stream")
+    choices: list[dict | None] = [None] * len(prepared)
+    completion_tokens = 0
+    async for i, out in service.run(rt, prepared):
+        completion_tokens += len(out.token_ids)
+        choice = {"index": i, "text": out.text, "logprobs": service.logprobs_json(rt, out.logprobs if
+                  body.logprobs is not None else None), "finish_reason": out.finish_reason}
+        if body.return_token_ids:
+            choice["token_ids"] = out.token_ids
+        choices[i] = choice
+    return {"id": cid, "object": "text_completion", "created": created, "model": body.model,
+            "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+
+
+async def _stream(rt, body: CompletionRequest, prepared, cid: str, created: int, prompt_tokens: int):
+    completion_tokens = 0
+    offsets = [0] * len(prepared)
+    try:
+        async for i, out in service.run(rt, prepared, stream=True):
+            completion_tokens += len(out.new_token_ids)
+            lp = service.logprobs_json(rt, out.logprobs if body.logprobs is not None else None, offsets[i])
+            offsets[i] += len(out.text_delta)
+            choice = {"index": i, "text": out.text_delta, "logprobs": lp,
+                      "finish_reason": out.finish_reason if out.finished else None}
+            if body.return_token_ids:
+                choice["token_ids"] = out.new_token_ids
+            chunk = {"id": cid, "object": "text_completion", "created": created, "model": body.model,
+                     "choices": [choice]}
+            yield f"data: {json.dumps(chunk)}\n\n"
+        if (body.stream_options or {}).get("include_usage"):
+            chunk = {"id": cid, "object": "text_completion", "created": created, "model": body.model,
+                     "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
+            yield f"data: {json.dumps(chunk)}\n\n"
+    except APIError as e:  # headers are already sent: report in-band
+        yield f"data: {json.dumps(e.body())}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+@router.post("/v1/generate")
+async def generate(body: GenerateRequest, rt: RuntimeDep) -> dict:
+    items = [(r.task, r.prompt, r.sampling_params()) for r in body.requests]
+    prepared = await service.prepare(rt, items)
+    results: list[dict | None] = [None] * len(prepared)
+    async for i, out in service.run(rt, prepared):
+        n_prompt = len(prepared[i].prompt_ids)
+        results[i] = {"task": body.requests[i].task, "text": out.text, "token_ids": out.token_ids,
+                      "finish_reason": out.finish_reason, "usage": _usage(n_prompt, len(out.token_ids))}
+        if body.requests[i].logprobs is not None:
+            results[i]["logprobs"] = service.logprobs_json(rt, out.logprobs)
+    return {"results": results}

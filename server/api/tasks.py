@@ -1,0 +1,133 @@
+"""Task administration: create, list, show, delete, upload a prompt, activate a version."""
+
+from __future__ import annotations
+
+import anyio
+from fastapi import APIRouter, Request, Response
+
+from adapters.init import initial_prompt
+from adapters.peft_format import CONFIG_NAME, PICKLED_NAME, WEIGHTS_NAME, AdapterError, \
+    parse_adapter_config, parse_prompt_safetensors
+from registry.errors import InvalidName, InvalidPrompt, TaskExists, TaskNotFound, VersionNotFound
+from server.api.deps import Admin, RuntimeDep, User
+from server.api.schemas import TaskActivate, TaskCreate
+from server.errors import APIError, Conflict, NotFound
+
+router = APIRouter()
+
+
+def _not_found(name: str) -> NotFound:
+    return NotFound(f"task {name!r} not found", code="task_not_found")
+
+
+def _public(task: dict) -> dict:
+    return {**task, "object": "task"}
+
+
+@router.post("/v1/tasks", status_code=201, dependencies=[Admin])
+async def create_task(body: TaskCreate, rt: RuntimeDep) -> dict:
+    if body.name == rt.model_id:
+        raise Conflict(f"{body.name!r} is the base model's id; pick another task name")
+    if body.init == "text" and not body.init_text:
+        raise APIError("init 'text' needs init_text", status=422)
+
+    def work() -> dict:
+        wte = rt.model.wte.weight.detach().float().cpu()
+        prompt = initial_prompt(init=body.init, num_virtual_tokens=body.num_virtual_tokens, wte=wte,
+                                tokenizer=rt.tokenizer, init_text=body.init_text, seed=body.seed)
+        rt.registry.create_task(body.name, description=body.description,
+                                num_virtual_tokens=body.num_virtual_tokens,
+                                hidden_size=rt.model.spec.n_embd, base_model=rt.model_id)
+        try:
+            rt.registry.add_version(body.name, prompt, source=f"init:{body.init}",
+                                    meta={"init": body.init, "init_text": body.init_text})
+        except Exception:
+            rt.registry.delete_task(body.name)
+            raise
+        rt.refresh()
+        return rt.registry.get_task(body.name)
+
+    try:
+        return _public(await anyio.to_thread.run_sync(work))
+    except TaskExists:
+        raise Conflict(f"task {body.name!r} already exists") from None
+    except InvalidName as e:
+        raise APIError(str(e), status=422) from None
+    except ValueError as e:
+        raise APIError(str(e)) from None
+
+
+@router.get("/v1/tasks", dependencies=[User])
+async def list_tasks(rt: RuntimeDep) -> dict:
+    tasks = await anyio.to_thread.run_sync(rt.registry.list_tasks)
+    return {"object": "list", "data": [_public(t) for t in tasks]}
+
+
+@router.get("/v1/tasks/{name}", dependencies=[User])
+async def get_task(name: str, rt: RuntimeDep) -> dict:
+    try:
+        return _public(await anyio.to_thread.run_sync(rt.registry.get_task, name))
+    except TaskNotFound:
+        raise _not_found(name) from None
+
+
+@router.delete("/v1/tasks/{name}", status_code=204, dependencies=[Admin])
+async def delete_task(name: str, rt: RuntimeDep) -> Response:
+    def work():
+        rt.registry.delete_task(name)
+        rt.refresh()
+
+    try:
+        await anyio.to_thread.run_sync(work)
+    except TaskNotFound:
+        raise _not_found(name) from None
+    return Response(status_code=204)
+
+
+@router.post("/v1/tasks/{name}/prompt", status_code=201, dependencies=[Admin])
+async def upload_prompt(name: str, request: Request, rt: RuntimeDep) -> dict:
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise APIError(f"send a multipart form with a file field named {WEIGHTS_NAME!r}")
+    form = await request.form(max_files=4, max_fields=16, max_part_size=64 << 20)
+    files = {}
+    for key, value in form.multi_items():
+        if hasattr(value, "read"):
+            files[key] = value
+            files.setdefault(getattr(value, "filename", None) or key, value)
+    if PICKLED_NAME in files or any(k.endswith((".bin", ".pt", ".pth", ".pkl")) for k in files):
+        raise APIError(f"pickled files ({PICKLED_NAME}) are refused: upload {WEIGHTS_NAME} instead")
+    if WEIGHTS_NAME not in files:
+        raise APIError(f"missing file field {WEIGHTS_NAME!r} (got {sorted(files) or 'no files'})")
+    weights = await files[WEIGHTS_NAME].read()
+    config_bytes = await files[CONFIG_NAME].read() if CONFIG_NAME in files else None
+
+    def work() -> dict:
+        rt.registry.get_task(name)  # 404 before parsing
+        config = parse_adapter_config(config_bytes) if config_bytes is not None else None
+        tensor = parse_prompt_safetensors(weights, expected_hidden=rt.model.spec.n_embd, config=config)
+        meta = {"peft_config": config} if config else {}
+        version = rt.registry.add_version(name, tensor, source="upload", meta=meta)
+        rt.refresh()
+        return {**version, "task": name, "object": "prompt_version"}
+
+    try:
+        return await anyio.to_thread.run_sync(work)
+    except TaskNotFound:
+        raise _not_found(name) from None
+    except (AdapterError, InvalidPrompt) as e:
+        raise APIError(f"invalid adapter: {e}", code="invalid_adapter") from None
+
+
+@router.post("/v1/tasks/{name}/activate", dependencies=[Admin])
+async def activate(name: str, body: TaskActivate, rt: RuntimeDep) -> dict:
+    def work() -> dict:
+        version = rt.registry.activate_version(name, body.version)
+        rt.refresh()
+        return {**version, "task": name, "object": "prompt_version"}
+
+    try:
+        return await anyio.to_thread.run_sync(work)
+    except TaskNotFound:
+        raise _not_found(name) from None
+    except VersionNotFound:
+        raise NotFound(f"task {name!r} has no version {body.version}", code="version_not_found") from None

@@ -1,0 +1,82 @@
+"""FastAPI app factory: no import-time singletons; errors in OpenAI's JSON shape."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.api import openai, system, tasks
+from server.errors import APIError, error_body
+from server.runtime import Runtime
+from server.settings import Settings
+
+log = logging.getLogger("polyprompt.http")
+
+
+class BodyLimit:
+    """413 for a body whose Content-Length exceeds the limit (pure ASGI, before parsing)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            for k, v in scope.get("headers", []):
+                if k == b"content-length" and v.isdigit() and int(v) > self.max_bytes:
+                    resp = JSONResponse(error_body(
+                        f"request body is {int(v)} bytes, over the {self.max_bytes}-byte limit",
+                        "invalid_request_error", "body_too_large"), status_code=413)
+                    return await resp(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        rt = runtime or Runtime(settings)
+        app.state.runtime = rt
+        rt.start()
+        try:
+            yield
+        finally:
+            rt.stop()
+
+    app = FastAPI(title="polyprompt", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.include_router(system.router)
+    app.include_router(openai.router)
+    app.include_router(tasks.router)
+    app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * (1 << 20)))
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError):
+        parts = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        return JSONResponse(error_body("; ".join(parts) or "invalid request", "invalid_request_error",
+                                       "invalid_fields"), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException):
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error", str(e.status_code)),
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error", "internal"),
+                            status_code=500)
+
+    return app

@@ -1,0 +1,94 @@
+"""`polyprompt` command line: serve, train, tasks, make-test-model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from server.settings import Settings
+
+_SERVE_FLAGS = {
+    # flag: (type, help)
+    "--model": (str, "hub id (gpt2, gpt2-medium, distilgpt2) or local save_pretrained folder"),
+    "--db": (str, "SQLAlchemy URL (default: SQLite file in the data dir)"),
+    "--data-dir": (str, "where soft-prompt files live"),
+    "--host": (str, "bind address"),
+    "--port": (int, "port"),
+    "--device": (str, "auto, cpu, cuda, cuda:N"),
+    "--dtype": (str, "auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16"),
+    "--max-batch-size": (int, "running sequences at once (KV-cache slots)"),
+    "--max-queue": (int, "waiting requests before 503"),
+    "--max-num-batched-tokens": (int, "tokens per forward pass (prefill chunk budget)"),
+    "--kv-cache-gb": (float, "KV-cache memory budget"),
+    "--prefix-cache-mb": (float, "prefix-KV cache memory cap"),
+    "--reload-interval": (float, "seconds between registry change polls"),
+    "--max-body-mb": (float, "largest request body"),
+    "--log-level": (str, "debug, info, warning"),
+}
+
+
+def _serve(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="polyprompt serve", description="Start the HTTP server. "
+                                "Every flag also reads POLYPROMPT_<FLAG> from the environment; a flag wins.")
+    for flag, (typ, help_) in _SERVE_FLAGS.items():
+        p.add_argument(flag, type=typ, default=None, help=help_)
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None)
+    args = p.parse_args(argv)
+    settings = Settings(**{k: v for k, v in vars(args).items() if v is not None})
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from server.app import create_app
+    from server.runtime import Runtime
+
+    runtime = Runtime(settings)  # migrations + model load before we listen
+    app = create_app(settings, runtime)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                timeout_graceful_shutdown=10)
+    return 0
+
+
+def _make_test_model(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="polyprompt make-test-model",
+                                description="Write a randomly initialised GPT-2 + tokenizer (offline).")
+    p.add_argument("out")
+    p.add_argument("--size", choices=["tiny", "small"], default="tiny",
+                   help="tiny (2 layers, 128 wide) or small (the real 124M shape)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-std", type=float, default=0.12)
+    args = p.parse_args(argv)
+    from server.testmodel import make_test_model
+
+    out = make_test_model(args.out, size=args.size, seed=args.seed, init_std=args.init_std)
+    print(f"wrote a random {args.size} GPT-2 to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"serve": _serve, "make-test-model": _make_test_model}
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: polyprompt {serve,train,tasks,make-test-model} ...\n\n"
+              "  serve            start the HTTP server\n"
+              "  train            train a task's soft prompt (PEFT prompt tuning) into the registry\n"
+              "  tasks            list/show/import/export/delete/activate tasks\n"
+              "  make-test-model  write a random GPT-2 for offline use\n")
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "train":
+        from training.train import main as train_main
+
+        return train_main(rest)
+    if cmd == "tasks":
+        from server.tasks_cli import main as tasks_main
+
+        return tasks_main(rest)
+    if cmd not in commands:
+        print(f"polyprompt: unknown command {cmd!r}", file=sys.stderr)
+        return 2
+    return commands[cmd](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

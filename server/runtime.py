@@ -1,0 +1,162 @@
+"""Everything a running server holds: model, tokenizer, engine, registry, live task table.
+
+The task table is a snapshot of the registry, swapped whole whenever the registry's
+change counter moves (polled every `reload_interval` seconds, and at once after a
+change made through this server), so lookups are one dict access and a new version
+trained elsewhere goes live within a poll interval, without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from registry import Registry
+from registry.paths import default_db_url, model_id_for
+from server.engine.engine import Engine, EngineConfig
+from server.metrics import Metrics
+from server.model import GPT2
+from server.settings import Settings
+
+log = logging.getLogger("polyprompt.runtime")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    num_virtual_tokens: int
+    active_version: int | None
+    sha256: str | None
+
+
+class Runtime:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        if self.device.type == "cuda" and self.dtype == torch.float32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.registry = Registry(settings.db or default_db_url(settings.data_dir), settings.data_dir)
+        self.registry.upgrade()
+        self.model_id = model_id_for(settings.model)
+        self.model = GPT2.from_pretrained(settings.model, device=self.device, dtype=self.dtype)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        self._encoder = self.tokenizer.backend_tokenizer
+        self.engine = Engine(self.model, self.tokenizer, EngineConfig(
+            max_num_seqs=settings.max_batch_size,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            max_queue=settings.max_queue,
+            kv_cache_bytes=int(settings.kv_cache_gb * (1 << 30)),
+            prefix_cache_bytes=int(settings.prefix_cache_mb * (1 << 20)),
+        ))
+        self.metrics = Metrics()
+        self.engine.listeners.append(self.metrics.on_finish)
+        self.tasks: dict[str, TaskInfo] = {}
+        self._generation = -1
+        self._refresh_lock = threading.Lock()
+        self._prompts: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._prompt_bytes = 0
+        self._prompts_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self.refresh(force=True)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self.engine.start()
+        self._poller = threading.Thread(target=self._poll, name="polyprompt-registry-poll", daemon=True)
+        self._poller.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.engine.shutdown()
+        if self._poller is not None:
+            self._poller.join(5)
+        self.registry.close()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.settings.reload_interval):
+            try:
+                self.refresh()
+            except Exception:  # the database may be briefly unavailable; try again next tick
+                log.exception("registry poll failed")
+
+    # ------------------------------------------------------------------ tasks
+    def refresh(self, force: bool = False) -> None:
+        """Reload the task table if the registry changed."""
+        with self._refresh_lock:
+            gen = self.registry.generation()
+            if gen == self._generation and not force:
+                return
+            snap = self.registry.snapshot()
+            tasks = {
+                name: TaskInfo(name, t["num_virtual_tokens"], t["active_version"], t["sha256"])
+                for name, t in snap.items()
+            }
+            old = self.tasks
+            self.tasks = tasks
+            self._generation = gen
+        for name, info in old.items():  # versions replaced or tasks deleted: drop their prefixes
+            new = tasks.get(name)
+            if info.sha256 and (new is None or new.sha256 != info.sha256):
+                self.engine.prefixes.invalidate(info.sha256)
+        if old or tasks:
+            log.info("task table reloaded: %d tasks (generation %d)", len(tasks), gen)
+
+    def load_prompt(self, sha256: str) -> torch.Tensor:
+        """The soft prompt of a version (CPU float32), cached in memory by sha256."""
+        with self._prompts_lock:
+            t = self._prompts.get(sha256)
+            if t is not None:
+                self._prompts.move_to_end(sha256)
+                return t
+        t = self.registry.load_prompt(sha256)
+        with self._prompts_lock:
+            if sha256 not in self._prompts:
+                self._prompts[sha256] = t
+                self._prompt_bytes += t.nbytes
+            while self._prompt_bytes > (256 << 20) and len(self._prompts) > 1:
+                _, old = self._prompts.popitem(last=False)
+                self._prompt_bytes -= old.nbytes
+        return t
+
+    def encode(self, text: str) -> list[int]:
+        return self._encoder.encode(text, add_special_tokens=False).ids
+
+    def memory_report(self) -> dict:
+        spec = self.model.spec
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        n = [t.num_virtual_tokens for t in self.tasks.values()] or [0]
+        avg = sum(n) / len(n)
+        return {
+            **self.engine.memory_report(),
+            "model_bytes": sum(p.nbytes for p in self.model.parameters()),
+            "per_task_prompt_bytes": int(avg * spec.n_embd * 4),
+            "per_task_prefix_kv_bytes": int(avg * 2 * spec.n_layer * spec.n_embd * elem),
+            "prompt_store_bytes": self._prompt_bytes,
+        }

@@ -1,0 +1,28 @@
+"""Server settings: every field is a flag and a POLYPROMPT_* variable; a flag wins."""
+
+from __future__ import annotations
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="POLYPROMPT_", extra="ignore", protected_namespaces=())
+
+    model: str = "gpt2"
+    db: str | None = None  # default: SQLite file in data_dir
+    data_dir: str = "polyprompt-data"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (float16 on CUDA, float32 on CPU) | float32 | float16 | bfloat16
+    max_batch_size: int = 64  # running sequences (KV-cache slots)
+    max_queue: int = 1024  # waiting requests before 503
+    max_num_batched_tokens: int = 2048  # tokens per forward pass (prefill chunking budget)
+    kv_cache_gb: float = 6.0  # memory budget of the KV cache
+    prefix_cache_mb: float = 1024.0  # memory cap of the per-task prefix-KV cache
+    cuda_graphs: bool = True  # capture decode steps on CUDA
+    api_key: str | None = None
+    admin_key: str | None = None
+    reload_interval: float = 0.5  # seconds between registry change polls
+    max_body_mb: float = 64.0  # larger bodies get 413
+    log_level: str = "info"
