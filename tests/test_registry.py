@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,3 +205,25 @@ def test_model_id_for(tmp_path: Path) -> None:
     (tmp_path / "my-model").mkdir()
     assert model_id_for(str(tmp_path / "my-model")) == "my-model"
     assert model_id_for("gpt2") == "gpt2"
+
+
+@pytest.mark.skipif(not os.environ.get("POLYPROMPT_TEST_PG_URL"), reason="set POLYPROMPT_TEST_PG_URL")
+def test_postgresql(tmp_path: Path) -> None:
+    """Against a scratch PostgreSQL database (it is downgraded to base first)."""
+    url = os.environ["POLYPROMPT_TEST_PG_URL"]
+    command.downgrade(alembic_config(url), "base")
+    r = Registry(url, tmp_path / "data")
+    threads = [threading.Thread(target=r.upgrade) for _ in range(3)]  # advisory lock
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    r.create_task("p", num_virtual_tokens=2, hidden_size=4, base_model="gpt2")
+    for i in range(3):
+        r.add_version("p", torch.full((2, 4), float(i)), source="x")
+    r.activate_version("p", 2)
+    t = r.get_task("p")
+    assert t["active_version"] == 2 and [v["is_active"] for v in t["versions"]] == [False, True, False]
+    r.delete_task("p")
+    assert r.snapshot() == {} and r.generation() == 6
+    r.close()
