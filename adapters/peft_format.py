@@ -18,8 +18,6 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from registry.files import write_bytes_atomic
-
 PROMPT_KEY = "prompt_embeddings"
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -175,6 +173,16 @@ def read_adapter_folder(
     return tensor, config
 
 
+def _write_atomic(target: Path, data: bytes) -> None:
+    """temp file -> fsync -> os.replace (kept here so adapters never import SQLAlchemy)."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
 def _peft_version() -> str | None:
     try:
         from importlib.metadata import version
@@ -233,6 +241,6 @@ def write_adapter_folder(
         num_layers=num_layers,
         num_attention_heads=num_attention_heads,
     )
-    write_bytes_atomic(folder / WEIGHTS_NAME, st_save({PROMPT_KEY: t}, metadata={"format": "pt"}))
-    write_bytes_atomic(folder / CONFIG_NAME, (json.dumps(cfg, indent=2) + "\n").encode("utf-8"))
+    _write_atomic(folder / WEIGHTS_NAME, st_save({PROMPT_KEY: t}, metadata={"format": "pt"}))
+    _write_atomic(folder / CONFIG_NAME, (json.dumps(cfg, indent=2) + "\n").encode("utf-8"))
     return folder
