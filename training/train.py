@@ -1,0 +1,231 @@
+"""`python -m training.train` / `polyprompt train`: prompt-tune one task and register it.
+
+Exit codes: 0 registered; 2 bad data, bad flags, a checkpoint from another run or a
+registration target that refuses (nothing trained or registered); 1 another failure;
+130 interrupted (nothing registered; resume with --resume). Runs unchanged under
+`accelerate launch` (data parallel; only the main process registers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_FAIL, EXIT_BAD, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from registry.cli_common import add_registry_args
+
+    p = argparse.ArgumentParser(
+        prog="polyprompt train",
+        description="Train a task's soft prompt (PEFT prompt tuning on the frozen base model) and register "
+                    "it as the task's new active version. Every flag also reads POLYPROMPT_<FLAG>.")
+    p.add_argument("--task", required=True, help="task name (a-z 0-9 . _ -)")
+    p.add_argument("--data", required=True, help='training JSONL: {"prompt": ..., "completion": ...} a line')
+    p.add_argument("--eval-data", help="evaluation JSONL (loss and exact-match accuracy each epoch)")
+    p.add_argument("--num-virtual-tokens", type=int, default=20)
+    p.add_argument("--init", choices=["random", "text", "vocab"], default=None,
+                   help="prompt init: random (PEFT RANDOM), text (embeddings of --init-text), vocab "
+                        "(sampled vocabulary embeddings) [default: text with --init-text, else random]")
+    p.add_argument("--init-text")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=0.03)
+    p.add_argument("--batch-size", type=int, default=8, help="examples per device per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of the steps spent warming up")
+    p.add_argument("--warmup-steps", type=int, default=None, help="warm-up steps (overrides --warmup-ratio)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="max tokens per example (prompt + completion); default: the context minus "
+                        "the virtual tokens")
+    p.add_argument("--skip-long", action="store_true", help="skip (and count) examples that are too long")
+    p.add_argument("--no-eos", action="store_true", help="do not append EOS to completions")
+    p.add_argument("--dropout", action="store_true",
+                   help="keep the frozen model's dropout on while training (default: off, as when serving)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--output-dir", help="keep checkpoints (and the final adapter folder) here")
+    p.add_argument("--save-steps", type=int, default=None, help="also checkpoint every N optimizer steps")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output-dir")
+    p.add_argument("--create", action="store_true", help="create the task if it does not exist")
+    p.add_argument("--description", default="", help="description for a task created with --create")
+    p.add_argument("--server", help="upload to this polyprompt server instead of writing the registry")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_registry_args(p)
+    _env_defaults(p)
+    return p
+
+
+def _env_defaults(p: argparse.ArgumentParser) -> None:
+    """POLYPROMPT_<FLAG> sets a flag's default (a flag on the command line wins)."""
+    for a in p._actions:
+        opt = next((o for o in a.option_strings if o.startswith("--")), None)
+        if opt is None or opt == "--help":
+            continue
+        val = os.environ.get("POLYPROMPT_" + opt[2:].upper().replace("-", "_"))
+        if val is None or val == "":
+            continue
+        if a.nargs == 0:  # store_true
+            a.default = val.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            a.default = a.type(val) if a.type else val
+        a.required = False
+
+
+def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    if a.init is None:
+        a.init = "text" if a.init_text else "random"
+    if a.init == "text" and not a.init_text:
+        p.error("--init text needs --init-text")
+    for name in ("num_virtual_tokens", "epochs", "batch_size", "grad_accum"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.lr <= 0:
+        p.error("--lr must be > 0")
+    if not 0 <= a.warmup_ratio <= 1:
+        p.error("--warmup-ratio must be in [0, 1]")
+    if a.save_steps is not None and a.save_steps < 1:
+        p.error("--save-steps must be >= 1")
+    if (a.resume or a.save_steps) and not a.output_dir:
+        p.error("--resume and --save-steps need --output-dir")
+
+
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .register import RegisterError
+
+    try:
+        return _run(args)
+    except (DataError, CheckpointError, RegisterError) as e:
+        _err(str(e))
+        return EXIT_BAD
+    except KeyboardInterrupt:
+        _err("interrupted; nothing registered" + (" (continue with --resume)" if args.output_dir else ""))
+        return EXIT_INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoConfig, AutoTokenizer
+
+    from registry.paths import model_id_for
+
+    from .data import file_sha256, load_jsonl, tokenize
+    from .loop import LoopConfig, train_loop
+    from .model import build_peft_model, context_length
+    from .register import LocalTarget, ServerTarget
+
+    # 1. data (fails fast, before any model is loaded)
+    train_ex = load_jsonl(args.data)
+    eval_ex = load_jsonl(args.eval_data) if args.eval_data else None
+
+    # 2. the registration target must accept the result before we spend time training
+    config = AutoConfig.from_pretrained(args.model)
+    hidden = int(getattr(config, "n_embd", None) or config.hidden_size)
+    model_id = model_id_for(args.model)
+    if args.device.startswith("cuda:"):
+        torch.cuda.set_device(int(args.device.split(":", 1)[1]))
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    main_proc = accelerator.is_main_process
+    log = print if main_proc else (lambda *a, **k: None)
+    if args.server:
+        target = ServerTarget(args.server, args.task, create=args.create, description=args.description)
+    else:
+        from registry.cli_common import open_registry
+
+        target = LocalTarget(open_registry(args), args.task, create=args.create, model_id=model_id,
+                             hidden_size=hidden, description=args.description)
+    if main_proc:
+        target.check()
+
+    # 3. tokenization and validation against the context
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    ctx = context_length(config)
+    tok_kw = dict(num_virtual_tokens=args.num_virtual_tokens, context=ctx, max_length=args.max_length,
+                  add_eos=not args.no_eos, skip_long=args.skip_long)
+    train_data, skipped = tokenize(train_ex, tokenizer, path=args.data, **tok_kw)
+    eval_data, eval_skipped = tokenize(eval_ex, tokenizer, path=args.eval_data, **tok_kw) if eval_ex else (None, 0)
+    if skipped or eval_skipped:
+        log(f"skipped {skipped} training and {eval_skipped} eval examples longer than the context (--skip-long)")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    # 4. model and training
+    model = build_peft_model(args.model, num_virtual_tokens=args.num_virtual_tokens, init=args.init,
+                             init_text=args.init_text, seed=args.seed)
+    model.to(accelerator.device)
+    hyper = {k: getattr(args, k) for k in (
+        "num_virtual_tokens", "init", "init_text", "epochs", "lr", "batch_size", "grad_accum", "warmup_ratio",
+        "warmup_steps", "weight_decay", "max_grad_norm", "max_length", "skip_long", "no_eos", "dropout", "seed")}
+    hyper["world_size"] = accelerator.num_processes
+    data_sha = file_sha256(args.data)
+    eval_sha = file_sha256(args.eval_data) if args.eval_data else None
+    fingerprint = {**hyper, "data_sha256": data_sha, "eval_data_sha256": eval_sha, "base_model": model_id}
+    cfg = LoopConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                     warmup_ratio=args.warmup_ratio, warmup_steps=args.warmup_steps,
+                     weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed,
+                     num_virtual_tokens=args.num_virtual_tokens, save_steps=args.save_steps,
+                     output_dir=Path(args.output_dir) if args.output_dir else None, resume=args.resume,
+                     progress=not args.no_progress, dropout=args.dropout)
+    log(f"training task {args.task!r} on {model_id} ({accelerator.device}, {accelerator.num_processes} "
+        f"process(es)): {len(train_data)} examples, {args.num_virtual_tokens} virtual tokens, "
+        f"init {args.init}, {args.epochs} epochs")
+    t0 = time.perf_counter()
+    res = train_loop(model, train_data, eval_data, cfg, accelerator=accelerator, pad_id=pad_id,
+                     fingerprint=fingerprint, log=log)
+    wall = time.perf_counter() - t0
+    accelerator.wait_for_everyone()
+    if not main_proc:
+        return EXIT_OK
+
+    # 5. register (main process only) and summarise
+    last = res.history[-1]
+    best = next(h for h in res.history if h["epoch"] == res.best_epoch)
+    meta = {
+        "data_sha256": data_sha, "eval_data_sha256": eval_sha, "hyperparameters": hyper,
+        "train_examples": len(train_data), "eval_examples": len(eval_data or []),
+        "skipped_long": skipped + eval_skipped,
+        "train_loss_start": res.first_step_loss, "train_loss": last["train_loss"],
+        "eval_loss": best.get("eval_loss"), "eval_accuracy": best.get("eval_accuracy"),
+        "initial_eval_loss": (res.initial_eval or {}).get("loss"),
+        "best_epoch": res.best_epoch, "base_model": model_id, "epochs": args.epochs,
+        "num_virtual_tokens": args.num_virtual_tokens, "history": res.history,
+    }
+    layers = int(getattr(config, "n_layer", None) or config.num_hidden_layers)
+    heads = int(getattr(config, "n_head", None) or config.num_attention_heads)
+    if cfg.output_dir is not None:
+        from adapters.peft_format import write_adapter_folder
+
+        write_adapter_folder(cfg.output_dir / "adapter", res.prompt, base_model=args.model,
+                             num_layers=layers, num_attention_heads=heads)
+    reg = target.register(res.prompt, meta=meta, base_model=args.model, num_layers=layers,
+                          num_attention_heads=heads)
+    secs = [h["seconds"] for h in res.history]
+    parts = [f"train loss {res.first_step_loss:.4f} → {last['train_loss']:.4f}"
+             if res.first_step_loss is not None else f"train loss {last['train_loss']:.4f}"]
+    if eval_data:
+        parts.append(f"eval loss {best['eval_loss']:.4f} (epoch {res.best_epoch})")
+        parts.append(f"accuracy {best['eval_accuracy']:.1%}")
+    parts.append(f"{sum(secs) / len(secs):.2f} s/epoch ({wall:.1f} s this run)")
+    parts.append(f"registered {reg['task']} v{reg['version']}"
+                 + (f" ({reg['sha256'][:12]})" if reg.get("sha256") else "")
+                 + (f" on {args.server}" if args.server else ""))
+    print("done: " + " | ".join(parts), flush=True)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
