@@ -1,0 +1,78 @@
+"""Our GPT-2 forward against transformers' GPT2LMHeadModel (fp32)."""
+
+import torch
+from transformers import GPT2LMHeadModel
+
+from server.engine.kv_cache import KVCache
+from server.model import GPT2, StepMeta
+
+
+def test_dense_logits_match_hf(tiny_model_dir):
+    hf = GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval()
+    ours = GPT2.from_pretrained(str(tiny_model_dir))
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50257, (3, 40))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        h, _ = ours.forward_dense(ours.wte(ids), torch.arange(40).expand(3, 40))
+        got = ours.logits(h)
+    assert (got - ref).abs().max().item() < 1e-4
+
+
+def test_step_forward_matches_dense_for_mixed_rows(tiny_model_dir):
+    """Flattened decode + prefill rows over the slot cache == per-row dense forward."""
+    m = GPT2.from_pretrained(str(tiny_model_dir))
+    s = m.spec
+    cache = KVCache(n_layer=s.n_layer, n_head=s.n_head, head_dim=s.head_dim, max_len=64,
+                    num_slots=4, device="cpu", dtype=torch.float32)
+    torch.manual_seed(1)
+    seqs = [torch.randint(0, 50257, (n,)) for n in (7, 12, 3)]
+    with torch.inference_mode():
+        # prefill rows 0 and 2 fully, row 1 in two chunks (5 then 7 tokens)
+        def prefill(rows):  # rows: (slot, tokens, past)
+            ids = torch.cat([t for _, t, _ in rows])
+            pos = torch.cat([torch.arange(p, p + len(t)) for _, t, p in rows])
+            slot = torch.cat([torch.full((len(t),), sl) for sl, t, _ in rows])
+            tq = max(len(t) for _, t, _ in rows)
+            length = max(p + len(t) for _, t, p in rows)
+            dest = torch.cat([torch.arange(b * tq, b * tq + len(t)) for b, (_, t, _) in enumerate(rows)])
+            tt = torch.arange(tq)[None, :, None]
+            j = torch.arange(length)[None, None, :]
+            past = torch.tensor([p for _, _, p in rows])[:, None, None]
+            ql = torch.tensor([len(t) for _, t, _ in rows])[:, None, None]
+            mask = ((j <= past + tt) & (tt < ql)) | ((tt >= ql) & (j == 0))
+            meta = StepMeta(slot=slot, n_decode=0, prefill_slots=torch.tensor([sl for sl, _, _ in rows]),
+                            prefill_q=tq, prefill_len=length, prefill_dest=dest, prefill_mask=mask.unsqueeze(1))
+            return m.forward_step(ids, pos, meta, cache)
+
+        prefill([(0, seqs[0], 0), (1, seqs[1][:5], 0), (2, seqs[2], 0)])
+        h = prefill([(1, seqs[1][5:], 5)])
+        ref, _ = m.forward_dense(m.wte(seqs[1])[None], torch.arange(12)[None])
+        assert (m.logits(h[-1]) - m.logits(ref[0, -1])).abs().max() < 1e-4
+        # decode one token for slots 0 and 2 (not dense: slot 1 idle)
+        nxt = torch.tensor([11, 22])
+        lens = torch.ones(3, dtype=torch.long)
+        lens[0], lens[2] = 8, 4
+        meta = StepMeta(slot=torch.tensor([0, 2]), n_decode=2, decode_rows=3, decode_len=8,
+                        decode_slots=torch.tensor([0, 2]),
+                        decode_mask=(torch.arange(8)[None] < lens[:, None]).view(3, 1, 1, 8))
+        h = m.forward_step(nxt, torch.tensor([7, 3]), meta, cache)
+        for row, (seq, tok) in enumerate(zip((seqs[0], seqs[2]), nxt)):
+            full = torch.cat([seq, tok[None]])
+            ref, _ = m.forward_dense(m.wte(full)[None], torch.arange(len(full))[None])
+            assert (m.logits(h[row]) - m.logits(ref[0, -1])).abs().max() < 1e-4
+
+
+def test_prefix_kv_matches_joint_forward(tiny_model_dir):
+    m = GPT2.from_pretrained(str(tiny_model_dir))
+    torch.manual_seed(2)
+    soft = torch.randn(5, m.spec.n_embd) * 0.3
+    ids = torch.randint(0, 50257, (6,))
+    with torch.inference_mode():
+        kv = m.prefix_kv(soft)
+        assert kv.shape == (m.spec.n_layer, 2, m.spec.n_head, 5, m.spec.head_dim)
+        past = [(kv[i, 0][None], kv[i, 1][None]) for i in range(m.spec.n_layer)]
+        h1, _ = m.forward_dense(m.wte(ids)[None], torch.arange(5, 11)[None], past=past)
+        x = torch.cat([soft, m.wte(ids)])[None]
+        h2, _ = m.forward_dense(x, torch.arange(11)[None])
+    assert (h1[0] - h2[0, 5:]).abs().max() < 1e-4
