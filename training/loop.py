@@ -153,7 +153,7 @@ def train_loop(model, train: list[Tokenized], eval_data: list[Tokenized] | None,
                 boundary = m == window[-1]
                 sync = contextlib.nullcontext() if boundary or W == 1 else accelerator.no_sync(model)
                 with sync:
-                    losses, _ = token_losses(model, batch, nvt, device)
+                    losses, _, _ = token_losses(model, batch, nvt, device)
                     loss_sum = (losses.sum(dim=1) * batch.weight.to(device)).sum()
                     accelerator.backward(loss_sum * W / window_tokens)
                 loss_sum = loss_sum.detach()
@@ -179,7 +179,7 @@ def train_loop(model, train: list[Tokenized], eval_data: list[Tokenized] | None,
                         save(boundary_rng)
                 bar.update(1)
                 el = time.perf_counter() - t_run
-                bar.set_postfix(loss=f"{float(losses.sum()) / max(int((batch.labels != -100).sum()), 1):.4f}",
+                bar.set_postfix(loss=f"{float(losses.detach().sum()) / max(int((batch.labels != -100).sum()), 1):.4f}",
                                 tok_s=f"{seen_tokens / el:.0f}" if el > 0 else "-")
             # ---- end of epoch: train loss, eval, keep the best, checkpoint
             seconds = time.perf_counter() - t_epoch

@@ -76,21 +76,27 @@ def collate(items: list[Tokenized], *, pad_id: int, weights: list[float] | None 
     return Batch(ids, mask, labels, w, sum(len(t.input_ids) for t in items))
 
 
-def token_losses(model, batch: Batch, num_virtual_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cross-entropy [B, T] (0 where masked) and the logits' argmax [B, T].
+def token_losses(model, batch: Batch, num_virtual_tokens: int, device
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy, the logits' argmax and the labels, all [B, T'] (loss 0 where masked).
 
     PEFT's forward puts the soft prompt at positions 0..n-1; the logits at position
     n-1+t predict input token t, so the first input token is predicted from the last
-    virtual token (exactly what PEFT's own `labels=` loss computes).
+    virtual token (exactly what PEFT's own `labels=` loss computes). Only the positions
+    from the batch's earliest completion token on are sent through the LM head
+    (`logits_to_keep`), so T' = T - (shortest prompt length).
     """
     ids = batch.input_ids.to(device)
     mask = batch.attention_mask.to(device)
-    labels = batch.labels.to(device)
-    logits = model(input_ids=ids, attention_mask=mask).logits  # [B, n + T, V]
-    logits = logits[:, num_virtual_tokens - 1:-1, :]  # [B, T, V]
+    has_label = batch.labels != -100  # [B, T]
+    first = int(has_label.float().argmax(dim=1).min())  # earliest completion token
+    labels = batch.labels[:, first:].to(device)  # [B, T']
+    keep = labels.shape[1] + 1  # positions n-1+first .. n+T-1 (the last one is dropped)
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits  # [B, T'+1, V]
+    logits = logits[:, :-1, :]  # [B, T', V]
     losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                             ignore_index=-100, reduction="none").view(labels.shape)  # [B, T]
-    return losses, logits.argmax(dim=-1)
+                             ignore_index=-100, reduction="none").view(labels.shape)  # [B, T']
+    return losses, logits.argmax(dim=-1), labels
 
 
 @torch.no_grad()
@@ -109,8 +115,7 @@ def evaluate(model, data: list[Tokenized], *, batch_size: int, num_virtual_token
     try:
         for i in range(0, len(data), batch_size):
             batch = collate(data[i:i + batch_size], pad_id=pad_id)
-            losses, pred = token_losses(model, batch, num_virtual_tokens, device)
-            labels = batch.labels.to(device)
+            losses, pred, labels = token_losses(model, batch, num_virtual_tokens, device)
             keep = labels != -100
             loss_sum += float(losses.sum())
             tokens += int(keep.sum())
