@@ -36,7 +36,8 @@ def build_step(plan: StepPlan, requests: dict[str, "Request"], seqs: dict[str, S
     lens: list[int] = []
     for r in decode:
         p = r.prefix_len + seqs[r.req_id].num_computed
-        ids.append(r.output_ids[-1])
+        # the last known token: the latest output, or a prompt's last token after chunking
+        ids.append(r.output_ids[-1] if r.output_ids else r.prompt_ids[-1])
         pos.append(p)
         slots.append(r.slot)
         lens.append(p + 1)

@@ -1,0 +1,130 @@
+"""The engine in-process: exactness under continuous batching and the prefix cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer, GPT2LMHeadModel
+
+from server.engine.engine import Engine, EngineConfig, QueueFull, Request
+from server.engine.sampler import SamplingParams
+from server.model import GPT2
+from tests.peft_ref import peft_greedy, peft_model
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir):
+    base = GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval()
+    model = GPT2.from_pretrained(str(tiny_model_dir))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    g = torch.Generator().manual_seed(11)
+    prompts = {n: torch.randn(n, base.config.n_embd, generator=g) * 0.4 for n in (1, 4, 9, 17)}
+    return base, model, tok, prompts
+
+
+def _greedy(n, max_tokens):
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+
+def test_requests_joining_mid_decode_are_exact(setup):
+    base, model, tok, prompts = setup
+    eng = Engine(model, tok, EngineConfig(max_num_seqs=4, max_num_batched_tokens=16))
+    g = torch.Generator().manual_seed(5)
+    specs = [(n, torch.randint(0, 50257, (length,), generator=g).tolist(), mt)
+             for n, length, mt in [(9, 30, 20), (1, 5, 12), (17, 2, 15), (4, 40, 10), (9, 7, 9), (1, 25, 14)]]
+    outs = {}
+
+    def cb(out):
+        if out.finished:
+            outs[out.req_id] = out.token_ids
+
+    reqs = [Request(f"r{i}", ids, _greedy(n, mt), prefix_key=f"p{n}", soft_prompt=prompts[n], on_output=cb)
+            for i, (n, ids, mt) in enumerate(specs)]
+    eng.add_request(reqs[0])
+    eng.add_request(reqs[1])
+    for step in range(200):
+        if step == 3:
+            eng.add_request(reqs[2])  # arrives while r0/r1 decode
+        if step == 6:
+            for r in reqs[3:]:
+                eng.add_request(r)  # more than free slots: queued, admitted as rows finish
+        eng.step()
+        if len(outs) == len(reqs):
+            break
+    assert len(outs) == len(reqs)
+    for i, (n, ids, mt) in enumerate(specs):
+        assert outs[f"r{i}"] == peft_greedy(peft_model(base, prompts[n]), ids, mt), f"r{i}"
+    assert eng.cache.num_free == eng.cache.num_slots  # every slot returned
+    st = eng.prefixes.stats()
+    assert st["hits"] >= 2 and st["in_use"] == 0
+
+
+def test_version_change_mid_run(setup):
+    """A running request finishes on its version; a new one uses the new version."""
+    base, model, tok, prompts = setup
+    eng = Engine(model, tok, EngineConfig(max_num_seqs=4, max_num_batched_tokens=64))
+    v1, v2 = prompts[4], prompts[9]
+    ids = tok.encode("The same prompt for both versions")
+    a = Request("a", ids, _greedy(4, 16), task="t", prefix_key="sha-v1", soft_prompt=v1)
+    outs = {}
+    a.on_output = lambda o: outs.__setitem__("a", o.token_ids) if o.finished else None
+    eng.add_request(a)
+    for _ in range(4):
+        eng.step()
+    eng.prefixes.invalidate("sha-v1")  # what the runtime does when the active version changes
+    b = Request("b", ids, _greedy(9, 16), task="t", prefix_key="sha-v2", soft_prompt=v2)
+    b.on_output = lambda o: outs.__setitem__("b", o.token_ids) if o.finished else None
+    eng.add_request(b)
+    while len(outs) < 2:
+        eng.step()
+    assert outs["a"] == peft_greedy(peft_model(base, v1), ids, 16)
+    assert outs["b"] == peft_greedy(peft_model(base, v2), ids, 16)
+    assert outs["a"] != outs["b"]
+
+
+def test_seeded_sampling_independent_of_batch(setup):
+    _, model, tok, prompts = setup
+    ids = tok.encode("Sampling should not depend on neighbours")
+    p = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=40, seed=42, ignore_eos=True)
+
+    def run(extra: int):
+        eng = Engine(model, tok, EngineConfig(max_num_seqs=8, max_num_batched_tokens=256))
+        others = [Request(f"o{i}", tok.encode("x " * (i + 1)), SamplingParams(max_tokens=5 + i, temperature=0.8),
+                          prefix_key="p1", soft_prompt=prompts[1]) for i in range(extra)]
+        target = Request("t", ids, p, prefix_key="p17", soft_prompt=prompts[17])
+        return eng.generate(others + [target])[-1].token_ids
+
+    assert run(0) == run(5) == run(2)
+
+
+def test_stop_strings_eos_and_limits(setup):
+    _, model, tok, prompts = setup
+    eng = Engine(model, tok, EngineConfig(max_num_seqs=4, max_queue=2))
+    ids = tok.encode("Hello there")
+    full = eng.generate([Request("f", ids, _greedy(0, 12), prefix_key="p4", soft_prompt=prompts[4])])[0]
+    text = full.text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    cut = eng.generate([Request("s", ids, SamplingParams(max_tokens=12, temperature=0, stop=(stop,)),
+                                prefix_key="p4", soft_prompt=prompts[4])])[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and text.startswith(cut.text)
+    assert full.finish_reason == "length" and len(full.token_ids) == 12
+    with pytest.raises(ValueError):
+        eng.add_request(Request("big", ids, _greedy(0, 1023), prefix_key="p4", soft_prompt=prompts[4]))
+    eng.add_request(Request("q1", ids, _greedy(0, 2)))
+    eng.add_request(Request("q2", ids, _greedy(0, 2)))
+    with pytest.raises(QueueFull):
+        eng.add_request(Request("q3", ids, _greedy(0, 2)))
+
+
+def test_abort_frees_slot(setup):
+    _, model, tok, prompts = setup
+    eng = Engine(model, tok, EngineConfig(max_num_seqs=2))
+    seen = []
+    r = Request("x", tok.encode("abort me"), _greedy(0, 50), prefix_key="p9", soft_prompt=prompts[9],
+                on_output=seen.append)
+    eng.add_request(r)
+    eng.step()
+    eng.abort("x")
+    eng.step()
+    assert seen and seen[-1].finish_reason == "abort"
+    assert eng.cache.num_free == 2 and not eng.scheduler.has_work()
