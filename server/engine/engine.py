@@ -18,6 +18,7 @@ import torch
 
 from adapters.prefix_cache import PrefixCache
 from server.engine.batch import build_step
+from server.engine.graphs import StaticDecoder
 from server.engine.kv_cache import KVCache, slot_bytes
 from server.engine.output import Detokenizer, RequestOutput, detect_loop
 from server.engine.sampler import RowSampling, SamplingParams, TokenLogprob, sample
@@ -39,6 +40,9 @@ class EngineConfig:
     kv_cache_bytes: int = 6 << 30
     prefix_cache_bytes: int = 1 << 30
     max_model_len: int | None = None  # default: the model's n_positions
+    # decode-only steps at padded static shapes, captured as CUDA graphs on GPU.
+    # None = on for CUDA, off for CPU (where eager dynamic shapes are cheaper).
+    static_decode: bool | None = None
 
 
 @dataclass
@@ -83,6 +87,10 @@ class Engine:
         self.scheduler = Scheduler(max_num_seqs=num_slots,
                                    max_num_batched_tokens=self.config.max_num_batched_tokens)
         self.prefixes = PrefixCache(self.config.prefix_cache_bytes)
+        static = self.config.static_decode
+        if static is None:
+            static = self.device.type == "cuda"
+        self.static = StaticDecoder(model, self.cache, capture=True) if static else None
         self.requests: dict[str, Request] = {}
         self._inbox: deque[Request] = deque()
         self._aborts: deque[str] = deque()
@@ -171,19 +179,25 @@ class Engine:
             return
         for rid in plan.admitted:
             self._admit(self.requests[rid])
-        batch = build_step(plan, self.requests, self.scheduler.running, self.device)
-        hidden = self.model.forward_step(batch.ids, batch.positions, batch.meta, self.cache)
-        sampled_reqs = [self.requests[rid] for rid in batch.sample_ids]
-        if sampled_reqs:
-            logits = self.model.logits(hidden[batch.sample_rows]).float()  # [R, V]
-            tokens, lps = sample(logits, [r.sampling for r in sampled_reqs])
+        if self.static is not None and not plan.prefill:
+            sample_ids = plan.decode
+            sampled_reqs = [self.requests[rid] for rid in sample_ids]
+            logits = self.static.logits(
+                [r.slot for r in sampled_reqs],
+                [r.output_ids[-1] if r.output_ids else r.prompt_ids[-1] for r in sampled_reqs],
+                [r.prefix_len + self.scheduler.running[r.req_id].num_computed for r in sampled_reqs])
         else:
-            tokens, lps = [], []
+            batch = build_step(plan, self.requests, self.scheduler.running, self.device)
+            hidden = self.model.forward_step(batch.ids, batch.positions, batch.meta, self.cache)
+            sample_ids = batch.sample_ids
+            sampled_reqs = [self.requests[rid] for rid in sample_ids]
+            logits = self.model.logits(hidden[batch.sample_rows]).float() if sampled_reqs else None  # [R, V]
+        tokens, lps = sample(logits, [r.sampling for r in sampled_reqs]) if sampled_reqs else ([], [])
         finished = set()
         for req, tok, lp in zip(sampled_reqs, tokens, lps):
             if self._append(req, tok, lp):
                 finished.add(req.req_id)
-        self.scheduler.on_step_done(plan, set(batch.sample_ids), finished)
+        self.scheduler.on_step_done(plan, set(sample_ids), finished)
         for rid in finished:
             self._release(self.requests.pop(rid))
         self.stats["steps"] += 1

@@ -25,7 +25,8 @@ class KVCache:
                  num_slots: int, device: torch.device | str, dtype: torch.dtype):
         if num_slots < 1:
             raise ValueError("the KV cache needs at least one slot; raise the memory budget")
-        shape = (n_layer, num_slots, n_head, max_len, head_dim)
+        # one spare slot past the end: padding rows of static-shape (CUDA-graph) steps write there
+        shape = (n_layer, num_slots + 1, n_head, max_len, head_dim)
         # torch.empty: pages never written are never touched, so memory grows with use.
         self._k = torch.empty(shape, device=device, dtype=dtype)
         self._v = torch.empty(shape, device=device, dtype=dtype)
