@@ -237,6 +237,16 @@ def test_stream_matches_non_stream(client):
     assert usage and usage[-1]["usage"]["completion_tokens"] == 10
 
 
+def test_stream_logprobs_match_non_stream(client):
+    body = {"model": "alpha", "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "logprobs": 1}
+    want = _complete(client, **body)["choices"][0]["logprobs"]
+    ev = _sse(client.post("/v1/completions", json={**body, "stream": True}))
+    got = [e["choices"][0]["logprobs"] for e in ev[:-1] if e["choices"]]
+    assert [t for lp in got for t in lp["tokens"]] == want["tokens"]
+    assert [t for lp in got for t in lp["token_logprobs"]] == pytest.approx(want["token_logprobs"], abs=1e-5)
+    assert [t for lp in got for t in lp["text_offset"]] == want["text_offset"]
+
+
 def test_stream_n_and_lists(client):
     r = client.post("/v1/completions", json={"model": "alpha", "prompt": [PROMPT, "abc"], "max_tokens": 4,
                                              "temperature": 0, "ignore_eos": True, "stream": True})

@@ -387,3 +387,29 @@ def test_restart_keeps_tasks_versions_and_outputs(tiny_model_dir, tmp_path, adap
             got = greedy(c, "keep", p, 8)["choices"][0]["token_ids"]
             assert got == before[p] == peft_greedy(pm, c.app.state.runtime.encode(p), 8)
         assert greedy(c, "keep2", "abc", 6, ignore_eos=True)["choices"][0]["token_ids"] == before2
+
+
+def test_delete_lets_running_requests_finish(client):
+    """DELETE while a request of the task runs: that request still completes normally."""
+    import threading
+    import time
+
+    assert client.post("/v1/tasks", json={"name": "del-live", "num_virtual_tokens": 4}).status_code == 201
+    rt = client.app.state.runtime
+    box = {}
+
+    def long_request():
+        box["r"] = client.post("/v1/completions", json={"model": "del-live", "prompt": "go", "max_tokens": 400,
+                                                        "temperature": 0, "ignore_eos": True})
+
+    th = threading.Thread(target=long_request)
+    th.start()
+    deadline = time.monotonic() + 10
+    while rt.engine.num_running == 0 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert client.delete("/v1/tasks/del-live").status_code == 204
+    th.join(30)
+    r = box["r"]
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 400
+    assert_error(client.post("/v1/completions", json={"model": "del-live", "prompt": "go"}), 404)
