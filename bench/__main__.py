@@ -1,0 +1,263 @@
+"""`python -m bench`: polyprompt against what users do without it, measured in the same run.
+
+    python -m bench --size tiny --requests 16 --tasks 4 --naive-requests 4   # smoke run
+    python -m bench                                                         # the full 124M run
+    python -m bench --dtype float32,bfloat16 --out bench/out/results.json
+
+See bench/README.md for what each scenario measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench import baselines as B
+from bench import engine_bench as E
+
+SCENARIOS = ("naive", "grouped", "engine", "http", "tasks", "latency")
+
+
+def _csv(kind):
+    return lambda s: [kind(x) for x in s.split(",") if x.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--scenarios", type=_csv(str), default=list(SCENARIOS), help="comma list of " + ",".join(SCENARIOS))
+    p.add_argument("--size", choices=["small", "tiny"], default="small", help="random GPT-2: 124M shape or tiny")
+    p.add_argument("--model", type=Path, default=None, help="use this GPT-2 folder instead of bench/out/model-SIZE")
+    p.add_argument("--dtype", type=_csv(str), default=["float32"], help="engine/HTTP dtypes, e.g. float32,bfloat16")
+    p.add_argument("--requests", type=int, default=128)
+    p.add_argument("--tasks", type=int, default=32)
+    p.add_argument("--virtual-tokens", type=_csv(int), default=[8, 32], help="MIN,MAX virtual tokens per task")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (each uniform in 0.75-1.25x)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--naive-requests", type=int, default=16, help="naive runs on this many requests")
+    p.add_argument("--clients", type=int, default=64, help="concurrent HTTP clients")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="engine running sequences (server --max-batch-size)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--grouped-batch", type=int, default=64, help="largest HF batch in the grouped baseline")
+    p.add_argument("--tasks-compare", type=_csv(int), default=[1, 64], help="task counts for the 'tasks' scenario")
+    p.add_argument("--rate", type=float, default=4.0, help="Poisson request rate (req/s) for 'latency'")
+    p.add_argument("--latency-requests", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads here and OMP_NUM_THREADS for the server (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
+    a = p.parse_args(argv)
+    bad = [s for s in a.scenarios if s not in SCENARIOS]
+    if bad:
+        p.error(f"unknown scenario(s) {bad}; choose from {','.join(SCENARIOS)}")
+    bad = [d for d in a.dtype if d not in E.DTYPES]
+    if bad:
+        p.error(f"unknown dtype(s) {bad}; choose from {','.join(E.DTYPES)}")
+    if len(a.virtual_tokens) != 2 or not 1 <= a.virtual_tokens[0] <= a.virtual_tokens[1]:
+        p.error("--virtual-tokens takes MIN,MAX with 1 <= MIN <= MAX")
+    a.naive_requests = min(a.naive_requests, a.requests)
+    return a
+
+
+def _exact(outs, ref) -> float | None:
+    if ref is None or outs is None:
+        return None
+    pairs = [(o, r) for o, r in zip(outs, ref) if r is not None and o is not None]
+    return sum(o == r for o, r in pairs) / len(pairs) if pairs else None
+
+
+def _prefix(outs, ref) -> float | None:
+    """Mean number of leading tokens equal to the reference's (where rounding first bites)."""
+    if ref is None or outs is None:
+        return None
+    n = []
+    for o, r in zip(outs, ref):
+        if o is None or r is None:
+            continue
+        k = 0
+        while k < min(len(o), len(r)) and o[k] == r[k]:
+            k += 1
+        n.append(k)
+    return sum(n) / len(n) if n else None
+
+
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _loadavg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    a.loadavg_start = _loadavg()
+    torch.manual_seed(a.seed)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    model_dir = a.model or B.ensure_model(a.size)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    cfg = json.loads((model_dir / "config.json").read_text())
+    std = B.wte_std(model_dir)
+    wl = B.make_workload(tok, hidden=cfg["n_embd"], std=std, n_tasks=a.tasks, n_requests=a.requests,
+                         prompt_len=a.prompt_len, new_tokens=a.new_tokens, virtual=tuple(a.virtual_tokens),
+                         seed=a.seed)
+    flops = B.FlopModel.from_config(model_dir)
+    sc = set(a.scenarios)
+    rows: list[dict] = []
+    extra: dict = {}
+    need_dtypes = sorted(set(a.dtype) | ({"float32"} if sc & {"naive", "grouped"} else set()))
+    roof = {}
+    for d in need_dtypes:
+        roof[d] = B.matmul_roofline(E.DTYPES[d])
+        _log(f"matmul roofline {d}: {roof[d] / 1e9:.1f} GFLOP/s")
+
+    def row(name, dtype, reqs, r, note=""):
+        f = flops.workload_flops(wl if "wl" not in r else r["wl"], reqs)
+        tps = r["tokens"] / r["seconds"]
+        rows.append({"scenario": name, "dtype": dtype, "requests": len(reqs), "tokens": r["tokens"],
+                     "seconds": r["seconds"], "tok_s": tps, "gflop_s": f / r["seconds"] / 1e9,
+                     "roofline_frac": f / r["seconds"] / roof[dtype], "exact": r.get("exact"),
+                     "common_prefix": r.get("prefix"), "note": note})
+        _log(f"{name} {dtype}: {tps:.1f} tok/s ({r['tokens']} tokens in {r['seconds']:.2f}s)")
+
+    naive_ref = None
+    if sc & {"naive", "grouped"}:
+        hf = B.load_hf(model_dir)
+        if "naive" in sc:
+            _log(f"naive: {a.naive_requests} requests, one at a time")
+            outs, sec = B.run_naive(hf, wl, a.naive_requests)
+            naive_ref = outs
+            row("naive (HF generate, 1 at a time)", "float32", wl.requests[:a.naive_requests],
+                {"tokens": sum(map(len, outs)), "seconds": sec, "exact": 1.0})
+        if "grouped" in sc:
+            _log(f"grouped: {a.requests} requests batched per task")
+            outs, sec = B.run_grouped(hf, wl, a.grouped_batch)
+            row("grouped (HF generate per task)", "float32", wl.requests,
+                {"tokens": sum(map(len, outs)), "seconds": sec, "exact": _exact(outs, naive_ref),
+                 "prefix": _prefix(outs, naive_ref)})
+        del hf
+        gc.collect()
+
+    for d in a.dtype:
+        if sc & {"engine", "tasks"}:
+            model, etok = E.load_engine_model(model_dir, d)
+            kw = dict(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens)
+            if "engine" in sc:
+                _log(f"engine {d}: {a.requests} requests, {a.tasks} tasks")
+                r = E.run_engine(model, etok, wl, **kw)
+                r["exact"] = _exact(r["outputs"], naive_ref)
+                r["prefix"] = _prefix(r["outputs"], naive_ref)
+                extra[f"engine_{d}"] = {k: r[k] for k in ("steps", "finish_reasons", "prefix_cache")}
+                row("polyprompt engine (in-process)", d, wl.requests, r)
+            if "tasks" in sc:
+                nv = (a.virtual_tokens[0] + a.virtual_tokens[1]) // 2
+                res = {}
+                for n in a.tasks_compare:
+                    w = wl.retasked(n, nv, a.seed + 1000 + n)
+                    _log(f"tasks {d}: same {a.requests} requests over {n} task(s), {nv} virtual tokens each")
+                    r = E.run_engine(model, etok, w, **kw)
+                    r["wl"] = w
+                    res[n] = r
+                    row(f"engine, {n} task{'s' if n != 1 else ''} ({nv} virtual)", d, w.requests, r)
+                ns = a.tasks_compare
+                if len(ns) >= 2:
+                    lo, hi = res[ns[0]], res[ns[-1]]
+                    extra[f"tasks_ratio_{d}"] = {"tasks": [ns[0], ns[-1]], "ratio":
+                                                 (hi["tokens"] / hi["seconds"]) / (lo["tokens"] / lo["seconds"])}
+            del model
+            gc.collect()
+        if sc & {"http", "latency"}:
+            from bench import http_bench as H
+
+            _log(f"http {d}: starting polyprompt serve")
+            with H.Server(model_dir, dtype=d, max_batch_size=a.max_num_seqs,
+                          max_num_batched_tokens=a.max_num_batched_tokens, threads=a.threads) as srv:
+                srv.register(wl.tasks)
+                _log(f"http {d}: serving on {srv.url}, {len(wl.tasks)} tasks registered")
+                if "http" in sc:
+                    r = H.run_http_throughput(srv, wl, a.clients)
+                    r["exact"] = _exact(r["outputs"], naive_ref)
+                    r["prefix"] = _prefix(r["outputs"], naive_ref)
+                    row(f"polyprompt HTTP ({a.clients} clients)", d, wl.requests, r)
+                if "latency" in sc:
+                    _log(f"latency {d}: {a.latency_requests} streamed requests at {a.rate} req/s (Poisson)")
+                    lat = H.run_http_latency(srv, wl, a.rate, a.latency_requests, a.seed)
+                    extra[f"latency_{d}"] = lat
+    report = _report(a, rows, extra, roof)
+    print(report)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+                   "model": str(model_dir), "workload": wl.meta, "roofline_flop_s": roof,
+                   "non_embedding_params": flops.non_embedding_params, "rows": rows, "extra": extra,
+                   "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                               "threads": torch.get_num_threads(),
+                               "cpus": os.cpu_count(), "loadavg_start": a.loadavg_start,
+                               "loadavg_end": _loadavg()}, "table": report}
+        a.out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        _log(f"wrote {a.out}")
+    return 0
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def _report(a, rows, extra, roof) -> str:
+    naive = next((r for r in rows if r["scenario"].startswith("naive")), None)
+    lines = [f"polyprompt bench: {a.size} random GPT-2, {a.requests} requests x {a.new_tokens} new tokens, "
+             f"{a.tasks} tasks ({a.virtual_tokens[0]}-{a.virtual_tokens[1]} virtual), ~{a.prompt_len}-token "
+             f"prompts, greedy, torch threads {torch.get_num_threads()}, load average at start "
+             f"{a.loadavg_start:.1f} at end {_loadavg():.1f} ({os.cpu_count()} CPUs)",
+             "roofline (best [2048,768]x[768,3072] matmul): "
+             + ", ".join(f"{d} {v / 1e9:.1f} GFLOP/s" for d, v in roof.items()), ""]
+    head = ["scenario", "dtype", "reqs", "tokens", "sec", "tok/s", "x naive", "GFLOP/s", "% roof", "exact"]
+    table = []
+    for r in rows:
+        ratio = r["tok_s"] / naive["tok_s"] if naive else None
+        xn = _fmt(ratio, ".2f") + ("*" if ratio is not None and r["dtype"] != naive["dtype"] else "")
+        table.append([r["scenario"], r["dtype"], str(r["requests"]), str(r["tokens"]), f"{r['seconds']:.2f}",
+                      f"{r['tok_s']:.1f}", xn, f"{r['gflop_s']:.1f}", f"{100 * r['roofline_frac']:.1f}",
+                      "-" if r["exact"] is None else f"{100 * r['exact']:.0f}%"
+                      + ("" if r["common_prefix"] is None or r["exact"] == 1 else
+                         f" ({r['common_prefix']:.1f}/{a.new_tokens})")])
+    w = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(head)]
+    lines.append("  ".join(h.ljust(w[i]) if i < 2 else h.rjust(w[i]) for i, h in enumerate(head)))
+    lines.append("  ".join("-" * x for x in w))
+    for t in table:
+        lines.append("  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(t)))
+    lines.append("")
+    lines.append("x naive: tok/s over the naive baseline's (float32, measured on its first "
+                 f"{a.naive_requests} requests); * = against the float32 naive.")
+    lines.append("% roof: achieved FLOP/s (2 x non-embedding params per virtual+prompt+fed-back token, "
+                 "2 x C x V per generated token) / the same-dtype matmul roofline.")
+    lines.append("exact: share of the naive subset's requests whose greedy tokens equal the naive baseline's "
+                 "(in brackets: mean leading tokens equal).")
+    for k, v in extra.items():
+        if k.startswith("tasks_ratio_"):
+            lines.append(f"tasks {k[12:]}: {v['tasks'][1]} tasks / {v['tasks'][0]} task throughput = "
+                         f"{v['ratio']:.2f}")
+        if k.startswith("latency_"):
+            lines.append(f"latency {k[8:]}: {v['requests']} streamed requests at {v['rate']:g} req/s: "
+                         f"TTFT p50 {1e3 * v['ttft_p50']:.0f} ms, p99 {1e3 * v['ttft_p99']:.0f} ms; "
+                         f"ITL p50 {1e3 * v['itl_p50']:.0f} ms, p99 {1e3 * v['itl_p99']:.0f} ms; "
+                         f"{v['tokens'] / v['seconds']:.1f} tok/s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

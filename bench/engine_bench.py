@@ -1,0 +1,61 @@
+"""polyprompt's engine in-process: `Engine.generate` on the whole mixed-task workload."""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+import torch
+
+from bench.baselines import Workload
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_engine_model(model_dir: Path, dtype: str):
+    from transformers import AutoTokenizer
+
+    from server.model import GPT2
+
+    model = GPT2.from_pretrained(str(model_dir), device="cpu", dtype=DTYPES[dtype])
+    return model, AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def _requests(wl: Workload, tag: str, key_prefix: str = ""):
+    from server.engine.engine import Request
+    from server.engine.sampler import SamplingParams
+
+    params = SamplingParams(max_tokens=wl.new_tokens, temperature=0.0, ignore_eos=True)
+    return [Request(f"{tag}-{i}", list(ids), params, task=task, prefix_key=f"{key_prefix}{task}",
+                    soft_prompt=wl.tasks[task]) for i, (task, ids) in enumerate(wl.requests)]
+
+
+@torch.inference_mode()
+def run_engine(model, tokenizer, wl: Workload, *, max_num_seqs: int, max_num_batched_tokens: int,
+               warmup: int = 4) -> dict:
+    """A fresh engine (cold prefix cache), a short untimed warm-up under other prefix keys,
+    then all of `wl.requests` through `Engine.generate`. Returns outputs, seconds, stats."""
+    from server.engine.engine import Engine, EngineConfig
+
+    need = max(wl.num_virtual(t) + len(ids) for t, ids in wl.requests) + wl.new_tokens
+    cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+    if need > model.spec.n_positions:
+        raise ValueError(f"requests need {need} positions > {model.spec.n_positions}")
+    engine = Engine(model, tokenizer, cfg)
+    warm = Workload(wl.tasks, wl.requests[:warmup], wl.new_tokens, wl.meta)
+    engine.generate(_requests(warm, "warm", key_prefix="warmup:"))
+    reqs = _requests(wl, "run")
+    steps0, t0 = engine.stats["steps"], time.perf_counter()
+    outs = engine.generate(reqs)
+    seconds = time.perf_counter() - t0
+    steps = engine.stats["steps"] - steps0
+    finish = {}
+    for o in outs:
+        finish[o.finish_reason] = finish.get(o.finish_reason, 0) + 1
+    result = {"outputs": [list(o.token_ids) for o in outs], "seconds": seconds, "steps": steps,
+              "tokens": sum(len(o.token_ids) for o in outs), "finish_reasons": finish,
+              "prefix_cache": engine.prefixes.stats()}
+    del engine
+    gc.collect()
+    return result
