@@ -28,6 +28,15 @@ MEMO = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model gains nothing from threads; on a busy CI box they spin-wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in rows))
     return path
@@ -102,7 +111,7 @@ def test_kill_then_resume_is_bitwise_identical(tmp_path, tiny_model_dir, capsys)
 
     cmd = [sys.executable, "-m", "training.train",
            *_train_cmd(tmp_path, tiny_model_dir, data, "--output-dir", str(out_dir), "--save-steps", "1")]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while not (out_dir / "checkpoint.json").exists():  # written right after checkpoint.pt
