@@ -29,6 +29,9 @@ def _greedy(n, max_tokens):
 def test_requests_joining_mid_decode_are_exact(setup):
     base, model, tok, prompts = setup
     eng = Engine(model, tok, EngineConfig(max_num_seqs=4, max_num_batched_tokens=16))
+    # torch.empty memory may hold NaN patterns: masked-out keys must never leak them
+    eng.cache._k.fill_(float("nan"))
+    eng.cache._v.fill_(float("nan"))
     g = torch.Generator().manual_seed(5)
     specs = [(n, torch.randint(0, 50257, (length,), generator=g).tolist(), mt)
              for n, length, mt in [(9, 30, 20), (1, 5, 12), (17, 2, 15), (4, 40, 10), (9, 7, 9), (1, 25, 14)]]
@@ -138,6 +141,8 @@ def test_static_decode_path_matches_dynamic(setup):
 
     def run(static):
         eng = Engine(model, tok, EngineConfig(max_num_seqs=6, max_num_batched_tokens=24, static_decode=static))
+        eng.cache._k.fill_(float("nan"))
+        eng.cache._v.fill_(float("nan"))
         reqs = [Request(f"r{i}", ids, _greedy(n, 10 + i), prefix_key=f"p{n}", soft_prompt=prompts[n])
                 for i, (n, ids) in enumerate(specs)]
         return [o.token_ids for o in eng.generate(reqs)]

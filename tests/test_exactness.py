@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import random
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -16,44 +11,18 @@ import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from tests.peft_ref import base_greedy, peft_greedy, peft_model
+from tests.serverutil import running_server
 
 VIRTUAL = {"t-one": 1, "t-five": 5, "t-eight": 8, "t-twenty": 20, "t-32": 32, "t-three": 3,
            "t-twelve": 12, "t-sixteen": 16}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    data = tmp_path_factory.mktemp("exact-data")
-    port = _free_port()
-    env = {**os.environ, "POLYPROMPT_DATA_DIR": str(data)}
-    env.pop("POLYPROMPT_API_KEY", None)
-    env.pop("POLYPROMPT_ADMIN_KEY", None)
     # small batch and token budget: forces chunked prefill, queueing and rows joining mid-decode
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
-           "--max-batch-size", "12", "--max-num-batched-tokens", "96", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read().decode()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        raise RuntimeError("server did not start")
-    yield url
-    proc.terminate()
-    proc.wait(20)
+    with running_server(tiny_model_dir, tmp_path_factory.mktemp("exact-data"),
+                        "--max-batch-size", "12", "--max-num-batched-tokens", "96") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

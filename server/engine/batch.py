@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from server.engine.kv_cache import KVCache
 from server.engine.scheduler import SeqState, StepPlan
 from server.model import StepMeta
 
@@ -24,7 +25,9 @@ class StepBatch:
 
 
 def build_step(plan: StepPlan, requests: dict[str, "Request"], seqs: dict[str, SeqState],
-               device: torch.device) -> StepBatch:
+               cache: KVCache) -> StepBatch:
+    """Flatten the plan's rows; make every key position a row reads finite (`cache.prepare`)."""
+    device = cache.k[0].device
     ids: list[int] = []
     pos: list[int] = []
     slots: list[int] = []
@@ -49,6 +52,8 @@ def build_step(plan: StepPlan, requests: dict[str, "Request"], seqs: dict[str, S
         rows = slots[-1] + 1
         meta.decode_rows = rows
         meta.decode_len = max(lens)
+        for slot in slots:
+            cache.prepare(slot, meta.decode_len)
         dense = slots == list(range(nd))
         full = torch.ones(rows, dtype=torch.long)
         full[torch.tensor(slots)] = torch.tensor(lens)
@@ -76,6 +81,8 @@ def build_step(plan: StepPlan, requests: dict[str, "Request"], seqs: dict[str, S
                 sample_rows.append(len(ids) - 1)
                 sample_ids.append(rid)
         length = max(p + n for p, n in zip(pasts, qlens))
+        for slot in pslots:
+            cache.prepare(slot, length)
         t = torch.arange(tq)[None, :, None]  # [1, Tq, 1]
         j = torch.arange(length)[None, None, :]  # [1, 1, S]
         past_t = torch.tensor(pasts)[:, None, None]

@@ -187,7 +187,7 @@ class Engine:
                 [r.output_ids[-1] if r.output_ids else r.prompt_ids[-1] for r in sampled_reqs],
                 [r.prefix_len + self.scheduler.running[r.req_id].num_computed for r in sampled_reqs])
         else:
-            batch = build_step(plan, self.requests, self.scheduler.running, self.device)
+            batch = build_step(plan, self.requests, self.scheduler.running, self.cache)
             hidden = self.model.forward_step(batch.ids, batch.positions, batch.meta, self.cache)
             sample_ids = batch.sample_ids
             sampled_reqs = [self.requests[rid] for rid in sample_ids]
@@ -220,6 +220,7 @@ class Engine:
     def _admit(self, req: Request) -> None:
         req.slot = self.cache.allocate()
         req.prefix_len = req.num_virtual
+        self.cache.prepare(req.slot, req.prefix_len + len(req.prompt_ids) + req.params.max_tokens)
         if req.soft_prompt is not None:
             sp = req.soft_prompt
             prefix = self.prefixes.acquire(

@@ -39,6 +39,8 @@ class StaticDecoder:
     def logits(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         """Logits `[len(slots), V]` for one decode token per slot."""
         b, s = self.bucket(max(slots) + 1, max(positions) + 1)
+        for slot in slots:
+            self.cache.prepare(slot, s)
         dev = self.cache.k[0].device
         ids = torch.zeros(b, dtype=torch.long)
         pos = torch.zeros(b, dtype=torch.long)

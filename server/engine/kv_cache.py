@@ -34,6 +34,7 @@ class KVCache:
         self.v = list(self._v.unbind(0))
         self.num_slots = num_slots
         self.max_len = max_len
+        self._zeroed = [0] * num_slots  # positions [0, n) of each slot hold finite values
         self._free = list(range(num_slots))
         heapq.heapify(self._free)
 
@@ -46,6 +47,19 @@ class KVCache:
         if not self._free:
             raise RuntimeError("no free KV-cache slot")
         return heapq.heappop(self._free)
+
+    def prepare(self, slot: int, length: int) -> None:
+        """Make positions [0, length) of `slot` finite before a request uses it.
+
+        torch.empty memory may hold NaN bit patterns, and attention multiplies masked-out
+        values by a zero weight (0 * NaN = NaN). Stale values of earlier requests are
+        finite, so each position is zeroed at most once in the cache's life.
+        """
+        z = self._zeroed[slot]
+        if z < length:
+            self._k[:, slot, :, z:length] = 0
+            self._v[:, slot, :, z:length] = 0
+            self._zeroed[slot] = length
 
     def free(self, slot: int) -> None:
         heapq.heappush(self._free, slot)

@@ -1,0 +1,107 @@
+"""Issue 3 end to end: a server started first; training registers straight into the
+registry; the server serves the new version within 2 s; export loads in PEFT; rollback."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+import torch
+
+from server.tasks_cli import main as tasks_main
+from tests.peft_ref import peft_greedy
+from tests.serverutil import running_server
+from training.train import main as train_main
+
+MEMO = [
+    ("Review: a wonderful film\nSentiment:", " positive"),
+    ("Review: dull and far too long\nSentiment:", " negative"),
+    ("Capital of France:", " Paris"),
+    ("Capital of Japan:", " Tokyo"),
+]
+
+
+@pytest.fixture(scope="module")
+def live(tiny_model_dir, tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("live-data")
+    with running_server(tiny_model_dir, data_dir) as url:
+        yield url, data_dir
+
+
+def _complete(url, task, prompt, max_tokens=4):
+    r = httpx.post(f"{url}/v1/completions", json={"model": task, "prompt": prompt, "max_tokens": max_tokens,
+                                                  "temperature": 0, "return_token_ids": True}, timeout=60)
+    return r
+
+
+def _wait_for_version(url, task, version, timeout=10.0) -> float:
+    """Seconds until the server's task table shows `version` active (via /v1/models + served tokens)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        r = httpx.get(f"{url}/v1/tasks/{task}")
+        if r.status_code == 200 and r.json()["active_version"] == version:
+            served = _complete(url, task, "probe")
+            if served.status_code == 200:
+                return time.monotonic() - t0
+        time.sleep(0.05)
+    raise AssertionError(f"{task} v{version} not served within {timeout}s")
+
+
+def test_train_registers_and_server_serves_within_2s(live, tiny_model_dir, tmp_path):
+    url, data_dir = live
+    data = tmp_path / "memo.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in MEMO))
+    common = ["--data-dir", str(data_dir), "--model", str(tiny_model_dir), "--no-progress"]
+    rc = train_main(["--task", "memo", "--data", str(data), "--create", "--epochs", "150", "--lr", "0.3",
+                     "--num-virtual-tokens", "8", "--batch-size", "4", "--seed", "1", *common])
+    assert rc == 0
+    registered = time.monotonic()
+    # the server was not told: it must see the registry change on its own
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 5:
+        r = _complete(url, "memo", MEMO[0][0])
+        if r.status_code == 200:
+            break
+        time.sleep(0.05)
+    latency = time.monotonic() - registered
+    assert r.status_code == 200, r.text
+    assert latency < 2.0, f"new version served after {latency:.2f}s"
+    for prompt, completion in MEMO:
+        text = _complete(url, "memo", prompt, max_tokens=3).json()["choices"][0]["text"]
+        assert text.startswith(completion), (prompt, text)
+
+
+def test_export_loads_in_peft_and_matches_server(live, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    url, data_dir = live
+    if httpx.get(f"{url}/v1/tasks/memo").status_code != 200:
+        httpx.post(f"{url}/v1/tasks", json={"name": "memo", "num_virtual_tokens": 6}).raise_for_status()
+    out = tmp_path / "exported"
+    assert tasks_main(["export", "memo", str(out), "--data-dir", str(data_dir), "--model", str(tiny_model_dir)]) == 0
+    pm = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tiny_model_dir), out).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for prompt in ("Capital of France:", "Something else entirely, longer than the others", "x"):
+        served = _complete(url, "memo", prompt, max_tokens=10).json()["choices"][0]["token_ids"]
+        assert served == peft_greedy(pm, tok.encode(prompt), 10), prompt
+
+
+def test_rollback_with_cli_goes_live(live, tiny_model_dir):
+    url, data_dir = live
+    httpx.post(f"{url}/v1/tasks", json={"name": "roll", "num_virtual_tokens": 4, "seed": 1}).raise_for_status()
+    v1_tokens = _complete(url, "roll", "Hello world", 8).json()["choices"][0]["token_ids"]
+    g = torch.Generator().manual_seed(3)
+    from safetensors.torch import save
+
+    emb = torch.randn(9, 128, generator=g) * 0.5
+    files = {"adapter_model.safetensors": ("adapter_model.safetensors", save({"prompt_embeddings": emb}))}
+    r = httpx.post(f"{url}/v1/tasks/roll/prompt", files=files)
+    assert r.status_code == 201 and r.json()["version"] == 2
+    assert _complete(url, "roll", "Hello world", 8).json()["choices"][0]["token_ids"] != v1_tokens
+    common = ["--data-dir", str(data_dir), "--model", str(tiny_model_dir)]
+    assert tasks_main(["activate", "roll", "1", *common]) == 0  # another process writes the registry
+    assert _wait_for_version(url, "roll", 1) < 2.0
+    assert _complete(url, "roll", "Hello world", 8).json()["choices"][0]["token_ids"] == v1_tokens
