@@ -49,10 +49,21 @@ class PrefixCache:
                 self._entries[key] = entry
                 self._bytes += kv.nbytes
                 self.misses += 1
+            else:
+                self.hits += 1
             entry.refs += 1
             self._entries.move_to_end(key)
             self._evict()
             return entry.kv
+
+    def put(self, key: str, kv: torch.Tensor) -> None:
+        """Insert a computed entry (unreferenced) unless present."""
+        with self._lock:
+            if key not in self._entries:
+                self._entries[key] = _Entry(kv)
+                self._bytes += kv.nbytes
+                self.misses += 1
+                self._evict()
 
     def release(self, key: str) -> None:
         with self._lock:

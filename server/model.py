@@ -81,21 +81,51 @@ class StepMeta:
     prefill_mask: torch.Tensor | None = None  # [Bp, 1, prefill_q, prefill_len] bool
 
 
+def _can_pack(dtype: torch.dtype) -> bool:
+    return torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` that, on CPU, runs on a weight pre-packed for oneDNN.
+
+    oneDNN's blocked weight layout is what lets bf16 matmuls use AMX: at decode-sized
+    batches it is ~2-3x faster than `F.linear` on the plain `[out, in]` weight. GELU
+    (tanh) can be fused into the same kernel.
+    """
+
+    packed: torch.Tensor | None = None
+
+    def pack(self, batch_hint: int) -> None:
+        w = self.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_hint) if _can_pack(w.dtype) and \
+            w.device.type == "cpu" else None
+
+    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        if self.packed is None:
+            y = F.linear(x, self.weight, self.bias)
+            return F.gelu(y, approximate="tanh") if gelu else y
+        shape = x.shape
+        y = torch.ops.mkldnn._linear_pointwise(
+            x.reshape(-1, shape[-1]).contiguous(), self.packed, self.bias,
+            "gelu" if gelu else "none", [], "tanh" if gelu else "")
+        return y.view(*shape[:-1], y.shape[-1])
+
+
 class Block(nn.Module):
     def __init__(self, spec: GPT2Spec):
         super().__init__()
         c = spec.n_embd
         self.ln_1 = nn.LayerNorm(c, eps=spec.layer_norm_epsilon)
         self.attn = nn.Module()
-        self.attn.c_attn = nn.Linear(c, 3 * c)
-        self.attn.c_proj = nn.Linear(c, c)
+        self.attn.c_attn = Linear(c, 3 * c)
+        self.attn.c_proj = Linear(c, c)
         self.ln_2 = nn.LayerNorm(c, eps=spec.layer_norm_epsilon)
         self.mlp = nn.Module()
-        self.mlp.c_fc = nn.Linear(c, 4 * c)
-        self.mlp.c_proj = nn.Linear(4 * c, c)
+        self.mlp.c_fc = Linear(c, 4 * c)
+        self.mlp.c_proj = Linear(4 * c, c)
 
     def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp.c_proj(F.gelu(self.mlp.c_fc(self.ln_2(x)), approximate="tanh"))
+        return self.mlp.c_proj(self.mlp.c_fc(self.ln_2(x), gelu=True))
 
 
 class GPT2(nn.Module):
@@ -107,6 +137,7 @@ class GPT2(nn.Module):
         self.h = nn.ModuleList(Block(spec) for _ in range(spec.n_layer))
         self.ln_f = nn.LayerNorm(spec.n_embd, eps=spec.layer_norm_epsilon)
         self.lm_head: torch.Tensor | None = None  # None: tied to wte
+        self._head: Linear | None = None  # packed LM head (CPU), see `pack`
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -118,7 +149,22 @@ class GPT2(nn.Module):
         hf = GPT2LMHeadModel.from_pretrained(name_or_path, dtype=torch.float32)
         model = cls.from_hf(hf)
         del hf
-        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        model.pack()
+        return model
+
+    def pack(self, batch_hint: int = 128) -> None:
+        """Pre-pack every matmul weight for oneDNN (CPU fp32/bf16; no-op elsewhere)."""
+        w = self.wte.weight
+        if w.device.type != "cpu" or not _can_pack(w.dtype):
+            return
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.pack(batch_hint)
+        head = Linear(self.spec.n_embd, self.spec.vocab_size, bias=False, device="meta")
+        head.weight = nn.Parameter(self.head_weight().detach(), requires_grad=False)
+        head.pack(batch_hint)
+        object.__setattr__(self, "_head", head)  # not a submodule: no duplicate parameters
 
     @classmethod
     def from_hf(cls, hf) -> "GPT2":
@@ -147,6 +193,8 @@ class GPT2(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final layer norm + LM head: `[..., C]` -> `[..., V]`."""
+        if self._head is not None:
+            return self._head(self.ln_f(hidden))
         return F.linear(self.ln_f(hidden), self.head_weight())
 
     def _qkv(self, blk: Block, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -181,10 +229,21 @@ class GPT2(nn.Module):
 
     def prefix_kv(self, embeds: torch.Tensor) -> torch.Tensor:
         """Keys/values of a soft prompt `[n, C]` at positions 0..n-1: `[L, 2, H, n, D]`."""
-        n = embeds.shape[0]
-        pos = torch.arange(n, device=embeds.device).unsqueeze(0)
-        _, kvs = self.forward_dense(embeds.unsqueeze(0), pos)
-        return torch.stack([torch.stack([k[0], v[0]]) for k, v in kvs])
+        return self.prefix_kv_batch([embeds])[0]
+
+    def prefix_kv_batch(self, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`prefix_kv` of several soft prompts in one forward (right-padded: causal
+        attention keeps padding out of every real position)."""
+        n_max = max(p.shape[0] for p in prompts)
+        x = prompts[0].new_zeros(len(prompts), n_max, self.spec.n_embd)  # [B, n, C]
+        for b, p in enumerate(prompts):
+            x[b, : p.shape[0]] = p
+        pos = torch.arange(n_max, device=x.device).expand(len(prompts), n_max)
+        _, kvs = self.forward_dense(x, pos)
+        return [
+            torch.stack([torch.stack([k[b, :, :n], v[b, :, :n]]) for k, v in kvs]).contiguous()
+            for b, n in enumerate(p.shape[0] for p in prompts)
+        ]
 
     # ------------------------------------------------------------------ serving forward
     def forward_step(self, ids: torch.Tensor, positions: torch.Tensor, meta: StepMeta,

@@ -177,8 +177,10 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan:
             return
-        for rid in plan.admitted:
-            self._admit(self.requests[rid])
+        admitted = [self.requests[rid] for rid in plan.admitted]
+        self._compute_prefixes(admitted)
+        for req in admitted:
+            self._admit(req)
         if self.static is not None and not plan.prefill:
             sample_ids = plan.decode
             sampled_reqs = [self.requests[rid] for rid in sample_ids]
@@ -216,6 +218,15 @@ class Engine:
                 self._finish(req, "abort")
                 self.requests.pop(rid, None)
                 self._release(req)
+
+    def _compute_prefixes(self, reqs: list[Request]) -> None:
+        """Prefix KV of every task new to the cache this step, in one batched forward."""
+        missing = {r.prefix_key: r.soft_prompt for r in reqs
+                   if r.soft_prompt is not None and r.prefix_key not in self.prefixes}
+        if missing:
+            prompts = [p.to(self.device, self.dtype) for p in missing.values()]
+            for key, kv in zip(missing, self.model.prefix_kv_batch(prompts)):
+                self.prefixes.put(key, kv)
 
     def _admit(self, req: Request) -> None:
         req.slot = self.cache.allocate()
