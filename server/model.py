@@ -72,13 +72,14 @@ class StepMeta:
     decode_rows: int = 0  # number of leading cache slots covered (>= n_decode)
     decode_len: int = 0
     decode_slots: torch.Tensor | None = None  # [n_decode] long, None when == arange
-    decode_mask: torch.Tensor | None = None  # [decode_rows, 1, 1, decode_len] bool
+    decode_mask: torch.Tensor | None = None  # [decode_rows, 1, 1, decode_len] additive (0 / -inf)
     # prefill rows
     prefill_slots: torch.Tensor | None = None  # [Bp] long
+    prefill_start: int | None = None  # set when prefill_slots are consecutive
     prefill_q: int = 0  # padded query length
     prefill_len: int = 0  # keys attended (max past + q)
     prefill_dest: torch.Tensor | None = None  # [N - n_decode] long: index into Bp * prefill_q
-    prefill_mask: torch.Tensor | None = None  # [Bp, 1, prefill_q, prefill_len] bool
+    prefill_mask: torch.Tensor | None = None  # [Bp, 1, prefill_q, prefill_len] additive (0 / -inf)
 
 
 def _can_pack(dtype: torch.dtype) -> bool:
@@ -295,8 +296,12 @@ def _prefill_attention(q, kc, vc, meta: StepMeta) -> torch.Tensor:
     """Several queries per row; rows padded to `prefill_q`, keys gathered by slot."""
     bp, tq, length = meta.prefill_slots.shape[0], meta.prefill_q, meta.prefill_len
     nh, hd = q.shape[1], q.shape[2]
-    k = kc[meta.prefill_slots, :, :length]  # [Bp, H, S, D]
-    v = vc[meta.prefill_slots, :, :length]
+    if meta.prefill_start is not None:
+        rows = slice(meta.prefill_start, meta.prefill_start + bp)
+        k, v = kc[rows, :, :length], vc[rows, :, :length]  # [Bp, H, S, D] views
+    else:
+        k = kc[meta.prefill_slots, :, :length]  # [Bp, H, S, D] gathered
+        v = vc[meta.prefill_slots, :, :length]
     if bp * tq == q.shape[0]:  # no padding
         qp = q.view(bp, tq, nh, hd)
     else:

@@ -3,6 +3,7 @@
 import torch
 from transformers import GPT2LMHeadModel
 
+from server.engine.batch import additive_mask
 from server.engine.kv_cache import KVCache
 from server.model import GPT2, StepMeta
 
@@ -25,6 +26,8 @@ def test_step_forward_matches_dense_for_mixed_rows(tiny_model_dir):
     s = m.spec
     cache = KVCache(n_layer=s.n_layer, n_head=s.n_head, head_dim=s.head_dim, max_len=64,
                     num_slots=4, device="cpu", dtype=torch.float32)
+    for slot in range(4):
+        cache.prepare(slot, 64)
     torch.manual_seed(1)
     seqs = [torch.randint(0, 50257, (n,)) for n in (7, 12, 3)]
     with torch.inference_mode():
@@ -42,7 +45,7 @@ def test_step_forward_matches_dense_for_mixed_rows(tiny_model_dir):
             ql = torch.tensor([len(t) for _, t, _ in rows])[:, None, None]
             mask = ((j <= past + tt) & (tt < ql)) | ((tt >= ql) & (j == 0))
             meta = StepMeta(slot=slot, n_decode=0, prefill_slots=torch.tensor([sl for sl, _, _ in rows]),
-                            prefill_q=tq, prefill_len=length, prefill_dest=dest, prefill_mask=mask.unsqueeze(1))
+                            prefill_q=tq, prefill_len=length, prefill_dest=dest, prefill_mask=additive_mask(mask.unsqueeze(1), torch.float32, 'cpu'))
             return m.forward_step(ids, pos, meta, cache)
 
         prefill([(0, seqs[0], 0), (1, seqs[1][:5], 0), (2, seqs[2], 0)])
@@ -55,7 +58,7 @@ def test_step_forward_matches_dense_for_mixed_rows(tiny_model_dir):
         lens[0], lens[2] = 8, 4
         meta = StepMeta(slot=torch.tensor([0, 2]), n_decode=2, decode_rows=3, decode_len=8,
                         decode_slots=torch.tensor([0, 2]),
-                        decode_mask=(torch.arange(8)[None] < lens[:, None]).view(3, 1, 1, 8))
+                        decode_mask=additive_mask((torch.arange(8)[None] < lens[:, None]).view(3, 1, 1, 8), torch.float32, 'cpu'))
         h = m.forward_step(nxt, torch.tensor([7, 3]), meta, cache)
         for row, (seq, tok) in enumerate(zip((seqs[0], seqs[2]), nxt)):
             full = torch.cat([seq, tok[None]])

@@ -27,7 +27,7 @@ class StepBatch:
 def build_step(plan: StepPlan, requests: dict[str, "Request"], seqs: dict[str, SeqState],
                cache: KVCache) -> StepBatch:
     """Flatten the plan's rows; make every key position a row reads finite (`cache.prepare`)."""
-    device = cache.k[0].device
+    device, dtype = cache.k[0].device, cache.k[0].dtype
     ids: list[int] = []
     pos: list[int] = []
     slots: list[int] = []
@@ -57,15 +57,16 @@ def build_step(plan: StepPlan, requests: dict[str, "Request"], seqs: dict[str, S
         dense = slots == list(range(nd))
         full = torch.ones(rows, dtype=torch.long)
         full[torch.tensor(slots)] = torch.tensor(lens)
-        meta.decode_mask = (torch.arange(meta.decode_len)[None, :] < full[:, None]).view(
-            rows, 1, 1, meta.decode_len).to(device)
+        meta.decode_mask = additive_mask(
+            (torch.arange(meta.decode_len)[None, :] < full[:, None]).view(rows, 1, 1, meta.decode_len), dtype, device)
         meta.decode_slots = None if dense else torch.tensor(slots, device=device)
 
     # prefill rows (new prompts and chunks of long ones)
     if plan.prefill:
-        tq = max(n for _, n in plan.prefill)
+        prefill = sorted(plan.prefill, key=lambda item: requests[item[0]].slot)
+        tq = max(n for _, n in prefill)
         pslots, pasts, qlens, dest = [], [], [], []
-        for b, (rid, n) in enumerate(plan.prefill):
+        for b, (rid, n) in enumerate(prefill):
             r, seq = requests[rid], seqs[rid]
             start = seq.num_computed
             toks = (r.prompt_ids + r.output_ids)[start:start + n]
@@ -91,10 +92,12 @@ def build_step(plan: StepPlan, requests: dict[str, "Request"], seqs: dict[str, S
         mask = (j <= past_t + t) & valid_q
         mask |= (~valid_q) & (j == 0)  # padded queries attend somewhere (no NaN), ignored
         meta.prefill_slots = torch.tensor(pslots, device=device)
+        if pslots == list(range(pslots[0], pslots[0] + len(pslots))):
+            meta.prefill_start = pslots[0]  # consecutive slots: attend through a view, no gather
         meta.prefill_q = tq
         meta.prefill_len = length
         meta.prefill_dest = torch.tensor(dest, device=device)
-        meta.prefill_mask = mask.unsqueeze(1).to(device)  # [Bp, 1, Tq, S]
+        meta.prefill_mask = additive_mask(mask.unsqueeze(1), dtype, device)  # [Bp, 1, Tq, S]
 
     meta.slot = torch.tensor(slots, device=device)
     return StepBatch(
@@ -104,3 +107,8 @@ def build_step(plan: StepPlan, requests: dict[str, "Request"], seqs: dict[str, S
         sample_rows=torch.tensor(sample_rows, device=device),
         sample_ids=sample_ids,
     )
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Boolean "may attend" -> additive 0/-inf mask (SDPA's CPU kernel is faster with it)."""
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf")).to(device)

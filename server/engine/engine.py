@@ -193,7 +193,7 @@ class Engine:
             hidden = self.model.forward_step(batch.ids, batch.positions, batch.meta, self.cache)
             sample_ids = batch.sample_ids
             sampled_reqs = [self.requests[rid] for rid in sample_ids]
-            logits = self.model.logits(hidden[batch.sample_rows]).float() if sampled_reqs else None  # [R, V]
+            logits = self.model.logits(hidden[batch.sample_rows]) if sampled_reqs else None  # [R, V]
         tokens, lps = sample(logits, [r.sampling for r in sampled_reqs]) if sampled_reqs else ([], [])
         finished = set()
         for req, tok, lp in zip(sampled_reqs, tokens, lps):

@@ -16,6 +16,7 @@ import bisect
 import torch
 import torch.nn.functional as F
 
+from server.engine.batch import additive_mask
 from server.model import GPT2
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -51,7 +52,7 @@ class StaticDecoder:
         pos[idx] = torch.tensor(positions)
         wslot[idx] = idx
         lens[idx] = torch.tensor(positions) + 1
-        mask = (torch.arange(s)[None, :] < lens[:, None]).view(b, 1, 1, s)
+        mask = additive_mask((torch.arange(s)[None, :] < lens[:, None]).view(b, 1, 1, s), self.cache.k[0].dtype, "cpu")
         if not self.capture:
             out = self._forward(ids.to(dev), pos.to(dev), wslot.to(dev), mask.to(dev))
         else:
@@ -72,7 +73,7 @@ class StaticDecoder:
             a = F.scaled_dot_product_attention(q.unsqueeze(2), kc[:b, :, :s], vc[:b, :, :s], attn_mask=mask)
             x = x + blk.attn.c_proj(a.reshape(b, -1))
             x = x + blk.mlp_forward(x)
-        return m.logits(x).float()
+        return m.logits(x)
 
     def _graph(self, b: int, s: int):
         key = (b, s)
@@ -80,7 +81,7 @@ class StaticDecoder:
             dev = self.cache.k[0].device
             inputs = (torch.zeros(b, dtype=torch.long, device=dev), torch.zeros(b, dtype=torch.long, device=dev),
                       torch.full((b,), self.trash, dtype=torch.long, device=dev),
-                      torch.ones(b, 1, 1, s, dtype=torch.bool, device=dev))
+                      torch.zeros(b, 1, 1, s, dtype=self.cache.k[0].dtype, device=dev))
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):

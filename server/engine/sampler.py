@@ -55,7 +55,9 @@ class TokenLogprob:
 
 
 def sample(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """Pick one token per row of `logits` `[R, V]` (float32)."""
+    """Pick one token per row of `logits` `[R, V]` (any float dtype; argmax needs no upcast)."""
+    if any(r.params.repetition_penalty != 1.0 and r.seen for r in rows):
+        logits = logits.float()
     for i, r in enumerate(rows):
         p = r.params.repetition_penalty
         if p != 1.0 and r.seen:
@@ -65,11 +67,11 @@ def sample(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], li
     tokens = logits.argmax(dim=-1).tolist()
     for i, r in enumerate(rows):
         if not r.params.greedy:
-            tokens[i] = _draw(logits[i], r.params, r.generator)
+            tokens[i] = _draw(logits[i].float(), r.params, r.generator)
     logprobs: list[TokenLogprob | None] = [None] * len(rows)
     for i, r in enumerate(rows):
         if r.params.logprobs is not None:
-            lp = torch.log_softmax(logits[i], dim=-1)
+            lp = torch.log_softmax(logits[i].float(), dim=-1)
             k = max(0, min(r.params.logprobs, 20))
             top = lp.topk(k) if k else None
             logprobs[i] = TokenLogprob(
