@@ -146,6 +146,11 @@ class Registry:
         """`{name: task dict}` for every task, with active version info, in one query."""
         return {t["name"]: t for t in self.list_tasks()}
 
+    def active_index(self) -> dict[str, tuple[int, int | None, str | None]]:
+        """`{name: (num_virtual_tokens, active version, sha256)}`, one light query."""
+        with self._session() as s:
+            return store.active_index(s)
+
     def load_prompt(self, sha256: str) -> torch.Tensor:
         """The stored prompt `[n, hidden]` float32, sha256-verified."""
         return read_prompt_file(self.data_dir, sha256)

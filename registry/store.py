@@ -66,6 +66,16 @@ def list_tasks(session: Session) -> list[Task]:
     return list(session.scalars(stmt).unique().all())
 
 
+def active_index(session: Session) -> dict[str, tuple[int, int | None, str | None]]:
+    """`{name: (num_virtual_tokens, active version, its sha256)}` for every task, one
+    query, no ORM objects: what a server needs to route requests (fast at 10,000 tasks)."""
+    stmt = (
+        select(Task.name, Task.num_virtual_tokens, PromptVersion.version, PromptVersion.sha256)
+        .outerjoin(PromptVersion, (PromptVersion.task_id == Task.id) & PromptVersion.is_active)
+    )
+    return {name: (n, version, sha) for name, n, version, sha in session.execute(stmt)}
+
+
 def create_task(
     session: Session,
     *,

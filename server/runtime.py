@@ -113,11 +113,8 @@ class Runtime:
             gen = self.registry.generation()
             if gen == self._generation and not force:
                 return
-            snap = self.registry.snapshot()
-            tasks = {
-                name: TaskInfo(name, t["num_virtual_tokens"], t["active_version"], t["sha256"])
-                for name, t in snap.items()
-            }
+            tasks = {name: TaskInfo(name, n, version, sha)
+                     for name, (n, version, sha) in self.registry.active_index().items()}
             old = self.tasks
             self.tasks = tasks
             self._generation = gen
