@@ -24,6 +24,7 @@ from server.settings import Settings
 
 log = logging.getLogger("polyprompt.runtime")
 
+WARM_LIMIT = 256  # new versions warmed per registry change (a bulk import warms lazily beyond)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -122,6 +123,13 @@ class Runtime:
             new = tasks.get(name)
             if info.sha256 and (new is None or new.sha256 != info.sha256):
                 self.engine.prefixes.invalidate(info.sha256)
+        if not force:  # new versions while serving: compute their prefix before the first request
+            fresh = [i.sha256 for n, i in tasks.items() if i.sha256 and (n not in old or old[n].sha256 != i.sha256)]
+            for sha in fresh[:WARM_LIMIT]:
+                try:
+                    self.engine.warm_prefix(sha, self.load_prompt(sha))
+                except Exception:  # a missing/corrupt file shows up on the first request instead
+                    log.exception("could not warm prompt %s", sha)
         if old or tasks:
             log.info("task table reloaded: %d tasks (generation %d)", len(tasks), gen)
 

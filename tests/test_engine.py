@@ -168,3 +168,15 @@ def test_cuda_graphs_fp16_agree_with_fp32_reference(setup, tiny_model_dir):
     assert eng.static._graphs  # decode steps were captured and replayed
     same = sum(a == b for a, b in zip(got, ref)) / len(ref)
     assert same >= 0.75, (got, ref)
+
+
+def test_warm_prefix_ahead_of_first_request(setup):
+    base, model, tok, prompts = setup
+    eng = Engine(model, tok, EngineConfig(max_num_seqs=2))
+    eng.warm_prefix("v9", prompts[9])
+    eng.step()  # no requests: only the warm-up runs
+    assert "v9" in eng.prefixes and eng.prefixes.stats()["misses"] == 1
+    ids = tok.encode("warm start")
+    out = eng.generate([Request("w", ids, _greedy(9, 6), prefix_key="v9", soft_prompt=prompts[9])])[0]
+    assert eng.prefixes.stats()["misses"] == 1  # served from the warmed entry
+    assert out.token_ids == peft_greedy(peft_model(base, prompts[9]), ids, 6)

@@ -94,6 +94,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._inbox: deque[Request] = deque()
         self._aborts: deque[str] = deque()
+        self._warm: deque[tuple[str, torch.Tensor]] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -111,6 +112,11 @@ class Engine:
         if len(self._inbox) + self.scheduler.num_waiting >= self.config.max_queue:
             raise QueueFull(f"the queue is full ({self.config.max_queue} waiting)")
         self._inbox.append(req)
+        self._wake.set()
+
+    def warm_prefix(self, key: str, soft_prompt: torch.Tensor) -> None:
+        """Compute a prompt version's prefix KV ahead of its first request (engine thread)."""
+        self._warm.append((key, soft_prompt))
         self._wake.set()
 
     def abort(self, req_id: str) -> None:
@@ -140,7 +146,7 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if not (self._inbox or self._aborts or self.scheduler.has_work()):
+            if not (self._inbox or self._aborts or self._warm or self.scheduler.has_work()):
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
@@ -174,11 +180,13 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> None:
         self._drain()
+        if self._warm:
+            self._warm_some(64)
         plan = self.scheduler.schedule()
         if not plan:
             return
         admitted = [self.requests[rid] for rid in plan.admitted]
-        self._compute_prefixes(admitted)
+        self._compute_prefixes({r.prefix_key: r.soft_prompt for r in admitted if r.soft_prompt is not None})
         for req in admitted:
             self._admit(req)
         if self.static is not None and not plan.prefill:
@@ -219,10 +227,16 @@ class Engine:
                 self.requests.pop(rid, None)
                 self._release(req)
 
-    def _compute_prefixes(self, reqs: list[Request]) -> None:
-        """Prefix KV of every task new to the cache this step, in one batched forward."""
-        missing = {r.prefix_key: r.soft_prompt for r in reqs
-                   if r.soft_prompt is not None and r.prefix_key not in self.prefixes}
+    def _warm_some(self, limit: int) -> None:
+        batch = {}
+        while self._warm and len(batch) < limit:
+            key, soft = self._warm.popleft()
+            batch[key] = soft
+        self._compute_prefixes(batch)
+
+    def _compute_prefixes(self, prompts: dict[str, torch.Tensor]) -> None:
+        """Prefix KV of every prompt new to the cache, in one batched forward."""
+        missing = {k: p for k, p in prompts.items() if k not in self.prefixes}
         if missing:
             prompts = [p.to(self.device, self.dtype) for p in missing.values()]
             for key, kv in zip(missing, self.model.prefix_kv_batch(prompts)):
