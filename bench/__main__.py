@@ -165,19 +165,23 @@ def main(argv=None) -> int:
                 row("polyprompt engine (in-process)", d, wl.requests, r)
             if "tasks" in sc:
                 nv = (a.virtual_tokens[0] + a.virtual_tokens[1]) // 2
-                res = {}
-                for n in a.tasks_compare:
-                    w = wl.retasked(n, nv, a.seed + 1000 + n)
-                    _log(f"tasks {d}: same {a.requests} requests over {n} task(s), {nv} virtual tokens each")
-                    r = E.run_engine(model, etok, w, **kw)
-                    r["wl"] = w
-                    res[n] = r
-                    row(f"engine, {n} task{'s' if n != 1 else ''} ({nv} virtual)", d, w.requests, r)
-                ns = a.tasks_compare
-                if len(ns) >= 2:
-                    lo, hi = res[ns[0]], res[ns[-1]]
-                    extra[f"tasks_ratio_{d}"] = {"tasks": [ns[0], ns[-1]], "ratio":
-                                                 (hi["tokens"] / hi["seconds"]) / (lo["tokens"] / lo["seconds"])}
+                for warm in (False, True):
+                    res = {}
+                    state = "warm" if warm else "cold"
+                    for n in a.tasks_compare:
+                        w = wl.retasked(n, nv, a.seed + 1000 + n)
+                        _log(f"tasks {d}: same {a.requests} requests over {n} task(s), {nv} virtual tokens "
+                             f"each, {state} prefix cache")
+                        r = E.run_engine(model, etok, w, warm_prefixes=warm, **kw)
+                        r["wl"] = w
+                        res[n] = r
+                        row(f"engine, {n} task{'s' if n != 1 else ''} ({nv} virt, {state})", d, w.requests, r)
+                    ns = a.tasks_compare
+                    if len(ns) >= 2:
+                        lo, hi = res[ns[0]], res[ns[-1]]
+                        extra[f"tasks_ratio_{d}_{state}"] = {
+                            "tasks": [ns[0], ns[-1]],
+                            "ratio": (hi["tokens"] / hi["seconds"]) / (lo["tokens"] / lo["seconds"])}
             del model
             gc.collect()
         if sc & {"http", "latency"}:

@@ -33,9 +33,11 @@ def _requests(wl: Workload, tag: str, key_prefix: str = ""):
 
 @torch.inference_mode()
 def run_engine(model, tokenizer, wl: Workload, *, max_num_seqs: int, max_num_batched_tokens: int,
-               warmup: int = 4) -> dict:
-    """A fresh engine (cold prefix cache), a short untimed warm-up under other prefix keys,
-    then all of `wl.requests` through `Engine.generate`. Returns outputs, seconds, stats."""
+               warmup: int = 4, warm_prefixes: bool = False) -> dict:
+    """A fresh engine, a short untimed warm-up under other prefix keys, then all of
+    `wl.requests` through `Engine.generate`. The prefix cache starts cold (each task's
+    prefix computed inside the timed run, as on a server's first requests) unless
+    `warm_prefixes` (steady state: every task served before). Returns outputs, seconds, stats."""
     from server.engine.engine import Engine, EngineConfig
 
     need = max(wl.num_virtual(t) + len(ids) for t, ids in wl.requests) + wl.new_tokens
@@ -45,6 +47,11 @@ def run_engine(model, tokenizer, wl: Workload, *, max_num_seqs: int, max_num_bat
     engine = Engine(model, tokenizer, cfg)
     warm = Workload(wl.tasks, wl.requests[:warmup], wl.new_tokens, wl.meta)
     engine.generate(_requests(warm, "warm", key_prefix="warmup:"))
+    if warm_prefixes:
+        for task, soft in wl.tasks.items():
+            engine.warm_prefix(task, soft)
+        while any(task not in engine.prefixes for task in wl.tasks):
+            engine.step()
     reqs = _requests(wl, "run")
     steps0, t0 = engine.stats["steps"], time.perf_counter()
     outs = engine.generate(reqs)

@@ -40,6 +40,9 @@ class EngineConfig:
     kv_cache_bytes: int = 6 << 30
     prefix_cache_bytes: int = 1 << 30
     max_model_len: int | None = None  # default: the model's n_positions
+    # An idle engine that just got a request waits until arrivals pause for this long
+    # (at most 5x) so that a burst prefills together instead of trickling in one by one.
+    admission_window_s: float = 0.01
     # decode-only steps at padded static shapes, captured as CUDA graphs on GPU.
     # None = on for CUDA, off for CPU (where eager dynamic shapes are cheaper).
     static_decode: bool | None = None
@@ -150,6 +153,8 @@ class Engine:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
+            if self._inbox and not self.scheduler.has_work():
+                self._await_burst()
             try:
                 self.step()
             except Exception:  # keep serving: fail what was running, carry on
@@ -157,6 +162,16 @@ class Engine:
                 for rid in list(self.scheduler.running):
                     self._finish(self.requests[rid], "error")
                     self.scheduler.abort(rid)
+
+    def _await_burst(self) -> None:
+        window = self.config.admission_window_s
+        deadline = time.monotonic() + 5 * window
+        seen = len(self._inbox)
+        while window > 0 and seen < self.scheduler.max_num_seqs and time.monotonic() < deadline:
+            time.sleep(window)
+            if len(self._inbox) == seen:
+                return
+            seen = len(self._inbox)
 
     def generate(self, reqs: list[Request]) -> list[RequestOutput]:
         """Run `reqs` to completion on the calling thread (tests, benchmarks)."""
