@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from server.settings import Settings
+from tests import peft_ref
 
 EOS = 50256
 
@@ -42,11 +43,7 @@ def make_peft_adapter(model_dir: Path, out: Path, *, num_virtual_tokens: int = 7
 
 def peft_greedy(pm, ids: list[int], max_new_tokens: int = 8) -> list[int]:
     """PEFT's greedy continuation, WITHOUT the KV cache (the cached path is wrong in peft 0.21)."""
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        out = pm.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                          do_sample=False, use_cache=False, pad_token_id=EOS)
-    return out[0, len(ids):].tolist()
+    return peft_ref.peft_greedy(pm, ids, max_new_tokens)
 
 
 def adapter_files(folder: Path) -> dict:
