@@ -74,6 +74,7 @@ class Runtime:
             max_queue=settings.max_queue,
             kv_cache_bytes=int(settings.kv_cache_gb * (1 << 30)),
             prefix_cache_bytes=int(settings.prefix_cache_mb * (1 << 20)),
+            static_decode=None if settings.cuda_graphs else False,  # None: CUDA graphs on GPU only
         ))
         self.metrics = Metrics()
         self.engine.listeners.append(self.metrics.on_finish)
