@@ -55,23 +55,22 @@ class TokenLogprob:
 
 
 def sample(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """Pick one token per row of `logits` `[R, V]` (any float dtype; argmax needs no upcast)."""
-    if any(r.params.repetition_penalty != 1.0 and r.seen for r in rows):
-        logits = logits.float()
+    """Pick one token per row of `logits` `[R, V]` (any float dtype)."""
+    logits = logits.float()  # CPU reductions over bf16 are slower than the upcast; edited in place
     for i, r in enumerate(rows):
         p = r.params.repetition_penalty
         if p != 1.0 and r.seen:
             ids = torch.tensor(sorted(set(r.seen)), device=logits.device)
             sel = logits[i, ids]
             logits[i, ids] = torch.where(sel > 0, sel / p, sel * p)
-    tokens = logits.argmax(dim=-1).tolist()
+    tokens = logits.max(dim=-1).indices.tolist()  # first maximum, like argmax; faster on CPU
     for i, r in enumerate(rows):
         if not r.params.greedy:
-            tokens[i] = _draw(logits[i].float(), r.params, r.generator)
+            tokens[i] = _draw(logits[i], r.params, r.generator)
     logprobs: list[TokenLogprob | None] = [None] * len(rows)
     for i, r in enumerate(rows):
         if r.params.logprobs is not None:
-            lp = torch.log_softmax(logits[i].float(), dim=-1)
+            lp = torch.log_softmax(logits[i], dim=-1)
             k = max(0, min(r.params.logprobs, 20))
             top = lp.topk(k) if k else None
             logprobs[i] = TokenLogprob(
