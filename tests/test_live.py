@@ -4,6 +4,7 @@ registry; the server serves the new version within 2 s; export loads in PEFT; ro
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import httpx
@@ -45,7 +46,7 @@ def _seconds_until(predicate, timeout=10.0) -> float:
     raise AssertionError(f"not true within {timeout}s")
 
 
-def test_train_registers_and_server_serves_within_2s(live, tiny_model_dir, tmp_path):
+def test_train_registers_and_server_serves_within_2s(live, tiny_model_dir, tmp_path, capsys):
     url, data_dir = live
     data = tmp_path / "memo.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in MEMO))
@@ -54,6 +55,9 @@ def test_train_registers_and_server_serves_within_2s(live, tiny_model_dir, tmp_p
                      "--num-virtual-tokens", "8", "--batch-size", "4", "--seed", "1", *common])
     assert rc == 0
     registered = time.monotonic()
+    summary = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("done: train loss")][0]
+    start, end = (float(x) for x in re.match(r"done: train loss ([\d.]+) → ([\d.]+)", summary).groups())
+    assert end < 0.1 * start, summary
     # the server was not told: it must see the registry change on its own
     t0 = time.monotonic()
     while time.monotonic() - t0 < 5:
