@@ -41,8 +41,11 @@ class EngineConfig:
     prefix_cache_bytes: int = 1 << 30
     max_model_len: int | None = None  # default: the model's n_positions
     # An idle engine that just got a request waits until arrivals pause for this long
-    # (at most 5x) so that a burst prefills together instead of trickling in one by one.
+    # (at most `admission_max_wait_s`) so that a burst prefills together in one step
+    # instead of trickling in: a lone request waits one window, a burst ends its wait
+    # as soon as it stops growing.
     admission_window_s: float = 0.01
+    admission_max_wait_s: float = 0.2
     # decode-only steps at padded static shapes, captured as CUDA graphs on GPU.
     # None = on for CUDA, off for CPU (where eager dynamic shapes are cheaper).
     static_decode: bool | None = None
@@ -165,7 +168,7 @@ class Engine:
 
     def _await_burst(self) -> None:
         window = self.config.admission_window_s
-        deadline = time.monotonic() + 5 * window
+        deadline = time.monotonic() + self.config.admission_max_wait_s
         seen = len(self._inbox)
         while window > 0 and seen < self.scheduler.max_num_seqs and time.monotonic() < deadline:
             time.sleep(window)
