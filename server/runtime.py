@@ -86,11 +86,13 @@ class Runtime:
         self._prompts_lock = threading.Lock()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        self.engine_on_caller_thread = False  # `polyprompt serve` runs the engine on the main thread
         self.refresh(force=True)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        self.engine.start()
+        if not self.engine_on_caller_thread:
+            self.engine.start()
         self._poller = threading.Thread(target=self._poll, name="polyprompt-registry-poll", daemon=True)
         self._poller.start()
 

@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     kv_cache_gb: float = 6.0  # memory budget of the KV cache
     prefix_cache_mb: float = 1024.0  # memory cap of the per-task prefix-KV cache
     cuda_graphs: bool = True  # capture decode steps on CUDA
+    engine_main_thread: bool = True  # engine loop on the main thread, HTTP on another
     api_key: str | None = None
     admin_key: str | None = None
     reload_interval: float = 0.5  # seconds between registry change polls

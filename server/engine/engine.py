@@ -150,8 +150,14 @@ class Engine:
             self._thread.join(timeout)
             self._thread = None
 
-    def _loop(self) -> None:
+    def run(self, until: Callable[[], bool] = lambda: False) -> None:
+        """Serve on the calling thread until `shutdown()` or `until()` (checked when idle)."""
+        self._loop(until)
+
+    def _loop(self, until: Callable[[], bool] = lambda: False) -> None:
         while not self._stop.is_set():
+            if until():
+                return
             if not (self._inbox or self._aborts or self._warm or self.scheduler.has_work()):
                 self._wake.wait(0.05)
                 self._wake.clear()
