@@ -28,9 +28,4 @@ def peft_greedy(pm, ids: list[int], max_new_tokens: int, *, eos: int = 50256) ->
     return out[0, len(ids):].tolist()
 
 
-@torch.no_grad()
-def base_greedy(base, ids: list[int], max_new_tokens: int, *, eos: int = 50256) -> list[int]:
-    x = torch.tensor([ids])
-    out = base.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                        do_sample=False, use_cache=False, pad_token_id=eos, eos_token_id=eos)
-    return out[0, len(ids):].tolist()
+base_greedy = peft_greedy  # the same call on the plain base model (no soft prompt)

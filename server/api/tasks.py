@@ -24,6 +24,10 @@ def _public(task: dict) -> dict:
     return {**task, "object": "task"}
 
 
+def _version(name: str, version: dict) -> dict:
+    return {**version, "task": name, "object": "prompt_version"}
+
+
 @router.post("/v1/tasks", status_code=201, dependencies=[Admin])
 async def create_task(body: TaskCreate, rt: RuntimeDep) -> dict:
     if body.name == rt.model_id:
@@ -108,7 +112,7 @@ async def upload_prompt(name: str, request: Request, rt: RuntimeDep) -> dict:
         meta = {"peft_config": config} if config else {}
         version = rt.registry.add_version(name, tensor, source="upload", meta=meta)
         rt.refresh()
-        return {**version, "task": name, "object": "prompt_version"}
+        return _version(name, version)
 
     try:
         return await anyio.to_thread.run_sync(work)
@@ -123,7 +127,7 @@ async def activate(name: str, body: TaskActivate, rt: RuntimeDep) -> dict:
     def work() -> dict:
         version = rt.registry.activate_version(name, body.version)
         rt.refresh()
-        return {**version, "task": name, "object": "prompt_version"}
+        return _version(name, version)
 
     try:
         return await anyio.to_thread.run_sync(work)
