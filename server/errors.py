@@ -19,7 +19,7 @@ class APIError(Exception):
         self.headers = headers
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
+        return error_body(self.message, self.type, self.code)
 
 
 class NotFound(APIError):

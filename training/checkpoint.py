@@ -11,13 +11,14 @@ resuming with different data or hyper-parameters is refused.
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from registry.files import write_bytes_atomic
 
 CHECKPOINT_FILE = "checkpoint.pt"
 SUMMARY_FILE = "checkpoint.json"
@@ -26,38 +27,6 @@ FORMAT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used to resume this run."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(target: Path, write) -> None:
-    """Call `write(fileobj)` on a temp file next to `target`, then os.replace it."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(target.parent)
 
 
 def rng_state() -> dict[str, Any]:
@@ -78,7 +47,9 @@ def save_checkpoint(output_dir: str | Path, state: dict[str, Any]) -> Path:
     out = Path(output_dir)
     state = {"format_version": FORMAT_VERSION, **state}
     target = out / CHECKPOINT_FILE
-    atomic_write(target, lambda f: torch.save(state, f))
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes_atomic(target, buf.getvalue())
     summary = {
         "epoch": state.get("epoch"),
         "micro_step": state.get("micro_step"),
@@ -87,7 +58,7 @@ def save_checkpoint(output_dir: str | Path, state: dict[str, Any]) -> Path:
         "history": state.get("history"),
         "fingerprint": state.get("fingerprint"),
     }
-    atomic_write(out / SUMMARY_FILE, lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    write_bytes_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
     return target
 
 

@@ -104,8 +104,7 @@ class Engine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.stats = {"steps": 0, "generated_tokens": 0, "prompt_tokens": 0, "finished": 0,
-                      "batch_size_last": 0}
+        self.stats = {"steps": 0, "generated_tokens": 0, "prompt_tokens": 0, "finished": 0}
         self.listeners: list[Callable[[Request, RequestOutput], None]] = []
 
     # ------------------------------------------------------------------ intake (any thread)
@@ -235,7 +234,6 @@ class Engine:
         for rid in finished:
             self._release(self.requests.pop(rid))
         self.stats["steps"] += 1
-        self.stats["batch_size_last"] = len(plan.decode) + len(plan.prefill)
 
     def _drain(self) -> None:
         while self._inbox:
