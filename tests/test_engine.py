@@ -180,3 +180,24 @@ def test_warm_prefix_ahead_of_first_request(setup):
     out = eng.generate([Request("w", ids, _greedy(9, 6), prefix_key="v9", soft_prompt=prompts[9])])[0]
     assert eng.prefixes.stats()["misses"] == 1  # served from the warmed entry
     assert out.token_ids == peft_greedy(peft_model(base, prompts[9]), ids, 6)
+
+
+def test_idle_engine_gathers_a_burst_then_stops_waiting(setup, monkeypatch):
+    """While arrivals keep coming the idle engine waits another window; once they pause it goes."""
+    _, model, tok, _ = setup
+    eng = Engine(model, tok, EngineConfig(max_num_seqs=8, admission_window_s=0.01, admission_max_wait_s=1.0))
+    ids = tok.encode("burst")
+    eng.add_request(Request("b0", ids, _greedy(0, 2)))
+    sleeps = []
+
+    def fake_sleep(s):  # each window: two more requests land, three times, then quiet
+        sleeps.append(s)
+        if len(sleeps) <= 3:
+            for k in range(2):
+                eng.add_request(Request(f"b{len(sleeps)}-{k}", ids, _greedy(0, 2)))
+
+    monkeypatch.setattr("server.engine.engine.time.sleep", fake_sleep)
+    eng._await_burst()
+    assert len(sleeps) == 4 and eng.num_waiting == 7
+    eng.step()
+    assert eng.num_running == 7  # the whole burst prefilled in one step

@@ -105,3 +105,19 @@ def test_rollback_with_cli_goes_live(live, tiny_model_dir):
     assert tasks_main(["activate", "roll", "1", *common]) == 0  # writes the registry, not the server
     served_v1 = lambda: _complete(url, "roll", "Hello world", 8).json()["choices"][0]["token_ids"] == v1_tokens
     assert _seconds_until(served_v1) < 2.0
+
+
+def test_new_version_prefix_computed_before_first_request(live):
+    """The server computes a new version's prefix KV on its own, before any request needs it."""
+    url, _ = live
+
+    def entries() -> float:
+        text = httpx.get(f"{url}/metrics").text
+        return float(re.search(r"^polyprompt_prefix_cache_misses_total (\S+)", text, re.M).group(1))
+
+    before = entries()
+    r = httpx.post(f"{url}/v1/tasks", json={"name": "prewarm", "num_virtual_tokens": 5, "seed": 4})
+    assert r.status_code == 201
+    assert _seconds_until(lambda: entries() == before + 1) < 2.0  # no completion was sent
+    served = _complete(url, "prewarm", "hello", 3)
+    assert served.status_code == 200 and entries() == before + 1  # the request hit the warm entry
