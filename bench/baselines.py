@@ -142,10 +142,10 @@ def matmul_roofline(dtype: torch.dtype, m: int = 2048, k: int = 768, n: int = 30
 
 
 # ---------------------------------------------------------------------- HF baselines
-def load_hf(model_dir: Path, dtype: torch.dtype = torch.float32):
+def load_hf(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     from transformers import GPT2LMHeadModel
 
-    return GPT2LMHeadModel.from_pretrained(str(model_dir), dtype=dtype).eval()
+    return GPT2LMHeadModel.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
 
 
 def _gen_kwargs(hf, new_tokens: int) -> dict:
@@ -168,12 +168,13 @@ def run_naive(hf, wl: Workload, n: int) -> tuple[list[list[int]], float]:
     _quiet(hf)
     adapters = wl.tasks  # one dict keyed by task, switched per request like set_adapter
     wte = hf.get_input_embeddings()
+    dev = wte.weight.device
     kw = _gen_kwargs(hf, wl.new_tokens)
 
     def one(task: str, ids: list[int]) -> list[int]:
-        soft = adapters[task].to(wte.weight.dtype)
-        emb = torch.cat([soft, wte(torch.tensor(ids))]).unsqueeze(0)  # [1, n+T, C]
-        mask = torch.ones(emb.shape[:2], dtype=torch.long)
+        soft = adapters[task].to(wte.weight)
+        emb = torch.cat([soft, wte(torch.tensor(ids, device=dev))]).unsqueeze(0)  # [1, n+T, C]
+        mask = torch.ones(emb.shape[:2], dtype=torch.long, device=dev)
         out = hf.generate(inputs_embeds=emb, attention_mask=mask, **kw)
         return out[0, -wl.new_tokens:].tolist()
 
@@ -188,22 +189,23 @@ def run_grouped(hf, wl: Workload, max_batch: int = 64) -> tuple[list[list[int]],
     """HF generate batched per task (left-padded), groups one after another."""
     _quiet(hf)
     wte = hf.get_input_embeddings()
+    dev = wte.weight.device
     kw = _gen_kwargs(hf, wl.new_tokens)
     groups: dict[str, list[int]] = {}
     for i, (task, _) in enumerate(wl.requests):
         groups.setdefault(task, []).append(i)
 
     def batch(task: str, idx: list[int]) -> list[list[int]]:
-        soft = wl.tasks[task].to(wte.weight.dtype)
+        soft = wl.tasks[task].to(wte.weight)
         n = soft.shape[0]
         rows = [wl.requests[i][1] for i in idx]
         width = n + max(len(r) for r in rows)
-        emb = torch.zeros(len(rows), width, soft.shape[1], dtype=soft.dtype)  # [B, W, C]
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        emb = torch.zeros(len(rows), width, soft.shape[1], dtype=soft.dtype, device=dev)  # [B, W, C]
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=dev)
         for b, ids in enumerate(rows):
             pad = width - n - len(ids)
             emb[b, pad:pad + n] = soft
-            emb[b, pad + n:] = wte(torch.tensor(ids))
+            emb[b, pad + n:] = wte(torch.tensor(ids, device=dev))
             mask[b, pad:] = 1
         out = hf.generate(inputs_embeds=emb, attention_mask=mask, **kw)
         return out[:, -wl.new_tokens:].tolist()
