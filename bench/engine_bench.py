@@ -50,6 +50,7 @@ def run_engine(model, tokenizer, wl: Workload, *, max_num_seqs: int, max_num_bat
     fresh = engine is None
     if fresh:
         engine = Engine(model, tokenizer, cfg)
+        engine.warm_kernels()  # as `polyprompt serve` does at startup
         warm = Workload(wl.tasks, wl.requests[:warmup], wl.new_tokens, wl.meta)
         engine.generate(_requests(warm, "warm", key_prefix="warmup:"))
     kp = "" if tag == "run" else f"{tag}:"

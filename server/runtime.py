@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -76,6 +77,9 @@ class Runtime:
             prefix_cache_bytes=int(settings.prefix_cache_mb * (1 << 20)),
             static_decode=None if settings.cuda_graphs else False,  # None: CUDA graphs on GPU only
         ))
+        t0 = time.perf_counter()
+        if warmed := self.engine.warm_kernels():
+            log.info("built CPU matmul kernels for %d step sizes in %.1fs", warmed, time.perf_counter() - t0)
         self.metrics = Metrics()
         self.engine.listeners.append(self.metrics.on_finish)
         self.tasks: dict[str, TaskInfo] = {}

@@ -331,6 +331,11 @@ class Engine:
         if req.on_output is not None:
             req.on_output(out)
 
+    def warm_kernels(self) -> int:
+        """Build the CPU matmul kernels of every step size this engine can run (see
+        `GPT2.warm_kernels`); a second or two at startup instead of on live requests."""
+        return self.model.warm_kernels(self.config.max_num_batched_tokens, self.cache.num_slots)
+
     # ------------------------------------------------------------------ introspection
     def memory_report(self) -> dict:
         return {"kv_cache_bytes": self.cache.nbytes, "kv_slots": self.cache.num_slots,
