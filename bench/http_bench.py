@@ -128,28 +128,90 @@ def _client(n: int) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url="", limits=limits, timeout=httpx.Timeout(600.0), trust_env=False)
 
 
-async def _throughput(url: str, wl: Workload, clients: int, warmup: int) -> dict:
-    async with _client(clients) as c:
-        async def one(task, ids) -> list[int]:
-            r = await c.post(f"{url}/v1/completions", json=_body(task, ids, wl.new_tokens))
-            if r.status_code != 200:
-                raise RuntimeError(f"completion failed: {r.status_code} {r.text[:500]}")
-            choice = r.json()["choices"][0]
-            return choice["token_ids"]
+class Connection:
+    """One keep-alive HTTP/1.1 connection that POSTs JSON and reads the whole response.
 
-        await asyncio.gather(*(one(t, ids) for t, ids in wl.requests[:warmup]))
+    The throughput load generator must stay light: client and server share this machine's
+    2 cores. httpx's connection pool costs O(connections) per request; at 64 connections
+    a profile of the client (py-spy) showed it CPU-bound for the whole run, mostly in
+    httpcore's pool bookkeeping, taking a core from the server. Like wrk or vLLM's
+    benchmark client, one plain connection per simulated user avoids that.
+    """
+
+    def __init__(self, url: str):
+        hostport = url.split("://", 1)[1].rstrip("/")
+        self.host, port = hostport.rsplit(":", 1)
+        self.port = int(port)
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post_json(self, path: str, obj: dict) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        body = json.dumps(obj).encode()
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        self.writer.write(head + body)
+        status = int((await self.reader.readline()).split()[1])
+        length, chunked, close = None, False, False
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            key, _, value = line.decode("latin-1").partition(":")
+            key, value = key.strip().lower(), value.strip().lower()
+            if key == "content-length":
+                length = int(value)
+            elif key == "transfer-encoding":
+                chunked = "chunked" in value
+            elif key == "connection":
+                close = value == "close"
+        if chunked:
+            parts = []
+            while size := int((await self.reader.readline()).split(b";")[0], 16):
+                parts.append(await self.reader.readexactly(size))
+                await self.reader.readline()
+            await self.reader.readline()
+            data = b"".join(parts)
+        elif length is not None:
+            data = await self.reader.readexactly(length)
+        else:
+            data, close = await self.reader.read(), True
+        if close:
+            await self.aclose()
+        return status, data
+
+    async def aclose(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+
+async def _throughput(url: str, wl: Workload, clients: int, warmup: int) -> dict:
+    """`clients` simulated users, each on its own connection, each sending its next request
+    as soon as its previous answer is back (a closed loop), until all are sent."""
+    conns = [Connection(url) for _ in range(clients)]
+
+    async def one(conn: Connection, task: str, ids: list[int]) -> list[int]:
+        status, data = await conn.post_json("/v1/completions", _body(task, ids, wl.new_tokens))
+        if status != 200:
+            raise RuntimeError(f"completion failed: {status} {data[:500]!r}")
+        return json.loads(data)["choices"][0]["token_ids"]
+
+    try:
+        await asyncio.gather(*(one(conns[k], t, ids) for k, (t, ids) in enumerate(wl.requests[:warmup])))
         outs: list[list[int] | None] = [None] * len(wl.requests)
         todo = list(range(len(wl.requests)))
         todo.reverse()
 
-        async def worker():
+        async def worker(conn: Connection):
             while todo:
                 i = todo.pop()
-                outs[i] = await one(*wl.requests[i])
+                outs[i] = await one(conn, *wl.requests[i])
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
+        await asyncio.gather(*(worker(c) for c in conns))
         seconds = time.perf_counter() - t0
+    finally:
+        for c in conns:
+            await c.aclose()
     return {"outputs": outs, "seconds": seconds, "tokens": sum(len(o) for o in outs)}
 
 

@@ -24,6 +24,8 @@ _SERVE_FLAGS = {
     "--max-num-batched-tokens": (int, "tokens per forward pass (prefill chunk budget)"),
     "--kv-cache-gb": (float, "KV-cache memory budget"),
     "--prefix-cache-mb": (float, "prefix-KV cache memory cap"),
+    "--admission-window-ms": (float, "an idle engine starts once arrivals pause this long (batches a burst)"),
+    "--admission-max-wait-ms": (float, "longest an idle engine waits for a burst to finish arriving"),
     "--reload-interval": (float, "seconds between registry change polls"),
     "--max-body-mb": (float, "largest request body"),
     "--log-level": (str, "debug, info, warning"),

@@ -76,6 +76,8 @@ class Runtime:
             kv_cache_bytes=int(settings.kv_cache_gb * (1 << 30)),
             prefix_cache_bytes=int(settings.prefix_cache_mb * (1 << 20)),
             static_decode=None if settings.cuda_graphs else False,  # None: CUDA graphs on GPU only
+            admission_window_s=settings.admission_window_ms / 1e3,
+            admission_max_wait_s=settings.admission_max_wait_ms / 1e3,
         ))
         t0 = time.perf_counter()
         if warmed := self.engine.warm_kernels():

@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int = 2048  # tokens per forward pass (prefill chunking budget)
     kv_cache_gb: float = 6.0  # memory budget of the KV cache
     prefix_cache_mb: float = 1024.0  # memory cap of the per-task prefix-KV cache
+    admission_window_ms: float = 10.0  # an idle engine waits until arrivals pause this long...
+    admission_max_wait_ms: float = 200.0  # ...but no longer than this, to batch a burst
     cuda_graphs: bool = True  # capture decode steps on CUDA
     engine_main_thread: bool = True  # engine loop on the main thread, HTTP on another
     api_key: str | None = None
