@@ -79,3 +79,44 @@ def test_prefix_kv_matches_joint_forward(tiny_model_dir):
         x = torch.cat([soft, m.wte(ids)])[None]
         h2, _ = m.forward_dense(x, torch.arange(11)[None])
     assert (h1[0] - h2[0, 5:]).abs().max() < 1e-4
+
+
+def _full_argmax(m, h):
+    return m.logits(h).max(dim=-1).indices.tolist()
+
+
+def test_greedy_screen_equals_full_fp32_argmax(tiny_model_dir):
+    """`GPT2.greedy` (bf16 screen + fp32 rescoring) picks exactly the fp32 head's argmax."""
+    m = GPT2.from_pretrained(str(tiny_model_dir))
+    if not m.has_greedy_screen:  # CPUs without native bf16: force it, the answer must not change
+        m.enable_greedy_screen()
+    g = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        for rows, scale in ((1, 1.0), (7, 5.0), (64, 30.0), (130, 0.1)):
+            h = torch.randn(rows, m.spec.n_embd, generator=g) * scale
+            assert m.greedy(h) == _full_argmax(m, h)
+        m.MAX_CANDIDATES = 0  # the fallback (too many candidates) gives the same answer
+        h = torch.randn(9, m.spec.n_embd, generator=g)
+        assert m.greedy(h) == _full_argmax(m, h)
+
+
+def test_greedy_screen_decides_near_ties_in_fp32(tiny_model_dir):
+    """Two tokens 1e-4 apart (far below bf16's resolution, far above fp32 noise): the winner
+    is the fp32 one, whichever side of the tie it is on."""
+    m = GPT2.from_pretrained(str(tiny_model_dir))
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(1, m.spec.n_embd, generator=g) * 3
+    with torch.inference_mode():
+        hn = m.ln_f(h)[0]
+        a, b = _full_argmax(m, h)[0], 123
+        for delta in (1e-4, -1e-4):
+            w = m.wte.weight
+            w[b] = w[a] + delta * hn / hn.dot(hn)  # logit_b = logit_a + delta
+            m.pack()  # rebuild the packed head and the bf16 screen from the edited weights
+            if not m.has_greedy_screen:
+                m.enable_greedy_screen()
+            logits = m.logits(h)[0]
+            assert abs((logits[b] - logits[a]).item() - delta) < 2e-5
+            want = b if delta > 0 else a
+            assert _full_argmax(m, h)[0] == want
+            assert m.greedy(h) == [want]

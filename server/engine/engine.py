@@ -224,8 +224,13 @@ class Engine:
             hidden = self.model.forward_step(batch.ids, batch.positions, batch.meta, self.cache)
             sample_ids = batch.sample_ids
             sampled_reqs = [self.requests[rid] for rid in sample_ids]
-            logits = self.model.logits(hidden[batch.sample_rows]) if sampled_reqs else None  # [R, V]
-        tokens, lps = sample(logits, [r.sampling for r in sampled_reqs]) if sampled_reqs else ([], [])
+            logits = None
+        if not sampled_reqs:
+            tokens, lps = [], []
+        elif logits is None:
+            tokens, lps = self._pick(hidden[batch.sample_rows], [r.sampling for r in sampled_reqs])
+        else:
+            tokens, lps = sample(logits, [r.sampling for r in sampled_reqs])
         finished = set()
         for req, tok, lp in zip(sampled_reqs, tokens, lps):
             if self._append(req, tok, lp):
@@ -234,6 +239,27 @@ class Engine:
         for rid in finished:
             self._release(self.requests.pop(rid))
         self.stats["steps"] += 1
+
+    def _pick(self, hidden: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], list]:
+        """Next tokens from final hidden states `[R, C]`. Plain greedy rows (no logprobs, no
+        penalty) go through `GPT2.greedy` (an exact bf16-screened argmax on fp32 CPU models);
+        the others get full logits and `sample`."""
+        if not self.model.has_greedy_screen:
+            return sample(self.model.logits(hidden), rows)
+        plain = [i for i, r in enumerate(rows) if r.params.greedy and r.params.logprobs is None
+                 and r.params.repetition_penalty == 1.0]
+        if len(plain) == len(rows):
+            return self.model.greedy(hidden), [None] * len(rows)
+        tokens: list[int] = [0] * len(rows)
+        lps: list = [None] * len(rows)
+        if plain:
+            for i, tok in zip(plain, self.model.greedy(hidden[torch.tensor(plain)])):
+                tokens[i] = tok
+        rest = [i for i in range(len(rows)) if i not in set(plain)]
+        got, got_lps = sample(self.model.logits(hidden[torch.tensor(rest)]), [rows[i] for i in rest])
+        for i, tok, lp in zip(rest, got, got_lps):
+            tokens[i], lps[i] = tok, lp
+        return tokens, lps
 
     def _drain(self) -> None:
         while self._inbox:
