@@ -99,6 +99,37 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x if x.shape[0] == rows else torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])])
 
 
+BLOCK = 64
+
+
+def _block_max(logits: torch.Tensor):
+    """Maxima of `[R, V]` logits per block of 64 and per row, in one pass (bf16 row-wise
+    reductions are slow on CPU; these are not). Returns blocks `[R, V//64, 64]` (a view),
+    their maxima, the last `V % 64` logits, and the row maxima."""
+    r, v = logits.shape
+    vm = v // BLOCK * BLOCK
+    blocks = logits[:, :vm].reshape(r, -1, BLOCK)
+    bmax = blocks.amax(dim=-1)
+    tail = logits[:, vm:]
+    top = bmax.amax(dim=-1)
+    if tail.shape[1]:
+        top = torch.maximum(top, tail.amax(dim=-1))
+    return blocks, bmax, tail, top
+
+
+def _argmax_rows(logits: torch.Tensor) -> list[int]:
+    """`logits.argmax(-1)` (first maximum) by way of `_block_max`."""
+    blocks, bmax, tail, top = _block_max(logits)
+    hit = bmax == top[:, None]
+    first = hit.int().argmax(dim=-1)  # argmax returns the first of equal maxima
+    inner = (blocks[torch.arange(logits.shape[0]), first] == top[:, None]).int().argmax(dim=-1)
+    tok = first * BLOCK + inner
+    if tail.shape[1]:
+        in_tail = (tail == top[:, None]).int().argmax(dim=-1) + blocks.shape[1] * BLOCK
+        tok = torch.where(hit.any(dim=-1), tok, in_tail)
+    return tok.tolist()
+
+
 def _can_pack(dtype: torch.dtype) -> bool:
     return torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
 
@@ -234,15 +265,19 @@ class GPT2(nn.Module):
     def has_greedy_screen(self) -> bool:
         return self._screen is not None
 
+    @property
+    def has_fast_greedy(self) -> bool:
+        """`greedy` beats `logits` + argmax here (CPU: bf16 screen, or block-wise bf16 argmax)."""
+        return self._head is not None
+
     # |bf16 logit - fp32 logit| <= SCREEN_EPS * ||h|| * max_j ||w_j||: rounding h and w to bf16
     # (2u + u^2, u = 2^-8), fp32 accumulation over C <= 1024 terms (C * 2^-24), and rounding
     # the bf16 output (u * |logit| <= u * ||h|| ||w|| * (1 + 2^-7)); 0.0125 covers their sum, 0.0118.
     SCREEN_EPS = 0.0125
     MAX_CANDIDATES = 64  # per row on average; beyond that the full fp32 head is cheaper
-    SCREEN_BLOCK = 64
 
     def greedy(self, hidden: torch.Tensor) -> list[int]:
-        """Greedy tokens for hidden states `[R, C]` (fp32 model), as `logits(hidden).argmax(-1)`.
+        """Greedy tokens for hidden states `[R, C]`, exactly `logits(hidden).argmax(-1)`.
 
         The LM head is 1/4 of a decode step's FLOPs. A bf16 copy (AMX, half the bytes: ~6x
         faster here) screens the vocabulary: by the bound above, the fp32 argmax is among
@@ -252,24 +287,21 @@ class GPT2(nn.Module):
         full fp32 head, so the answer never depends on the screen.
         """
         if self._screen is None:
-            return self.logits(hidden).max(dim=-1).indices.tolist()
+            logits = self.logits(hidden)
+            return _argmax_rows(logits) if logits.dtype == torch.bfloat16 else logits.argmax(-1).tolist()
         r = hidden.shape[0]
         h = self.ln_f(hidden)  # [R, C] fp32
         lb = self._screen(_pad_rows(h.to(torch.bfloat16), bucket_rows(r)))[:r]  # [R, V] bf16
         bound = self.SCREEN_EPS * h.norm(dim=-1) * self._screen_bound  # [R]
-        # Work on blocks of 64 logits (one pass over [R, V]) and look inside candidate blocks only.
-        vm = lb.shape[1] // self.SCREEN_BLOCK * self.SCREEN_BLOCK
-        blocks = lb[:, :vm].reshape(r, -1, self.SCREEN_BLOCK)  # [R, V/64, 64] (a view)
-        bmax = blocks.amax(dim=-1)  # [R, V/64]
-        tail = lb[:, vm:]  # the last V % 64 logits
-        top = bmax.amax(dim=-1) if tail.shape[1] == 0 else torch.maximum(bmax.amax(dim=-1), tail.amax(dim=-1))
+        blocks, bmax, tail, top = _block_max(lb)  # look inside candidate blocks only
         thr = top.float() - 2 * bound  # [R]
         thr = (thr - thr.abs() * 2**-7).to(lb.dtype)  # rounding to bf16 (2^-9) can't raise it past thr
         br, bc = (bmax >= thr[:, None]).nonzero(as_tuple=True)  # candidate blocks
         pi, pj = (blocks[br, bc] >= thr[br][:, None]).nonzero(as_tuple=True)
         tr, tc = (tail >= thr[:, None]).nonzero(as_tuple=True)
+        vm = blocks.shape[1] * BLOCK
         rows = torch.cat([br[pi], tr])
-        cols = torch.cat([bc[pi] * self.SCREEN_BLOCK + pj, tc + vm])
+        cols = torch.cat([bc[pi] * BLOCK + pj, tc + vm])
         if rows.numel() > self.MAX_CANDIDATES * r:
             return F.linear(h, self.head_weight()).max(dim=-1).indices.tolist()
         score = (h[rows] * self.head_weight()[cols]).sum(-1)  # exact fp32 logits of the candidates

@@ -120,3 +120,17 @@ def test_greedy_screen_decides_near_ties_in_fp32(tiny_model_dir):
             want = b if delta > 0 else a
             assert _full_argmax(m, h)[0] == want
             assert m.greedy(h) == [want]
+
+
+def test_blockwise_argmax_is_argmax():
+    """The bf16 fast argmax returns argmax's answer, first maximum on ties, tail included."""
+    from server.model import _argmax_rows
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 50257, generator=g).to(torch.bfloat16)
+    x[1, 50250] = 9  # maximum in the tail (past the last whole block)
+    x[2, 100] = x[2, 7000] = 9  # a tie: the first one wins
+    x[3, :] = 0  # all equal: index 0
+    x[4, 63] = x[4, 64] = 9  # tie across a block boundary
+    assert _argmax_rows(x) == x.float().argmax(-1).tolist() == [_argmax_rows(x)[0], 50250, 100, 0, 63,
+                                                                 _argmax_rows(x)[5]]

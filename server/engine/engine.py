@@ -242,9 +242,9 @@ class Engine:
 
     def _pick(self, hidden: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], list]:
         """Next tokens from final hidden states `[R, C]`. Plain greedy rows (no logprobs, no
-        penalty) go through `GPT2.greedy` (an exact bf16-screened argmax on fp32 CPU models);
-        the others get full logits and `sample`."""
-        if not self.model.has_greedy_screen:
+        penalty) go through `GPT2.greedy` (on CPU: an exact bf16-screened argmax for fp32
+        models, a block-wise argmax for bf16); the others get full logits and `sample`."""
+        if not self.model.has_fast_greedy:
             return sample(self.model.logits(hidden), rows)
         plain = [i for i, r in enumerate(rows) if r.params.greedy and r.params.logprobs is None
                  and r.params.repetition_penalty == 1.0]
