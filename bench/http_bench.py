@@ -145,9 +145,12 @@ class Connection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def post_json(self, path: str, obj: dict) -> tuple[int, bytes]:
+    async def connect(self) -> None:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+
+    async def post_json(self, path: str, obj: dict) -> tuple[int, bytes]:
+        await self.connect()
         body = json.dumps(obj).encode()
         head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
@@ -196,6 +199,7 @@ async def _throughput(url: str, wl: Workload, clients: int, warmup: int) -> dict
         return json.loads(data)["choices"][0]["token_ids"]
 
     try:
+        await asyncio.gather(*(c.connect() for c in conns))  # users are connected before the clock starts
         await asyncio.gather(*(one(conns[k], t, ids) for k, (t, ids) in enumerate(wl.requests[:warmup])))
         outs: list[list[int] | None] = [None] * len(wl.requests)
         todo = list(range(len(wl.requests)))
