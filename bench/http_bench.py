@@ -219,8 +219,11 @@ async def _throughput(url: str, wl: Workload, clients: int, warmup: int) -> dict
     return {"outputs": outs, "seconds": seconds, "tokens": sum(len(o) for o in outs)}
 
 
-def run_http_throughput(server: Server, wl: Workload, clients: int, warmup: int = 2) -> dict:
-    return asyncio.run(_throughput(server.url, wl, clients, warmup))
+def run_http_throughput(server: Server, wl: Workload, clients: int, warmup: int | None = None) -> dict:
+    """`warmup` untimed requests first (default: one per client, a full batch, so the
+    server's KV-cache pages are touched before the clock starts, as in any server that
+    has been up for a while)."""
+    return asyncio.run(_throughput(server.url, wl, clients, clients if warmup is None else warmup))
 
 
 def _pct(xs: list[float], q: float) -> float:
