@@ -369,6 +369,8 @@ class GPT2(nn.Module):
             for b, n in enumerate(p.shape[0] for p in prompts)
         ]
 
+    WARM_MAX_TOKENS = 2048  # larger steps are rare; their kernels are built when first seen
+
     @torch.inference_mode()
     def warm_kernels(self, max_tokens: int, max_rows: int) -> int:
         """Build oneDNN's kernel for every bucketed row count up to `max_tokens` (the block
@@ -378,7 +380,7 @@ class GPT2(nn.Module):
         if self._head is None:
             return 0
         blk, c = self.h[0], self.spec.n_embd
-        sizes = sorted({bucket_rows(n) for n in range(1, max_tokens + 1)})
+        sizes = sorted({bucket_rows(n) for n in range(1, min(max_tokens, self.WARM_MAX_TOKENS) + 1)})
         for m in sizes:
             x = self.wte.weight.new_zeros(m, c)
             blk.attn.c_attn(x)
@@ -386,6 +388,8 @@ class GPT2(nn.Module):
             blk.mlp.c_proj(blk.mlp.c_fc(x, gelu=True))
             if m <= bucket_rows(max_rows):
                 self._head(x)
+                if self._screen is not None:
+                    self._screen(x.to(torch.bfloat16))
         return len(sizes)
 
     # ------------------------------------------------------------------ serving forward
