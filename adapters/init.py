@@ -1,4 +1,5 @@
-"""Initial soft prompts, matching PEFT's PromptTuningInit modes."""
+"""Initial soft prompts after PEFT's PromptTuningInit modes (TEXT, and sampled vocabulary rows);
+`random` here draws N(0, std(wte)), where PEFT's RANDOM draws N(0, 1) (the trainer's random init)."""
 
 from __future__ import annotations
 

@@ -421,9 +421,8 @@ class GPT2(nn.Module):
 
     @staticmethod
     def _attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: StepMeta) -> torch.Tensor:
-        n, nh, hd = q.shape
         nd = meta.n_decode
-        if nd == n:
+        if nd == q.shape[0]:
             return _decode_attention(q, kc, vc, meta)
         pre = _prefill_attention(q[nd:], kc, vc, meta)
         if nd == 0:

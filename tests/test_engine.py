@@ -201,3 +201,52 @@ def test_idle_engine_gathers_a_burst_then_stops_waiting(setup, monkeypatch):
     assert len(sleeps) == 4 and eng.num_waiting == 7
     eng.step()
     assert eng.num_running == 7  # the whole burst prefilled in one step
+
+
+def test_failed_step_fails_running_requests_and_frees_their_slots(setup, monkeypatch):
+    """A step that raises fails what was running ("error") and gives back its KV slots and
+    prefix references, so the engine keeps serving."""
+    _, model, tok, prompts = setup
+    eng = Engine(model, tok, EngineConfig(max_num_seqs=2))
+    seen = []
+    ids = tok.encode("this step will fail")
+    for i in range(2):
+        eng.add_request(Request(f"e{i}", ids, _greedy(4, 5), prefix_key="p4", soft_prompt=prompts[4],
+                                on_output=seen.append))
+    real = model.forward_step
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(model, "forward_step", broken)
+    eng.run(until=lambda: bool(calls) and not eng.scheduler.has_work())
+    assert sorted(o.finish_reason for o in seen if o.finished) == ["error", "error"]
+    assert eng.cache.num_free == 2 and not eng.requests
+    assert eng.prefixes.stats()["entries"] == 1  # still cached, no longer referenced
+    out = eng.generate([Request("after", ids, _greedy(4, 5), prefix_key="p4", soft_prompt=prompts[4])])
+    assert out[0].finish_reason == "length" and len(out[0].token_ids) == 5
+
+
+def test_greedy_sampled_and_logprob_rows_in_one_step(setup):
+    """One step holding plain greedy rows (fast greedy path), a greedy row with logprobs and
+    a seeded sampled row (full logits): each gets what it gets alone."""
+    base, model, tok, prompts = setup
+    ids = tok.encode("Rows of every kind share this step")
+    sampled = SamplingParams(max_tokens=8, temperature=0.9, seed=7, ignore_eos=True)
+    with_lp = SamplingParams(max_tokens=8, temperature=0, logprobs=2, ignore_eos=True)
+
+    def req(name, params, n=9):
+        return Request(name, ids, params, prefix_key=f"p{n}", soft_prompt=prompts[n])
+
+    eng = Engine(model, tok, EngineConfig(max_num_seqs=8))
+    outs = eng.generate([req("g", _greedy(9, 8)), req("s", sampled), req("l", with_lp), req("g4", _greedy(4, 8), 4)])
+    alone = Engine(model, tok, EngineConfig(max_num_seqs=8))
+    assert outs[1].token_ids == alone.generate([req("s", sampled)])[0].token_ids
+    ref = peft_greedy(peft_model(base, prompts[9]), ids, 8)
+    assert outs[0].token_ids == outs[2].token_ids == ref
+    assert outs[3].token_ids == peft_greedy(peft_model(base, prompts[4]), ids, 8)
+    assert len(outs[2].logprobs) == 8 and outs[0].logprobs == []

@@ -153,3 +153,23 @@ def test_greedy_screen_turns_itself_off_when_it_cannot_help(tiny_model_dir):
             h = torch.randn(4, m.spec.n_embd, generator=g)
             assert m.greedy(h) == _full_argmax(m, h)
     assert not m.has_greedy_screen and m._screen_fallbacks >= 16
+
+
+def test_bucket_rows_and_warm_kernels(tiny_model_dir):
+    from server.model import bucket_rows
+
+    assert [bucket_rows(n) for n in (1, 8, 9, 128, 129, 1024, 1025, 2048)] == [8, 8, 16, 128, 192, 1024, 1152, 2048]
+    m = GPT2.from_pretrained(str(tiny_model_dir))
+    assert m.warm_kernels(200, 4) == len({bucket_rows(n) for n in range(1, 201)})
+
+
+def test_greedy_screen_stays_on_for_an_ordinary_model(tiny_model_dir):
+    m = GPT2.from_pretrained(str(tiny_model_dir))
+    if not m.has_greedy_screen:
+        m.enable_greedy_screen()
+    g = torch.Generator().manual_seed(7)
+    with torch.inference_mode():
+        for _ in range(40):
+            h = torch.randn(4, m.spec.n_embd, generator=g)
+            assert m.greedy(h) == _full_argmax(m, h)
+    assert m.has_greedy_screen and m._screen_fallbacks == 0

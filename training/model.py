@@ -124,21 +124,3 @@ def evaluate(model, data: list[Tokenized], *, batch_size: int, num_virtual_token
         model.train(was_training)
     return {"loss": loss_sum / max(tokens, 1), "accuracy": exact / len(data),
             "exact": exact, "n": len(data)}
-
-
-@torch.no_grad()
-def greedy_complete(model, prompt_ids: list[int], max_new_tokens: int, *, eos_id: int | None,
-                    device="cpu") -> list[int]:
-    """Greedy decoding with PEFT's full forward each step (no KV cache)."""
-    model.eval()
-    ids = list(prompt_ids)
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        x = torch.tensor([ids], device=device)
-        logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
-        nxt = int(logits[0, -1].argmax())
-        out.append(nxt)
-        ids.append(nxt)
-        if eos_id is not None and nxt == eos_id:
-            break
-    return out

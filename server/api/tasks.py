@@ -75,16 +75,23 @@ async def get_task(name: str, rt: RuntimeDep) -> dict:
         raise _not_found(name) from None
 
 
-@router.delete("/v1/tasks/{name}", status_code=204, dependencies=[Admin])
-async def delete_task(name: str, rt: RuntimeDep) -> Response:
+async def _change(rt, name: str, fn):
+    """Run a registry change off the event loop and make it live (`rt.refresh`); an unknown
+    task becomes a 404. Callers map their own other errors."""
     def work():
-        rt.registry.delete_task(name)
+        out = fn()
         rt.refresh()
+        return out
 
     try:
-        await anyio.to_thread.run_sync(work)
+        return await anyio.to_thread.run_sync(work)
     except TaskNotFound:
         raise _not_found(name) from None
+
+
+@router.delete("/v1/tasks/{name}", status_code=204, dependencies=[Admin])
+async def delete_task(name: str, rt: RuntimeDep) -> Response:
+    await _change(rt, name, lambda: rt.registry.delete_task(name))
     return Response(status_code=204)
 
 
@@ -105,33 +112,22 @@ async def upload_prompt(name: str, request: Request, rt: RuntimeDep) -> dict:
     weights = await files[WEIGHTS_NAME].read()
     config_bytes = await files[CONFIG_NAME].read() if CONFIG_NAME in files else None
 
-    def work() -> dict:
+    def add() -> dict:
         rt.registry.get_task(name)  # 404 before parsing
         config = parse_adapter_config(config_bytes) if config_bytes is not None else None
         tensor = parse_prompt_safetensors(weights, expected_hidden=rt.model.spec.n_embd, config=config)
         meta = {"peft_config": config} if config else {}
-        version = rt.registry.add_version(name, tensor, source="upload", meta=meta)
-        rt.refresh()
-        return _version(name, version)
+        return _version(name, rt.registry.add_version(name, tensor, source="upload", meta=meta))
 
     try:
-        return await anyio.to_thread.run_sync(work)
-    except TaskNotFound:
-        raise _not_found(name) from None
+        return await _change(rt, name, add)
     except (AdapterError, InvalidPrompt) as e:
         raise APIError(f"invalid adapter: {e}", code="invalid_adapter") from None
 
 
 @router.post("/v1/tasks/{name}/activate", dependencies=[Admin])
 async def activate(name: str, body: TaskActivate, rt: RuntimeDep) -> dict:
-    def work() -> dict:
-        version = rt.registry.activate_version(name, body.version)
-        rt.refresh()
-        return _version(name, version)
-
     try:
-        return await anyio.to_thread.run_sync(work)
-    except TaskNotFound:
-        raise _not_found(name) from None
+        return await _change(rt, name, lambda: _version(name, rt.registry.activate_version(name, body.version)))
     except VersionNotFound:
         raise NotFound(f"task {name!r} has no version {body.version}", code="version_not_found") from None

@@ -168,8 +168,7 @@ class Engine:
             except Exception:  # keep serving: fail what was running, carry on
                 log.exception("engine step failed; failing the running requests")
                 for rid in list(self.scheduler.running):
-                    self._finish(self.requests[rid], "error")
-                    self.scheduler.abort(rid)
+                    self._retire(rid, "error")
 
     def _await_burst(self) -> None:
         window = self.config.admission_window_s
@@ -246,16 +245,18 @@ class Engine:
         models, a block-wise argmax for bf16); the others get full logits and `sample`."""
         if not self.model.has_fast_greedy:
             return sample(self.model.logits(hidden), rows)
-        plain = [i for i, r in enumerate(rows) if r.params.greedy and r.params.logprobs is None
-                 and r.params.repetition_penalty == 1.0]
-        if len(plain) == len(rows):
+        plain: list[int] = []
+        rest: list[int] = []
+        for i, r in enumerate(rows):
+            p = r.params
+            (plain if p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 else rest).append(i)
+        if not rest:
             return self.model.greedy(hidden), [None] * len(rows)
         tokens: list[int] = [0] * len(rows)
         lps: list = [None] * len(rows)
         if plain:
             for i, tok in zip(plain, self.model.greedy(hidden[torch.tensor(plain)])):
                 tokens[i] = tok
-        rest = [i for i in range(len(rows)) if i not in set(plain)]
         got, got_lps = sample(self.model.logits(hidden[torch.tensor(rest)]), [rows[i] for i in rest])
         for i, tok, lp in zip(rest, got, got_lps):
             tokens[i], lps[i] = tok, lp
@@ -267,13 +268,16 @@ class Engine:
             self.requests[req.req_id] = req
             self.scheduler.add(SeqState(req.req_id, len(req.prompt_ids), req.params.max_tokens))
         while self._aborts:
-            rid = self._aborts.popleft()
-            req = self.requests.get(rid)
-            seq = self.scheduler.abort(rid)
-            if req is not None and seq is not None:
-                self._finish(req, "abort")
-                self.requests.pop(rid, None)
-                self._release(req)
+            self._retire(self._aborts.popleft(), "abort")
+
+    def _retire(self, rid: str, reason: str) -> None:
+        """End a request from outside the normal finish (abort, failed step): tell its
+        caller, drop it from the scheduler, free its slot and prefix reference."""
+        req = self.requests.get(rid)
+        if req is not None and self.scheduler.abort(rid) is not None:
+            self._finish(req, reason)
+            self.requests.pop(rid)
+            self._release(req)
 
     def _warm_some(self, limit: int) -> None:
         batch = {}
