@@ -78,40 +78,57 @@ async def prepare(rt: Runtime, items: list[tuple[str, str | list[int], SamplingP
     return await anyio.to_thread.run_sync(work)
 
 
+class Submission:
+    """`prepared` handed to the engine at construction, so a full queue (503) or a refused
+    request (400) is raised before any response starts, streaming included. `outputs()`
+    yields `(index, output)` as they come and aborts the unfinished ones if the caller leaves."""
+
+    def __init__(self, rt: Runtime, prepared: list[Prepared], *, stream: bool = False):
+        self.rt = rt
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
+        base = uuid.uuid4().hex
+        self.ids = [f"{base}-{i}" for i in range(len(prepared))]
+        self.pending = set(range(len(prepared)))
+        submitted = 0
+        try:
+            for i, p in enumerate(prepared):
+                def cb(out: RequestOutput, i=i):
+                    loop.call_soon_threadsafe(self.queue.put_nowait, (i, out))
+
+                req = Request(self.ids[i], p.prompt_ids, p.params, task=p.task, prefix_key=p.prefix_key,
+                              soft_prompt=p.soft_prompt, on_output=cb, stream=stream)
+                try:
+                    rt.engine.add_request(req)
+                except QueueFull as e:
+                    raise Overloaded(f"{e}; retry later", headers={"Retry-After": "1"}) from None
+                except ValueError as e:
+                    raise APIError(str(e)) from None
+                submitted += 1
+        except BaseException:
+            for rid in self.ids[:submitted]:
+                rt.engine.abort(rid)
+            raise
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        try:
+            while self.pending:
+                i, out = await self.queue.get()
+                if out.finished:
+                    self.pending.discard(i)
+                    if out.finish_reason == "error":
+                        raise APIError("the engine failed while running this request", status=500,
+                                       code="engine_error")
+                yield i, out
+        finally:
+            for i in self.pending:
+                self.rt.engine.abort(self.ids[i])
+
+
 async def run(rt: Runtime, prepared: list[Prepared], *, stream: bool = False) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Submit all, yield `(index, output)` as they come; aborts the rest if the caller leaves."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
-    base = uuid.uuid4().hex
-    ids = [f"{base}-{i}" for i in range(len(prepared))]
-    submitted: list[str] = []
-    pending = set(range(len(prepared)))
-    try:
-        for i, p in enumerate(prepared):
-            def cb(out: RequestOutput, i=i):
-                loop.call_soon_threadsafe(queue.put_nowait, (i, out))
-
-            req = Request(ids[i], p.prompt_ids, p.params, task=p.task, prefix_key=p.prefix_key,
-                          soft_prompt=p.soft_prompt, on_output=cb, stream=stream)
-            try:
-                rt.engine.add_request(req)
-            except QueueFull as e:
-                raise Overloaded(f"{e}; retry later", headers={"Retry-After": "1"}) from None
-            except ValueError as e:
-                raise APIError(str(e)) from None
-            submitted.append(ids[i])
-        while pending:
-            i, out = await queue.get()
-            if out.finished:
-                pending.discard(i)
-                if out.finish_reason == "error":
-                    raise APIError("the engine failed while running this request", status=500,
-                                   code="engine_error")
-            yield i, out
-    finally:
-        for i in pending:
-            if ids[i] in submitted:
-                rt.engine.abort(ids[i])
+    async for item in Submission(rt, prepared, stream=stream).outputs():
+        yield item
 
 
 def logprobs_json(rt: Runtime, out_logprobs, text_offset: int = 0) -> dict | None:

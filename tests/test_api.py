@@ -372,6 +372,10 @@ def test_oversized_body_413_and_full_queue_503(tiny_model_dir, tmp_path, base_id
         assert int(r.headers["retry-after"]) >= 1
         r = c.post("/v1/generate", json={"requests": [{"task": base_id, "prompt": "hi", "max_tokens": 1}]})
         assert r.status_code in (429, 503) and "retry-after" in r.headers
+        # streaming too: the 503 comes before the event stream starts, not inside it
+        r = c.post("/v1/completions", json={"model": base_id, "prompt": "hi", "max_tokens": 1, "stream": True})
+        assert_error(r, 503, "queue")
+        assert int(r.headers["retry-after"]) >= 1
 
 
 def test_unknown_route_error_shape(client):

@@ -42,7 +42,8 @@ async def completions(body: CompletionRequest, rt: RuntimeDep):
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     prompt_tokens = sum(len(prepared[i * body.n].prompt_ids) for i in range(len(prompts)))
     if body.stream:
-        return StreamingResponse(_stream(rt, body, prepared, cid, created, prompt_tokens),
+        submission = service.Submission(rt, prepared, stream=True)  # 503/400 before the 200 goes out
+        return StreamingResponse(_stream(body, submission, rt, cid, created, prompt_tokens),
                                  media_type="text/event-stream")
     choices: list[dict | None] = [None] * len(prepared)
     completion_tokens = 0
@@ -57,11 +58,12 @@ async def completions(body: CompletionRequest, rt: RuntimeDep):
             "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
 
 
-async def _stream(rt, body: CompletionRequest, prepared, cid: str, created: int, prompt_tokens: int):
+async def _stream(body: CompletionRequest, submission: "service.Submission", rt, cid: str, created: int,
+                  prompt_tokens: int):
     completion_tokens = 0
-    offsets = [0] * len(prepared)
+    offsets = [0] * len(submission.ids)
     try:
-        async for i, out in service.run(rt, prepared, stream=True):
+        async for i, out in submission.outputs():
             completion_tokens += len(out.new_token_ids)
             lp = service.logprobs_json(rt, out.logprobs if body.logprobs is not None else None, offsets[i])
             offsets[i] += len(out.text_delta)
