@@ -28,7 +28,7 @@ from .model import collate, evaluate, prompt_parameter, token_losses
 @dataclass
 class LoopConfig:
     epochs: int = 10
-    lr: float = 0.3
+    lr: float = 0.03  # as `polyprompt train --lr`
     batch_size: int = 8
     grad_accum: int = 1
     warmup_ratio: float = 0.0
