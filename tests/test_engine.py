@@ -250,3 +250,27 @@ def test_greedy_sampled_and_logprob_rows_in_one_step(setup):
     assert outs[0].token_ids == outs[2].token_ids == ref
     assert outs[3].token_ids == peft_greedy(peft_model(base, prompts[4]), ids, 8)
     assert len(outs[2].logprobs) == 8 and outs[0].logprobs == []
+
+
+def test_detokenizer_decodes_once_per_token(setup):
+    """Streaming with stop strings asks for the text after every token (add + delta); the
+    ids are decoded once per new token, not once per ask."""
+    from server.engine.output import Detokenizer
+
+    _, _, tok, _ = setup
+    calls = []
+
+    class Counting:
+        def decode(self, ids):
+            calls.append(len(ids))
+            return tok.decode(ids)
+
+    d = Detokenizer(Counting(), ("never appears",), eos_token_id=50256)
+    ids = tok.encode("one two three four five six")
+    streamed = ""
+    for t in ids:
+        assert not d.add(t)
+        streamed += d.delta()
+    streamed += d.delta(final=True)
+    assert streamed == d.final_text() == tok.decode(ids)
+    assert len(calls) == len(ids)

@@ -35,10 +35,14 @@ class Detokenizer:
         self.text = ""
         self.stopped_at: int | None = None
         self.sent = 0
+        self._decoded = 0  # len(ids) when `text` was last decoded
 
-    def _decode(self) -> str:
-        ids = self.ids if self.eos is None else [i for i in self.ids if i != self.eos]
-        return self.tokenizer.decode(ids)
+    def _refresh(self) -> None:
+        """`text` = all ids decoded (EOS left out), once per new token however often asked."""
+        if self._decoded != len(self.ids):
+            ids = self.ids if self.eos is None else [i for i in self.ids if i != self.eos]
+            self.text = self.tokenizer.decode(ids)
+            self._decoded = len(self.ids)
 
     def add(self, token_id: int) -> bool:
         """Record a token; True when a stop string has now appeared."""
@@ -46,7 +50,7 @@ class Detokenizer:
         if not self.stop:
             return False
         before = len(self.text)
-        self.text = self._decode()
+        self._refresh()
         start = max(0, before - max(len(s) for s in self.stop))
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         if hits:
@@ -57,17 +61,15 @@ class Detokenizer:
 
     def final_text(self) -> str:
         if self.stopped_at is None:
-            self.text = self._decode()
+            self._refresh()
         return self.text
 
     def delta(self, *, final: bool = False) -> str:
         """New text safe to send: no half-decoded character, no possible stop prefix."""
         if self.stopped_at is None:
-            self.text = self._decode()
+            self._refresh()
         safe = len(self.text)
-        if final:
-            pass
-        elif self.text.endswith("\ufffd"):
+        if not final and self.text.endswith("\ufffd"):
             safe = len(self.text.rstrip("\ufffd"))
         if self.stop and self.stopped_at is None and not final:
             for s in self.stop:
