@@ -66,7 +66,6 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     slot: int = -1
-    prefix_len: int = 0
     sampling: RowSampling | None = None
     detok: Detokenizer | None = None
     first_token_time: float | None = None
@@ -74,6 +73,11 @@ class Request:
     @property
     def num_virtual(self) -> int:
         return 0 if self.soft_prompt is None else int(self.soft_prompt.shape[0])
+
+    @property
+    def prefix_len(self) -> int:
+        """Cache positions before the prompt: the soft prompt's virtual tokens."""
+        return self.num_virtual
 
 
 class Engine:
@@ -296,7 +300,6 @@ class Engine:
 
     def _admit(self, req: Request) -> None:
         req.slot = self.cache.allocate()
-        req.prefix_len = req.num_virtual
         self.cache.prepare(req.slot, req.prefix_len + len(req.prompt_ids) + req.params.max_tokens)
         if req.soft_prompt is not None:
             sp = req.soft_prompt
@@ -308,7 +311,7 @@ class Engine:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(req.params.seed if req.params.seed is not None
                             else int(torch.randint(0, 2**62, ()).item()))
-        seen = list(req.prompt_ids) if req.params.repetition_penalty != 1.0 else []
+        seen = set(req.prompt_ids) if req.params.repetition_penalty != 1.0 else set()
         req.sampling = RowSampling(req.params, gen, seen)
         req.detok = Detokenizer(self.tokenizer, req.params.stop, eos_token_id=self.model.spec.eos_token_id)
         self.stats["prompt_tokens"] += len(req.prompt_ids)
@@ -329,7 +332,7 @@ class Engine:
         if lp is not None:
             req.logprobs.append(lp)
         if req.params.repetition_penalty != 1.0:
-            req.sampling.seen.append(tok)
+            req.sampling.seen.add(tok)
         self.stats["generated_tokens"] += 1
         p = req.params
         reason = None

@@ -44,7 +44,7 @@ class SamplingParams:
 class RowSampling:
     params: SamplingParams
     generator: torch.Generator | None
-    seen: list[int] = field(default_factory=list)  # prompt + output, for the penalty
+    seen: set[int] = field(default_factory=set)  # ids in prompt + output, for the penalty
 
 
 @dataclass
@@ -60,7 +60,7 @@ def sample(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], li
     for i, r in enumerate(rows):
         p = r.params.repetition_penalty
         if p != 1.0 and r.seen:
-            ids = torch.tensor(sorted(set(r.seen)), device=logits.device)
+            ids = torch.tensor(sorted(r.seen), device=logits.device)
             sel = logits[i, ids]
             logits[i, ids] = torch.where(sel > 0, sel / p, sel * p)
     tokens = logits.max(dim=-1).indices.tolist()  # first maximum, like argmax; faster on CPU
