@@ -274,3 +274,20 @@ def test_detokenizer_decodes_once_per_token(setup):
     streamed += d.delta(final=True)
     assert streamed == d.final_text() == tok.decode(ids)
     assert len(calls) == len(ids)
+
+
+def test_repetition_penalty_matches_hf(setup):
+    """`repetition_penalty` (over prompt + output ids, as HF's logits processor) gives PEFT's
+    own greedy generate with the same penalty, and changes the output."""
+    base, model, tok, prompts = setup
+    ids = tok.encode("again and again and again")
+    p = SamplingParams(max_tokens=12, temperature=0, repetition_penalty=1.5, ignore_eos=True)
+    eng = Engine(model, tok, EngineConfig(max_num_seqs=2))
+    got = eng.generate([Request("rp", ids, p, prefix_key="p9", soft_prompt=prompts[9])])[0].token_ids
+    pm = peft_model(base, prompts[9])
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ref = pm.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+                          use_cache=False, repetition_penalty=1.5, pad_token_id=50256, eos_token_id=None)
+    assert got == ref[0, len(ids):].tolist()
+    assert got != peft_greedy(pm, ids, 12)
