@@ -14,10 +14,9 @@ from __future__ import annotations
 import bisect
 
 import torch
-import torch.nn.functional as F
 
 from server.engine.batch import additive_mask
-from server.model import GPT2
+from server.model import GPT2, StepMeta
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 LEN_BUCKETS = (64, 128, 256, 512, 1024)
@@ -63,17 +62,11 @@ class StaticDecoder:
         return out[idx.to(dev)]
 
     def _forward(self, ids, pos, wslot, mask) -> torch.Tensor:
-        m, b, s = self.model, ids.shape[0], mask.shape[-1]
-        x = m.wte(ids) + m.wpe(pos)  # [b, C]
-        for i, blk in enumerate(m.h):
-            q, k, v = m._qkv(blk, x)  # [b, H, D]
-            kc, vc = self.cache.k[i], self.cache.v[i]
-            kc[wslot, :, pos] = k
-            vc[wslot, :, pos] = v
-            a = F.scaled_dot_product_attention(q.unsqueeze(2), kc[:b, :, :s], vc[:b, :, :s], attn_mask=mask)
-            x = x + blk.attn.c_proj(a.reshape(b, -1))
-            x = x + blk.mlp_forward(x)
-        return m.logits(x)
+        """The engine's own step (`GPT2.forward_step`) as a decode-only step over cache
+        slots `[0, b)` and keys `[0, s)`: fixed shapes, so it can be captured."""
+        b, s = ids.shape[0], mask.shape[-1]
+        meta = StepMeta(slot=wslot, n_decode=b, decode_rows=b, decode_len=s, decode_mask=mask)
+        return self.model.logits(self.model.forward_step(ids, pos, meta, self.cache))
 
     def _graph(self, b: int, s: int):
         key = (b, s)
