@@ -18,21 +18,61 @@ from server.settings import Settings
 log = logging.getLogger("polyprompt.http")
 
 
+class BodyTooLarge(APIError):
+    status, code = 413, "body_too_large"
+
+
 class BodyLimit:
-    """413 for a body whose Content-Length exceeds the limit (pure ASGI, before parsing)."""
+    """413 for a body over the limit (pure ASGI, before parsing).
+
+    A declared Content-Length over the limit is refused before anything is read. A body
+    sent without one (chunked) is counted as it arrives: the read that crosses the limit
+    fails, so no route ever holds more than the limit, and whatever the app answers to
+    that failure is replaced by the same 413.
+    """
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
 
+    def _refuse(self, size: str) -> JSONResponse:
+        return JSONResponse(error_body(f"request body is {size} bytes, over the {self.max_bytes}-byte limit",
+                                       "invalid_request_error", "body_too_large"), status_code=413)
+
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            for k, v in scope.get("headers", []):
-                if k == b"content-length" and v.isdigit() and int(v) > self.max_bytes:
-                    resp = JSONResponse(error_body(
-                        f"request body is {int(v)} bytes, over the {self.max_bytes}-byte limit",
-                        "invalid_request_error", "body_too_large"), status_code=413)
-                    return await resp(scope, receive, send)
-        return await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for k, v in scope.get("headers", []):
+            if k == b"content-length" and v.isdigit() and int(v) > self.max_bytes:
+                return await self._refuse(str(int(v)))(scope, receive, send)
+        seen = 0
+        over = False
+
+        async def counted():
+            nonlocal seen, over
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    over = True
+                    raise BodyTooLarge(f"request body over the {self.max_bytes}-byte limit")
+            return message
+
+        refused = False
+
+        async def guarded(message):
+            nonlocal refused
+            if not over:
+                return await send(message)
+            if message["type"] == "http.response.start" and not refused:
+                refused = True
+                await self._refuse(f"more than {self.max_bytes}")(scope, receive, send)
+            # the app's own answer to the failed read is dropped
+
+        try:
+            await self.app(scope, counted, guarded)
+        except BodyTooLarge:  # the failed read reached us unanswered
+            if not refused:
+                await self._refuse(f"more than {self.max_bytes}")(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:

@@ -366,6 +366,24 @@ def test_oversized_body_413_and_full_queue_503(tiny_model_dir, tmp_path, base_id
         r = c.post("/v1/tasks/x/prompt", files={"adapter_model.safetensors": ("adapter_model.safetensors",
                                                                                 b"\0" * 5000)})
         assert_error(r, 413)
+        # a chunked body (no Content-Length) is counted as it arrives: same 413
+        body = json.dumps({"model": base_id, "prompt": "word " * 1000, "max_tokens": 1}).encode()
+        r = c.post("/v1/completions", content=(body[i:i + 256] for i in range(0, len(body), 256)),
+                   headers={"content-type": "application/json"})
+        assert "content-length" not in r.request.headers
+        assert_error(r, 413)
+        # a chunked multipart upload too
+        boundary = "polyprompt-test"
+        form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"adapter_model.safetensors\"; "
+                f"filename=\"adapter_model.safetensors\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+                ).encode() + b"\0" * 5000 + f"\r\n--{boundary}--\r\n".encode()
+        r = c.post("/v1/tasks/x/prompt", content=(form[i:i + 512] for i in range(0, len(form), 512)),
+                   headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+        assert_error(r, 413)
+        # a small chunked body passes
+        small = json.dumps({"model": base_id, "prompt": "hi", "max_tokens": 1}).encode()
+        r = c.post("/v1/completions", content=iter([small]), headers={"content-type": "application/json"})
+        assert r.status_code == 503  # it reached the engine (no queue room), past the size check
         # a small body passes the size check; with no queue room the answer is 503 + Retry-After
         r = c.post("/v1/completions", json={"model": base_id, "prompt": "hi", "max_tokens": 1})
         assert_error(r, 503, "queue")
