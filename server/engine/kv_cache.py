@@ -21,6 +21,8 @@ def slot_bytes(*, n_layer: int, n_head: int, head_dim: int, max_len: int, dtype:
 
 
 class KVCache:
+    PREPARE_CHUNK = 32  # positions
+
     def __init__(self, *, n_layer: int, n_head: int, head_dim: int, max_len: int,
                  num_slots: int, device: torch.device | str, dtype: torch.dtype):
         if num_slots < 1:
@@ -57,6 +59,9 @@ class KVCache:
         """
         z = self._zeroed[slot]
         if z < length:
+            # in whole chunks: decode steps ask for one more position per step, and many
+            # tiny strided writes cost more than one larger one
+            length = min(self.max_len, -(-length // self.PREPARE_CHUNK) * self.PREPARE_CHUNK)
             self._k[:, slot, :, z:length] = 0
             self._v[:, slot, :, z:length] = 0
             self._zeroed[slot] = length
