@@ -65,6 +65,7 @@ class Runtime:
         self.registry.upgrade()
         self.model_id = model_id_for(settings.model)
         self.model = GPT2.from_pretrained(settings.model, device=self.device, dtype=self.dtype)
+        self._model_bytes = sum(p.nbytes for p in self.model.parameters())
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model)
@@ -169,7 +170,7 @@ class Runtime:
         avg = sum(n) / len(n)
         return {
             **self.engine.memory_report(),
-            "model_bytes": sum(p.nbytes for p in self.model.parameters()),
+            "model_bytes": self._model_bytes,
             "per_task_prompt_bytes": int(avg * spec.n_embd * 4),
             "per_task_prefix_kv_bytes": int(avg * 2 * spec.n_layer * spec.n_embd * elem),
             "prompt_store_bytes": self._prompt_bytes,

@@ -55,15 +55,17 @@ async def prepare(rt: Runtime, items: list[tuple[str, str | list[int], SamplingP
 
     def work() -> list[Prepared]:
         out = []
+        seen: dict[tuple, tuple[list[int], torch.Tensor | None]] = {}  # n > 1 repeats each prompt
         for (name, prompt, params), info in zip(items, infos):
-            ids = _tokenize(rt, prompt)
-            if not ids:
-                raise APIError("the prompt is empty: send at least one token")
-            n_virt = info.num_virtual_tokens if info else 0
-            soft = None
-            if info is not None:
-                soft = rt.load_prompt(info.sha256)
-                n_virt = int(soft.shape[0])
+            key = (name, prompt if isinstance(prompt, str) else tuple(prompt))
+            if key not in seen:
+                ids = _tokenize(rt, prompt)
+                if not ids:
+                    raise APIError("the prompt is empty: send at least one token")
+                seen[key] = ids, rt.load_prompt(info.sha256) if info is not None else None
+            ids, soft = seen[key]
+            ids = list(ids)
+            n_virt = 0 if soft is None else int(soft.shape[0])
             total = len(ids) + n_virt + params.max_tokens
             ctx = rt.engine.max_len
             if total > ctx:
