@@ -26,9 +26,11 @@ def _greedy(n, max_tokens):
     return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
 
 
-def test_requests_joining_mid_decode_are_exact(setup):
+@pytest.mark.parametrize("token_major", [False, True], ids=["head-major", "token-major"])
+def test_requests_joining_mid_decode_are_exact(setup, token_major):
     base, model, tok, prompts = setup
-    eng = Engine(model, tok, EngineConfig(max_num_seqs=4, max_num_batched_tokens=16))
+    eng = Engine(model, tok, EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, kv_token_major=token_major))
+    assert eng.cache.token_major == token_major
     # torch.empty memory may hold NaN patterns: masked-out keys must never leak them
     eng.cache._k.fill_(float("nan"))
     eng.cache._v.fill_(float("nan"))
@@ -291,3 +293,22 @@ def test_repetition_penalty_matches_hf(setup):
                           use_cache=False, repetition_penalty=1.5, pad_token_id=50256, eos_token_id=None)
     assert got == ref[0, len(ids):].tolist()
     assert got != peft_greedy(pm, ids, 12)
+
+
+def test_kv_memory_order_does_not_change_bf16_tokens(tiny_model_dir):
+    """bf16 on CPU defaults to the token-major KV cache; head-major gives the same tokens."""
+    model = GPT2.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    g = torch.Generator().manual_seed(3)
+    soft = {n: torch.randn(n, model.spec.n_embd, generator=g) * 0.4 for n in (3, 11)}
+    specs = [(n, torch.randint(0, 50257, (length,), generator=g).tolist()) for n, length in
+             [(3, 9), (11, 21), (3, 4), (11, 13), (3, 30)]]
+    outs = {}
+    for token_major in (None, False):
+        eng = Engine(model, tok, EngineConfig(max_num_seqs=3, max_num_batched_tokens=24, kv_token_major=token_major))
+        assert eng.cache.token_major == (token_major is None)
+        reqs = [Request(f"r{i}", ids, _greedy(n, 12), prefix_key=f"p{n}", soft_prompt=soft[n])
+                for i, (n, ids) in enumerate(specs)]
+        outs[token_major] = [o.token_ids for o in eng.generate(reqs)]
+    assert outs[None] == outs[False]
+    assert len({tuple(o) for o in outs[None]}) > 1

@@ -1,5 +1,6 @@
 """Our GPT-2 forward against transformers' GPT2LMHeadModel (fp32)."""
 
+import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
@@ -20,12 +21,13 @@ def test_dense_logits_match_hf(tiny_model_dir):
     assert (got - ref).abs().max().item() < 1e-4
 
 
-def test_step_forward_matches_dense_for_mixed_rows(tiny_model_dir):
+@pytest.mark.parametrize("token_major", [False, True], ids=["head-major", "token-major"])
+def test_step_forward_matches_dense_for_mixed_rows(tiny_model_dir, token_major):
     """Flattened decode + prefill rows over the slot cache == per-row dense forward."""
     m = GPT2.from_pretrained(str(tiny_model_dir))
     s = m.spec
     cache = KVCache(n_layer=s.n_layer, n_head=s.n_head, head_dim=s.head_dim, max_len=64,
-                    num_slots=4, device="cpu", dtype=torch.float32)
+                    num_slots=4, device="cpu", dtype=torch.float32, token_major=token_major)
     for slot in range(4):
         cache.prepare(slot, 64)
     torch.manual_seed(1)

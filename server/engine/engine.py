@@ -49,6 +49,8 @@ class EngineConfig:
     # decode-only steps at padded static shapes, captured as CUDA graphs on GPU.
     # None = on for CUDA, off for CPU (where eager dynamic shapes are cheaper).
     static_decode: bool | None = None
+    # KV-cache memory order (see `KVCache`); None = token-major for 2-byte dtypes on CPU
+    kv_token_major: bool | None = None
 
 
 @dataclass
@@ -93,7 +95,8 @@ class Engine:
                               max_len=self.max_len, dtype=self.dtype)
         num_slots = min(self.config.max_num_seqs, self.config.kv_cache_bytes // per_slot)
         self.cache = KVCache(n_layer=spec.n_layer, n_head=spec.n_head, head_dim=spec.head_dim,
-                             max_len=self.max_len, num_slots=num_slots, device=self.device, dtype=self.dtype)
+                             max_len=self.max_len, num_slots=num_slots, device=self.device, dtype=self.dtype,
+                             token_major=self.config.kv_token_major)
         self.scheduler = Scheduler(max_num_seqs=num_slots,
                                    max_num_batched_tokens=self.config.max_num_batched_tokens)
         self.prefixes = PrefixCache(self.config.prefix_cache_bytes)

@@ -1,6 +1,7 @@
 """The KV cache: allocated once, indexed by slot.
 
-Per layer, keys and values are `[num_slots, heads, max_len, head_dim]`. A running
+Per layer, keys and values are `[num_slots, heads, max_len, head_dim]` (views; see
+`KVCache` for the memory order). A running
 request owns one slot for its whole life; its sequence (virtual tokens first, then its
 prompt and output) sits at cache positions `0..len-1`, which are also its GPT-2
 position ids. Slots are handed out lowest-first so the busy ones stay packed at the
@@ -20,18 +21,39 @@ def slot_bytes(*, n_layer: int, n_head: int, head_dim: int, max_len: int, dtype:
     return 2 * n_layer * n_head * max_len * head_dim * elem
 
 
+def token_major_default(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Store each position's heads side by side on CPU for 2-byte dtypes (see `KVCache`)."""
+    return torch.device(device).type == "cpu" and torch.empty((), dtype=dtype).element_size() == 2
+
+
 class KVCache:
     PREPARE_CHUNK = 32  # positions
 
     def __init__(self, *, n_layer: int, n_head: int, head_dim: int, max_len: int,
-                 num_slots: int, device: torch.device | str, dtype: torch.dtype):
+                 num_slots: int, device: torch.device | str, dtype: torch.dtype,
+                 token_major: bool | None = None):
+        """`token_major`: keep memory as `[slots, max_len, heads, head_dim]` (one position's
+        heads contiguous) while every user still sees `[slots, heads, max_len, head_dim]`
+        views. On CPU in bf16 this makes a token's K/V write one contiguous 1.5 KB run
+        instead of 12 lines 128 KB apart, and decode attention reads it no slower; measured
+        ~10-15 % less time in cache writes + attention per bf16 decode step. In fp32 it
+        measured no better, and the GPU path was verified head-major, so both stay so.
+        """
         if num_slots < 1:
             raise ValueError("the KV cache needs at least one slot; raise the memory budget")
+        if token_major is None:
+            token_major = token_major_default(device, dtype)
+        self.token_major = token_major
         # one spare slot past the end: padding rows of static-shape (CUDA-graph) steps write there
-        shape = (n_layer, num_slots + 1, n_head, max_len, head_dim)
         # torch.empty: pages never written are never touched, so memory grows with use.
-        self._k = torch.empty(shape, device=device, dtype=dtype)
-        self._v = torch.empty(shape, device=device, dtype=dtype)
+        if token_major:
+            shape = (n_layer, num_slots + 1, max_len, n_head, head_dim)
+            self._k = torch.empty(shape, device=device, dtype=dtype).transpose(2, 3)
+            self._v = torch.empty(shape, device=device, dtype=dtype).transpose(2, 3)
+        else:
+            shape = (n_layer, num_slots + 1, n_head, max_len, head_dim)
+            self._k = torch.empty(shape, device=device, dtype=dtype)
+            self._v = torch.empty(shape, device=device, dtype=dtype)
         self.k = list(self._k.unbind(0))  # per layer [slots, H, M, D]
         self.v = list(self._v.unbind(0))
         self.num_slots = num_slots
