@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grouped-batch", type=int, default=64, help="largest HF batch in the grouped baseline")
     p.add_argument("--tasks-compare", type=_csv(int), default=[1, 64], help="task counts for the 'tasks' scenario")
     p.add_argument("--tasks-repeats", type=int, default=2, help="alternating tries per task count in 'tasks' (best kept)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of 'engine' and 'http' per dtype, alternating; the table shows the median run")
     p.add_argument("--rate", type=float, default=4.0, help="Poisson request rate (req/s) for 'latency'")
     p.add_argument("--latency-requests", type=int, default=64)
     p.add_argument("--threads", type=int, default=0,
@@ -88,6 +90,12 @@ def _prefix(outs, ref) -> float | None:
             k += 1
         n.append(k)
     return sum(n) / len(n) if n else None
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median throughput (the lower middle one of an even count)."""
+    ranked = sorted(runs, key=lambda r: r["tokens"] / r["seconds"])
+    return ranked[(len(ranked) - 1) // 2]
 
 
 def _log(msg: str) -> None:
@@ -154,16 +162,39 @@ def main(argv=None) -> int:
         gc.collect()
 
     for d in a.dtype:
-        if sc & {"engine", "tasks"}:
-            model, etok = E.load_engine_model(model_dir, d)
+        model = etok = srv = None
+        try:
+            if sc & {"engine", "tasks"}:
+                model, etok = E.load_engine_model(model_dir, d)
+            if sc & {"http", "latency"}:
+                from bench import http_bench as H
+
+                _log(f"http {d}: starting polyprompt serve")
+                srv = H.Server(model_dir, dtype=d, max_batch_size=a.max_num_seqs,
+                               max_num_batched_tokens=a.max_num_batched_tokens, threads=a.threads).__enter__()
+                srv.register(wl.tasks)
+                _log(f"http {d}: serving on {srv.url}, {len(wl.tasks)} tasks registered")
             kw = dict(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens)
-            if "engine" in sc:
-                _log(f"engine {d}: {a.requests} requests, {a.tasks} tasks")
-                r = E.run_engine(model, etok, wl, **kw)
+            runs: dict[str, list[dict]] = {"engine": [], "http": []}
+            # in-process and HTTP runs alternate, so drift of the machine's speed hits both alike
+            for rep in range(max(1, a.repeats)):
+                if "engine" in sc:
+                    _log(f"engine {d}: {a.requests} requests, {a.tasks} tasks, run {rep + 1}/{a.repeats}")
+                    runs["engine"].append(E.run_engine(model, etok, wl, **kw))
+                if "http" in sc:
+                    _log(f"http {d}: {a.clients} clients, run {rep + 1}/{a.repeats}")
+                    runs["http"].append(H.run_http_throughput(srv, wl, a.clients))
+            for key, name in (("engine", "polyprompt engine (in-process)"), ("http", f"polyprompt HTTP ({a.clients} clients)")):
+                if not runs[key]:
+                    continue
+                r = _median_run(runs[key])
                 r["exact"] = _exact(r["outputs"], naive_ref)
                 r["prefix"] = _prefix(r["outputs"], naive_ref)
-                extra[f"engine_{d}"] = {k: r[k] for k in ("steps", "finish_reasons", "prefix_cache")}
-                row("polyprompt engine (in-process)", d, wl.requests, r)
+                if key == "engine":
+                    extra[f"engine_{d}"] = {k: r[k] for k in ("steps", "finish_reasons", "prefix_cache")}
+                if len(runs[key]) > 1:
+                    extra[f"runs_{key}_{d}"] = [x["tokens"] / x["seconds"] for x in runs[key]]
+                row(name, d, wl.requests, r, note=f"median of {len(runs[key])}" if len(runs[key]) > 1 else "")
             if "tasks" in sc:
                 nv = (a.virtual_tokens[0] + a.virtual_tokens[1]) // 2
                 for warm in (False, True):
@@ -189,25 +220,14 @@ def main(argv=None) -> int:
                         extra[f"tasks_ratio_{d}_{state}"] = {
                             "tasks": [ns[0], ns[-1]],
                             "ratio": (hi["tokens"] / hi["seconds"]) / (lo["tokens"] / lo["seconds"])}
+            if "latency" in sc:
+                _log(f"latency {d}: {a.latency_requests} streamed requests at {a.rate} req/s (Poisson)")
+                extra[f"latency_{d}"] = H.run_http_latency(srv, wl, a.rate, a.latency_requests, a.seed)
+        finally:
+            if srv is not None:
+                srv.__exit__(None, None, None)
             del model
             gc.collect()
-        if sc & {"http", "latency"}:
-            from bench import http_bench as H
-
-            _log(f"http {d}: starting polyprompt serve")
-            with H.Server(model_dir, dtype=d, max_batch_size=a.max_num_seqs,
-                          max_num_batched_tokens=a.max_num_batched_tokens, threads=a.threads) as srv:
-                srv.register(wl.tasks)
-                _log(f"http {d}: serving on {srv.url}, {len(wl.tasks)} tasks registered")
-                if "http" in sc:
-                    r = H.run_http_throughput(srv, wl, a.clients)
-                    r["exact"] = _exact(r["outputs"], naive_ref)
-                    r["prefix"] = _prefix(r["outputs"], naive_ref)
-                    row(f"polyprompt HTTP ({a.clients} clients)", d, wl.requests, r)
-                if "latency" in sc:
-                    _log(f"latency {d}: {a.latency_requests} streamed requests at {a.rate} req/s (Poisson)")
-                    lat = H.run_http_latency(srv, wl, a.rate, a.latency_requests, a.seed)
-                    extra[f"latency_{d}"] = lat
     report = _report(a, rows, extra, roof)
     print(report)
     if a.out:
@@ -259,6 +279,9 @@ def _report(a, rows, extra, roof) -> str:
     lines.append("exact: share of the naive subset's requests whose greedy tokens equal the naive baseline's "
                  "(in brackets: mean leading tokens equal).")
     for k, v in extra.items():
+        if k.startswith("runs_"):
+            lines.append(f"{k[5:].replace('_', ' ')}: tok/s of each run, in order: "
+                         + ", ".join(f"{x:.0f}" for x in v))
         if k.startswith("tasks_ratio_"):
             lines.append(f"tasks {k[12:]}: {v['tasks'][1]} tasks / {v['tasks'][0]} task throughput = "
                          f"{v['ratio']:.2f}")
