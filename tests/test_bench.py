@@ -21,3 +21,22 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
     for key in ("engine_fp16", "engine_fp32_tf32", "tasks_fp16", "naive", "grouped"):
         assert res[key], key
     assert any("tok/s" in line for line in res["summary"])
+
+
+def test_cpu_bench_smoke_engine_and_http_exact(tiny_model_dir, tmp_path):
+    """`python -m bench` end to end on the tiny model: the baseline, the engine and a real
+    `polyprompt serve` over HTTP, run twice each; fp32 tokens equal the naive baseline's."""
+    from bench.__main__ import main
+
+    out = tmp_path / "bench.json"
+    rc = main(["--model", str(tiny_model_dir), "--requests", "8", "--tasks", "2", "--naive-requests", "4",
+               "--clients", "4", "--max-num-seqs", "4", "--new-tokens", "6", "--scenarios", "naive,engine,http",
+               "--repeats", "2", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert rc == 0
+    rows = {r["scenario"]: r for r in res["rows"]}
+    for name in ("polyprompt engine (in-process)", "polyprompt HTTP (4 clients)"):
+        assert rows[name]["exact"] == 1.0, name
+        assert rows[name]["tokens"] == 8 * 6
+    assert len(res["extra"]["runs_engine_float32"]) == len(res["extra"]["runs_http_float32"]) == 2
+    assert "http float32: tok/s of each run" in res["table"]
