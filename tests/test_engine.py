@@ -312,3 +312,23 @@ def test_kv_memory_order_does_not_change_bf16_tokens(tiny_model_dir):
         outs[token_major] = [o.token_ids for o in eng.generate(reqs)]
     assert outs[None] == outs[False]
     assert len({tuple(o) for o in outs[None]}) > 1
+
+
+def test_prefixes_of_one_batch_are_not_recomputed_when_the_cache_is_full(setup, monkeypatch):
+    """Prefixes computed for a step's admissions are used even if a later insert of the
+    same step evicted them (prefix cache smaller than the batch's prefixes)."""
+    base, model, tok, prompts = setup
+    one = model.prefix_kv(prompts[9]).nbytes
+    eng = Engine(model, tok, EngineConfig(max_num_seqs=4, prefix_cache_bytes=one))  # room for ~one prefix
+    calls = []
+    real = model.prefix_kv
+    monkeypatch.setattr(model, "prefix_kv", lambda sp: calls.append(sp.shape[0]) or real(sp))
+    g = torch.Generator().manual_seed(8)
+    specs = [(n, torch.randint(0, 50257, (6,), generator=g).tolist()) for n in (9, 17, 4)]
+    reqs = [Request(f"r{i}", ids, _greedy(n, 5), prefix_key=f"k{n}", soft_prompt=prompts[n])
+            for i, (n, ids) in enumerate(specs)]
+    outs = eng.generate(reqs)
+    assert calls == []  # every prefix came from the step's one batched computation
+    assert eng.prefixes.stats()["evictions"] >= 1  # the cap did bite
+    for (n, ids), out in zip(specs, outs):
+        assert out.token_ids == peft_greedy(peft_model(base, prompts[n]), ids, 5)

@@ -215,9 +215,9 @@ class Engine:
         if not plan:
             return
         admitted = [self.requests[rid] for rid in plan.admitted]
-        self._compute_prefixes({r.prefix_key: r.soft_prompt for r in admitted if r.soft_prompt is not None})
+        fresh = self._compute_prefixes({r.prefix_key: r.soft_prompt for r in admitted if r.soft_prompt is not None})
         for req in admitted:
-            self._admit(req)
+            self._admit(req, fresh)
         if self.static is not None and not plan.prefill:
             sample_ids = plan.decode
             sampled_reqs = [self.requests[rid] for rid in sample_ids]
@@ -293,21 +293,25 @@ class Engine:
             batch[key] = soft
         self._compute_prefixes(batch)
 
-    def _compute_prefixes(self, prompts: dict[str, torch.Tensor]) -> None:
-        """Prefix KV of every prompt new to the cache, in one batched forward."""
+    def _compute_prefixes(self, prompts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Prefix KV of every prompt new to the cache, in one batched forward; returns them
+        (a later `put` of the same batch may evict an earlier one when the cache is full)."""
         missing = {k: p for k, p in prompts.items() if k not in self.prefixes}
-        if missing:
-            prompts = [p.to(self.device, self.dtype) for p in missing.values()]
-            for key, kv in zip(missing, self.model.prefix_kv_batch(prompts)):
-                self.prefixes.put(key, kv)
+        if not missing:
+            return {}
+        computed = dict(zip(missing, self.model.prefix_kv_batch([p.to(self.device, self.dtype)
+                                                                 for p in missing.values()])))
+        for key, kv in computed.items():
+            self.prefixes.put(key, kv)
+        return computed
 
-    def _admit(self, req: Request) -> None:
+    def _admit(self, req: Request, fresh: dict[str, torch.Tensor]) -> None:
         req.slot = self.cache.allocate()
         self.cache.prepare(req.slot, req.prefix_len + len(req.prompt_ids) + req.params.max_tokens)
         if req.soft_prompt is not None:
-            sp = req.soft_prompt
+            key, sp = req.prefix_key, req.soft_prompt
             prefix = self.prefixes.acquire(
-                req.prefix_key, lambda: self.model.prefix_kv(sp.to(self.device, self.dtype)))
+                key, lambda: fresh[key] if key in fresh else self.model.prefix_kv(sp.to(self.device, self.dtype)))
             self.cache.write_prefix(req.slot, prefix)
         gen = None
         if not req.params.greedy:
