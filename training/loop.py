@@ -69,7 +69,6 @@ def train_loop(model, train: list[Tokenized], eval_data: list[Tokenized] | None,
     W, rank = accelerator.num_processes, accelerator.process_index
     device = accelerator.device
     B, GA, N = cfg.batch_size, cfg.grad_accum, len(train)
-    nvt = cfg.num_virtual_tokens
     micro_per_epoch = math.ceil(N / (B * W))
     steps_per_epoch = math.ceil(micro_per_epoch / GA)
     total_steps = steps_per_epoch * cfg.epochs
@@ -119,8 +118,7 @@ def train_loop(model, train: list[Tokenized], eval_data: list[Tokenized] | None,
             save_checkpoint(cfg.output_dir, checkpoint_state(rng))
 
     if st["initial_eval"] is None and eval_data:
-        st["initial_eval"] = evaluate(model, eval_data, batch_size=B, num_virtual_tokens=nvt,
-                                      pad_id=pad_id, device=device)
+        st["initial_eval"] = evaluate(model, eval_data, batch_size=B, pad_id=pad_id, device=device)
         log(f"initial eval loss {st['initial_eval']['loss']:.4f}, "
             f"accuracy {st['initial_eval']['accuracy']:.1%}")
 
@@ -153,7 +151,7 @@ def train_loop(model, train: list[Tokenized], eval_data: list[Tokenized] | None,
                 boundary = m == window[-1]
                 sync = contextlib.nullcontext() if boundary or W == 1 else accelerator.no_sync(model)
                 with sync:
-                    losses, _, _ = token_losses(model, batch, nvt, device)
+                    losses, _, _ = token_losses(model, batch, device)
                     loss_sum = (losses.sum(dim=1) * batch.weight.to(device)).sum()
                     accelerator.backward(loss_sum * W / window_tokens)
                 loss_sum = loss_sum.detach()
@@ -187,7 +185,7 @@ def train_loop(model, train: list[Tokenized], eval_data: list[Tokenized] | None,
                 _reduce_sum(accelerator, st["epoch_tokens"]), 1)
             rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "seconds": seconds}
             if eval_data:
-                ev = evaluate(model, eval_data, batch_size=B, num_virtual_tokens=nvt, pad_id=pad_id, device=device)
+                ev = evaluate(model, eval_data, batch_size=B, pad_id=pad_id, device=device)
                 rec.update(eval_loss=ev["loss"], eval_accuracy=ev["accuracy"])
                 better = st["best_eval_loss"] is None or ev["loss"] < st["best_eval_loss"]
             else:

@@ -76,8 +76,7 @@ def collate(items: list[Tokenized], *, pad_id: int, weights: list[float] | None 
     return Batch(ids, mask, labels, w, sum(len(t.input_ids) for t in items))
 
 
-def token_losses(model, batch: Batch, num_virtual_tokens: int, device
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_losses(model, batch: Batch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token cross-entropy, the logits' argmax and the labels, all [B, T'] (loss 0 where masked).
 
     PEFT's forward puts the soft prompt at positions 0..n-1; the logits at position
@@ -100,8 +99,7 @@ def token_losses(model, batch: Batch, num_virtual_tokens: int, device
 
 
 @torch.no_grad()
-def evaluate(model, data: list[Tokenized], *, batch_size: int, num_virtual_tokens: int,
-             pad_id: int, device) -> dict:
+def evaluate(model, data: list[Tokenized], *, batch_size: int, pad_id: int, device) -> dict:
     """Token-weighted eval loss and exact-match accuracy.
 
     Exact match: greedy decoding reproduces every completion token (and the EOS when
@@ -115,7 +113,7 @@ def evaluate(model, data: list[Tokenized], *, batch_size: int, num_virtual_token
     try:
         for i in range(0, len(data), batch_size):
             batch = collate(data[i:i + batch_size], pad_id=pad_id)
-            losses, pred, labels = token_losses(model, batch, num_virtual_tokens, device)
+            losses, pred, labels = token_losses(model, batch, device)
             keep = labels != -100
             loss_sum += float(losses.sum())
             tokens += int(keep.sum())
