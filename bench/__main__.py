@@ -48,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--grouped-batch", type=int, default=64, help="largest HF batch in the grouped baseline")
     p.add_argument("--tasks-compare", type=_csv(int), default=[1, 64], help="task counts for the 'tasks' scenario")
-    p.add_argument("--tasks-repeats", type=int, default=2, help="alternating tries per task count in 'tasks' (best kept)")
+    p.add_argument("--tasks-repeats", type=int, default=3,
+                   help="back-to-back pairs of task counts in 'tasks'; the ratio is the pairs' median")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs of 'engine' and 'http' per dtype, alternating; the table shows the median run")
     p.add_argument("--rate", type=float, default=4.0, help="Poisson request rate (req/s) for 'latency'")
@@ -90,6 +91,11 @@ def _prefix(outs, ref) -> float | None:
             k += 1
         n.append(k)
     return sum(n) / len(n) if n else None
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -197,29 +203,30 @@ def main(argv=None) -> int:
                 row(name, d, wl.requests, r, note=f"median of {len(runs[key])}" if len(runs[key]) > 1 else "")
             if "tasks" in sc:
                 nv = (a.virtual_tokens[0] + a.virtual_tokens[1]) // 2
+                ns = a.tasks_compare
+                works = {n: wl.retasked(n, nv, a.seed + 1000 + n) for n in ns}
                 for warm in (False, True):
-                    res = {}
                     state = "warm" if warm else "cold"
-                    # alternate the task counts, best of --tasks-repeats each: this machine's speed
-                    # drifts by tens of percent within a minute, which one run of each can't tell apart
+                    tries: dict[int, list[dict]] = {n: [] for n in ns}
+                    ratios = []
+                    # this machine's speed drifts by tens of percent within a minute: the task
+                    # counts run back to back in pairs (order alternating), and the reported
+                    # ratio is the median of the pairs' ratios, so drift between pairs cancels
                     for rep in range(a.tasks_repeats):
-                        for n in a.tasks_compare:
-                            w = wl.retasked(n, nv, a.seed + 1000 + n)
+                        for n in (ns if rep % 2 == 0 else ns[::-1]):
                             _log(f"tasks {d}: same {a.requests} requests over {n} task(s), {nv} virtual tokens "
                                  f"each, {state} prefix cache, try {rep + 1}/{a.tasks_repeats}")
-                            r = E.run_engine(model, etok, w, warm_prefixes=warm, **kw)
-                            r["wl"] = w
-                            if n not in res or r["seconds"] < res[n]["seconds"]:
-                                res[n] = r
-                    for n in a.tasks_compare:
-                        row(f"engine, {n} task{'s' if n != 1 else ''} ({nv} virt, {state})", d, res[n]["wl"].requests,
-                            res[n])
-                    ns = a.tasks_compare
+                            r = E.run_engine(model, etok, works[n], warm_prefixes=warm, **kw)
+                            r["wl"] = works[n]
+                            tries[n].append(r)
+                        lo, hi = tries[ns[0]][-1], tries[ns[-1]][-1]
+                        ratios.append((hi["tokens"] / hi["seconds"]) / (lo["tokens"] / lo["seconds"]))
+                    for n in ns:
+                        r = _median_run(tries[n])
+                        row(f"engine, {n} task{'s' if n != 1 else ''} ({nv} virt, {state})", d, r["wl"].requests, r)
                     if len(ns) >= 2:
-                        lo, hi = res[ns[0]], res[ns[-1]]
-                        extra[f"tasks_ratio_{d}_{state}"] = {
-                            "tasks": [ns[0], ns[-1]],
-                            "ratio": (hi["tokens"] / hi["seconds"]) / (lo["tokens"] / lo["seconds"])}
+                        extra[f"tasks_ratio_{d}_{state}"] = {"tasks": [ns[0], ns[-1]], "ratio": _median(ratios),
+                                                             "pair_ratios": ratios}
             if "latency" in sc:
                 _log(f"latency {d}: {a.latency_requests} streamed requests at {a.rate} req/s (Poisson)")
                 extra[f"latency_{d}"] = H.run_http_latency(srv, wl, a.rate, a.latency_requests, a.seed)
@@ -283,8 +290,9 @@ def _report(a, rows, extra, roof) -> str:
             lines.append(f"{k[5:].replace('_', ' ')}: tok/s of each run, in order: "
                          + ", ".join(f"{x:.0f}" for x in v))
         if k.startswith("tasks_ratio_"):
+            pairs = ", ".join(f"{x:.2f}" for x in v.get("pair_ratios", []))
             lines.append(f"tasks {k[12:]}: {v['tasks'][1]} tasks / {v['tasks'][0]} task throughput = "
-                         f"{v['ratio']:.2f}")
+                         f"{v['ratio']:.2f} (median of back-to-back pairs: {pairs})")
         if k.startswith("latency_"):
             lines.append(f"latency {k[8:]}: {v['requests']} streamed requests at {v['rate']:g} req/s: "
                          f"TTFT p50 {1e3 * v['ttft_p50']:.0f} ms, p99 {1e3 * v['ttft_p99']:.0f} ms; "

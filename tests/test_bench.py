@@ -25,13 +25,14 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
 
 def test_cpu_bench_smoke_engine_and_http_exact(tiny_model_dir, tmp_path):
     """`python -m bench` end to end on the tiny model: the baseline, the engine and a real
-    `polyprompt serve` over HTTP, run twice each; fp32 tokens equal the naive baseline's."""
+    `polyprompt serve` over HTTP, run twice each, and the tasks pairs; fp32 tokens equal
+    the naive baseline's."""
     from bench.__main__ import main
 
     out = tmp_path / "bench.json"
     rc = main(["--model", str(tiny_model_dir), "--requests", "8", "--tasks", "2", "--naive-requests", "4",
-               "--clients", "4", "--max-num-seqs", "4", "--new-tokens", "6", "--scenarios", "naive,engine,http",
-               "--repeats", "2", "--out", str(out)])
+               "--clients", "4", "--max-num-seqs", "4", "--new-tokens", "6", "--scenarios", "naive,engine,http,tasks",
+               "--repeats", "2", "--tasks-compare", "1,2", "--tasks-repeats", "2", "--out", str(out)])
     res = json.loads(out.read_text())
     assert rc == 0
     rows = {r["scenario"]: r for r in res["rows"]}
@@ -40,3 +41,6 @@ def test_cpu_bench_smoke_engine_and_http_exact(tiny_model_dir, tmp_path):
         assert rows[name]["tokens"] == 8 * 6
     assert len(res["extra"]["runs_engine_float32"]) == len(res["extra"]["runs_http_float32"]) == 2
     assert "http float32: tok/s of each run" in res["table"]
+    for state in ("cold", "warm"):
+        t = res["extra"][f"tasks_ratio_float32_{state}"]
+        assert len(t["pair_ratios"]) == 2 and min(t["pair_ratios"]) <= t["ratio"] <= max(t["pair_ratios"])
