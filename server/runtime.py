@@ -25,7 +25,7 @@ from server.settings import Settings
 
 log = logging.getLogger("polyprompt.runtime")
 
-WARM_LIMIT = 256  # new versions warmed per registry change (a bulk import warms lazily beyond)
+WARM_LIMIT = 256  # versions warmed at startup and per registry change (a bulk import warms lazily beyond)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -98,6 +98,7 @@ class Runtime:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        self._warm_at_startup()
         if not self.engine_on_caller_thread:
             self.engine.start()
         self._poller = threading.Thread(target=self._poll, name="polyprompt-registry-poll", daemon=True)
@@ -116,6 +117,28 @@ class Runtime:
                 self.refresh()
             except Exception:  # the database may be briefly unavailable; try again next tick
                 log.exception("registry poll failed")
+
+    def _warm_at_startup(self) -> None:
+        """Queue the prefix KV of active versions (up to WARM_LIMIT, and half the prefix
+        cache) so a restarted server's first requests find them computed, as they would
+        on a server that has been up; the engine computes them in batches between steps."""
+        spec = self.model.spec
+        per_token = 2 * spec.n_layer * spec.n_embd * torch.empty((), dtype=self.dtype).element_size()
+        budget = self.engine.prefixes.max_bytes // 2
+        queued = 0
+        for info in list(self.tasks.values())[:WARM_LIMIT]:
+            cost = info.num_virtual_tokens * per_token
+            if info.sha256 is None or cost > budget:
+                continue
+            try:
+                self.engine.warm_prefix(info.sha256, self.load_prompt(info.sha256))
+            except Exception:  # a missing/corrupt file shows up on the first request instead
+                log.exception("could not warm prompt %s", info.sha256)
+                continue
+            budget -= cost
+            queued += 1
+        if queued:
+            log.info("computing the prefix KV of %d task(s) in the background", queued)
 
     # ------------------------------------------------------------------ tasks
     def refresh(self, force: bool = False) -> None:

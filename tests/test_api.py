@@ -426,3 +426,24 @@ def test_metrics(client, base_id):
     assert alpha >= 1
     assert samples['polyprompt_request_latency_seconds_bucket{le="+Inf"}'] == samples[
         "polyprompt_request_latency_seconds_count"] >= 2
+
+
+def test_restarted_server_computes_active_prefixes_before_requests(tiny_model_dir, tmp_path):
+    """After a restart the active versions' prefix KV is computed in the background, so the
+    first requests find it (no miss), as on a server that has been up."""
+    import time
+
+    data = tmp_path / "data"
+    with TestClient(create_app(settings(tiny_model_dir, data))) as c:
+        for name, n in (("one", 3), ("two", 8)):
+            assert c.post("/v1/tasks", json={"name": name, "num_virtual_tokens": n}).status_code == 201
+    with TestClient(create_app(settings(tiny_model_dir, data))) as c:
+        prefixes = c.app.state.runtime.engine.prefixes
+        deadline = time.monotonic() + 10
+        while prefixes.stats()["misses"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert prefixes.stats()["misses"] == 2  # both computed, no request sent
+        for name in ("one", "two"):
+            r = c.post("/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 2, "temperature": 0})
+            assert r.status_code == 200, r.text
+        assert prefixes.stats()["misses"] == 2 and prefixes.stats()["hits"] >= 2
