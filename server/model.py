@@ -99,6 +99,12 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x if x.shape[0] == rows else torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])])
 
 
+def _bucketed(linear: "Linear", x: torch.Tensor) -> torch.Tensor:
+    """`linear(x)` for rows `[R, C]`, run padded to `bucket_rows(R)` rows (a prebuilt kernel)."""
+    n = x.shape[0]
+    return linear(_pad_rows(x, bucket_rows(n)))[:n]
+
+
 BLOCK = 64
 
 
@@ -255,12 +261,13 @@ class GPT2(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final layer norm + LM head: `[..., C]` -> `[..., V]`."""
-        if self._head is not None:
-            if hidden.dim() == 2:  # rows padded to a bucket: see `bucket_rows`
-                n = hidden.shape[0]
-                return self._head(_pad_rows(self.ln_f(hidden), bucket_rows(n)))[:n]
-            return self._head(self.ln_f(hidden))
-        return F.linear(self.ln_f(hidden), self.head_weight())
+        return self._head_logits(self.ln_f(hidden))
+
+    def _head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head alone, on normed hidden states (packed and row-bucketed on CPU)."""
+        if self._head is None:
+            return F.linear(h, self.head_weight())
+        return _bucketed(self._head, h) if h.dim() == 2 else self._head(h)
 
     @property
     def has_greedy_screen(self) -> bool:
@@ -294,7 +301,7 @@ class GPT2(nn.Module):
             return _argmax_rows(logits) if logits.dtype == torch.bfloat16 else logits.argmax(-1).tolist()
         r = hidden.shape[0]
         h = self.ln_f(hidden)  # [R, C] fp32
-        lb = self._screen(_pad_rows(h.to(torch.bfloat16), bucket_rows(r)))[:r]  # [R, V] bf16
+        lb = _bucketed(self._screen, h.to(torch.bfloat16))  # [R, V] bf16
         bound = self.SCREEN_EPS * h.norm(dim=-1) * self._screen_bound  # [R]
         blocks, bmax, tail, top = _block_max(lb)  # look inside candidate blocks only
         thr = top.float() - 2 * bound  # [R]
@@ -312,13 +319,13 @@ class GPT2(nn.Module):
                 # this model's logits are too close for the bound (the bound is worst-case):
                 # the screen only adds work here, so stop screening
                 object.__setattr__(self, "_screen", None)
-            return F.linear(h, self.head_weight()).max(dim=-1).indices.tolist()
+            return self._head_logits(h).max(dim=-1).indices.tolist()
         score = (h[rows] * self.head_weight()[cols]).sum(-1)  # exact fp32 logits of the candidates
         best = torch.full((r,), float("-inf")).scatter_reduce_(0, rows, score, "amax")
         win = score == best[rows]
         tok = torch.full((r,), self.spec.vocab_size, dtype=torch.long).scatter_reduce_(0, rows[win], cols[win], "amin")
         if bool((tok == self.spec.vocab_size).any()):  # a row without candidates (non-finite values)
-            return F.linear(h, self.head_weight()).max(dim=-1).indices.tolist()
+            return self._head_logits(h).max(dim=-1).indices.tolist()
         return tok.tolist()
 
     def _qkv(self, blk: Block, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -3,8 +3,9 @@
 Per layer, keys and values are `[num_slots, heads, max_len, head_dim]` (views; see
 `KVCache` for the memory order). A running request owns one slot for its whole life;
 its sequence (virtual tokens first, then its prompt and output) sits at cache positions
-`0..len-1`, which are also its GPT-2 position ids. Slots are handed out lowest-first so the busy ones stay packed at the
-front, which lets decode attention read `cache[:rows]` as a view instead of a gather.
+`0..len-1`, which are also its GPT-2 position ids. Slots are handed out lowest-first so
+the busy ones stay packed at the front, which lets decode attention read `cache[:rows]`
+as a view instead of a gather.
 """
 
 from __future__ import annotations
