@@ -14,6 +14,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [d for d in a.dtype if d not in E.DTYPES]
     if bad:
         p.error(f"unknown dtype(s) {bad}; choose from {','.join(E.DTYPES)}")
+    if a.repeats < 1 or a.tasks_repeats < 1:
+        p.error("--repeats and --tasks-repeats take at least 1")
     if len(a.virtual_tokens) != 2 or not 1 <= a.virtual_tokens[0] <= a.virtual_tokens[1]:
         p.error("--virtual-tokens takes MIN,MAX with 1 <= MIN <= MAX")
     a.naive_requests = min(a.naive_requests, a.requests)
@@ -91,11 +94,6 @@ def _prefix(outs, ref) -> float | None:
             k += 1
         n.append(k)
     return sum(n) / len(n) if n else None
-
-
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -183,7 +181,7 @@ def main(argv=None) -> int:
             kw = dict(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens)
             runs: dict[str, list[dict]] = {"engine": [], "http": []}
             # in-process and HTTP runs alternate, so drift of the machine's speed hits both alike
-            for rep in range(max(1, a.repeats)):
+            for rep in range(a.repeats):
                 if "engine" in sc:
                     _log(f"engine {d}: {a.requests} requests, {a.tasks} tasks, run {rep + 1}/{a.repeats}")
                     runs["engine"].append(E.run_engine(model, etok, wl, **kw))
@@ -225,7 +223,7 @@ def main(argv=None) -> int:
                         r = _median_run(tries[n])
                         row(f"engine, {n} task{'s' if n != 1 else ''} ({nv} virt, {state})", d, r["wl"].requests, r)
                     if len(ns) >= 2:
-                        extra[f"tasks_ratio_{d}_{state}"] = {"tasks": [ns[0], ns[-1]], "ratio": _median(ratios),
+                        extra[f"tasks_ratio_{d}_{state}"] = {"tasks": [ns[0], ns[-1]], "ratio": statistics.median(ratios),
                                                              "pair_ratios": ratios}
             if "latency" in sc:
                 _log(f"latency {d}: {a.latency_requests} streamed requests at {a.rate} req/s (Poisson)")

@@ -33,9 +33,9 @@ def _requests(wl: Workload, tag: str, key_prefix: str = ""):
 
 @torch.inference_mode()
 def run_engine(model, tokenizer, wl: Workload, *, max_num_seqs: int, max_num_batched_tokens: int,
-               warmup: int | None = None, warm_prefixes: bool = False, engine=None, tag: str = "run", **config) -> dict:
-    """A fresh engine, an untimed warm-up under other prefix keys (`warmup` requests, default
-    a full batch: it touches the KV cache's pages once, as any server has long done), then all of
+               warm_prefixes: bool = False, engine=None, tag: str = "run", **config) -> dict:
+    """A fresh engine, an untimed warm-up under other prefix keys (one full batch,
+    `max_num_seqs` requests: it touches the KV cache's pages once, as any server has long done), then all of
     `wl.requests` through `Engine.generate`. The prefix cache starts cold (each task's
     prefix computed inside the timed run, as on a server's first requests) unless
     `warm_prefixes` (steady state: every task served before). `engine` reuses an engine
@@ -52,7 +52,7 @@ def run_engine(model, tokenizer, wl: Workload, *, max_num_seqs: int, max_num_bat
     if fresh:
         engine = Engine(model, tokenizer, cfg)
         engine.warm_kernels()  # as `polyprompt serve` does at startup
-        warm = Workload(wl.tasks, wl.requests[:max_num_seqs if warmup is None else warmup], wl.new_tokens, wl.meta)
+        warm = Workload(wl.tasks, wl.requests[:max_num_seqs], wl.new_tokens, wl.meta)
         engine.generate(_requests(warm, "warm", key_prefix="warmup:"))
     kp = "" if tag == "run" else f"{tag}:"
     if warm_prefixes:

@@ -187,7 +187,7 @@ class Connection:
             self.reader = self.writer = None
 
 
-async def _throughput(url: str, wl: Workload, clients: int, warmup: int) -> dict:
+async def _throughput(url: str, wl: Workload, clients: int) -> dict:
     """`clients` simulated users, each on its own connection, each sending its next request
     as soon as its previous answer is back (a closed loop), until all are sent."""
     conns = [Connection(url) for _ in range(clients)]
@@ -200,7 +200,7 @@ async def _throughput(url: str, wl: Workload, clients: int, warmup: int) -> dict
 
     try:
         await asyncio.gather(*(c.connect() for c in conns))  # users are connected before the clock starts
-        await asyncio.gather(*(one(conns[k], t, ids) for k, (t, ids) in enumerate(wl.requests[:warmup])))
+        await asyncio.gather(*(one(conns[k], t, ids) for k, (t, ids) in enumerate(wl.requests[:clients])))
         outs: list[list[int] | None] = [None] * len(wl.requests)
         todo = list(range(len(wl.requests)))
         todo.reverse()
@@ -219,11 +219,10 @@ async def _throughput(url: str, wl: Workload, clients: int, warmup: int) -> dict
     return {"outputs": outs, "seconds": seconds, "tokens": sum(len(o) for o in outs)}
 
 
-def run_http_throughput(server: Server, wl: Workload, clients: int, warmup: int | None = None) -> dict:
-    """`warmup` untimed requests first (default: one per client, a full batch, so the
-    server's KV-cache pages are touched before the clock starts, as in any server that
-    has been up for a while)."""
-    return asyncio.run(_throughput(server.url, wl, clients, clients if warmup is None else warmup))
+def run_http_throughput(server: Server, wl: Workload, clients: int) -> dict:
+    """One untimed request per client first (a full batch, so the server's KV-cache pages
+    are touched before the clock starts, as in any server that has been up a while)."""
+    return asyncio.run(_throughput(server.url, wl, clients))
 
 
 def _pct(xs: list[float], q: float) -> float:

@@ -123,8 +123,14 @@ class Submission:
                                        code="engine_error")
                 yield i, out
         finally:
-            for i in self.pending:
-                self.rt.engine.abort(self.ids[i])
+            self.close()
+
+    def close(self) -> None:
+        """Abort what has not finished (the caller left; a no-op once all are done). Also
+        the response's background task, for a client gone before `outputs()` started."""
+        for i in self.pending:
+            self.rt.engine.abort(self.ids[i])
+        self.pending.clear()
 
 
 async def run(rt: Runtime, prepared: list[Prepared], *, stream: bool = False) -> AsyncIterator[tuple[int, RequestOutput]]:

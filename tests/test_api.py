@@ -447,3 +447,27 @@ def test_restarted_server_computes_active_prefixes_before_requests(tiny_model_di
             r = c.post("/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 2, "temperature": 0})
             assert r.status_code == 200, r.text
         assert prefixes.stats()["misses"] == 2 and prefixes.stats()["hits"] >= 2
+
+
+def test_stream_left_before_it_started_aborts_its_requests(client, base_id):
+    """A streaming request is handed to the engine before its response starts (so a full
+    queue is a clean 503); if the client leaves before the stream is read, the response's
+    background task (`Submission.close`) aborts it instead of letting it run on."""
+    import asyncio
+
+    from server import service
+    from server.engine.sampler import SamplingParams
+
+    rt = client.app.state.runtime
+
+    async def go():
+        params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+        sub = service.Submission(rt, await service.prepare(rt, [(base_id, "hello", params)]), stream=True)
+        sub.close()
+        while True:  # the engine answers the abort on this loop
+            _, out = await asyncio.wait_for(sub.queue.get(), 30)
+            if out.finished:
+                return out
+
+    out = asyncio.run(go())
+    assert out.finish_reason == "abort" and len(out.token_ids) < 200

@@ -8,6 +8,7 @@ import uuid
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from server import service
 from server.api.deps import RuntimeDep, User
@@ -44,7 +45,7 @@ async def completions(body: CompletionRequest, rt: RuntimeDep):
     if body.stream:
         submission = service.Submission(rt, prepared, stream=True)  # 503/400 before the 200 goes out
         return StreamingResponse(_stream(body, submission, rt, cid, created, prompt_tokens),
-                                 media_type="text/event-stream")
+                                 media_type="text/event-stream", background=BackgroundTask(submission.close))
     choices: list[dict | None] = [None] * len(prepared)
     completion_tokens = 0
     async for i, out in service.run(rt, prepared):
