@@ -19,6 +19,7 @@ import torch
 from registry import Registry
 from registry.paths import default_db_url, model_id_for
 from server.engine.engine import Engine, EngineConfig
+from server.engine.kv_cache import slot_bytes
 from server.metrics import Metrics
 from server.model import GPT2
 from server.settings import Settings
@@ -98,7 +99,6 @@ class Runtime:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        self._warm_at_startup()
         if not self.engine_on_caller_thread:
             self.engine.start()
         self._poller = threading.Thread(target=self._poll, name="polyprompt-registry-poll", daemon=True)
@@ -118,17 +118,21 @@ class Runtime:
             except Exception:  # the database may be briefly unavailable; try again next tick
                 log.exception("registry poll failed")
 
-    def _warm_at_startup(self) -> None:
-        """Queue the prefix KV of active versions (up to WARM_LIMIT, and half the prefix
-        cache) so a restarted server's first requests find them computed, as they would
-        on a server that has been up; the engine computes them in batches between steps."""
+    def _prefix_bytes_per_token(self) -> int:
         spec = self.model.spec
-        per_token = 2 * spec.n_layer * spec.n_embd * torch.empty((), dtype=self.dtype).element_size()
+        return slot_bytes(n_layer=spec.n_layer, n_head=spec.n_head, head_dim=spec.head_dim, max_len=1,
+                          dtype=self.dtype)
+
+    def _warm(self, infos: list[TaskInfo]) -> None:
+        """Queue the prefix KV of these versions (up to WARM_LIMIT, within half the prefix
+        cache) so their first requests find it computed; the engine computes them in
+        batches between steps. At startup every active version is new."""
+        per_token = self._prefix_bytes_per_token()
         budget = self.engine.prefixes.max_bytes // 2
         queued = 0
-        for info in list(self.tasks.values())[:WARM_LIMIT]:
+        for info in [i for i in infos if i.sha256][:WARM_LIMIT]:
             cost = info.num_virtual_tokens * per_token
-            if info.sha256 is None or cost > budget:
+            if cost > budget:
                 continue
             try:
                 self.engine.warm_prefix(info.sha256, self.load_prompt(info.sha256))
@@ -138,7 +142,7 @@ class Runtime:
             budget -= cost
             queued += 1
         if queued:
-            log.info("computing the prefix KV of %d task(s) in the background", queued)
+            log.info("computing the prefix KV of %d version(s) in the background", queued)
 
     # ------------------------------------------------------------------ tasks
     def refresh(self, force: bool = False) -> None:
@@ -156,13 +160,8 @@ class Runtime:
             new = tasks.get(name)
             if info.sha256 and (new is None or new.sha256 != info.sha256):
                 self.engine.prefixes.invalidate(info.sha256)
-        if not force:  # new versions while serving: compute their prefix before the first request
-            fresh = [i.sha256 for n, i in tasks.items() if i.sha256 and (n not in old or old[n].sha256 != i.sha256)]
-            for sha in fresh[:WARM_LIMIT]:
-                try:
-                    self.engine.warm_prefix(sha, self.load_prompt(sha))
-                except Exception:  # a missing/corrupt file shows up on the first request instead
-                    log.exception("could not warm prompt %s", sha)
+        # new versions (at startup: all of them): compute their prefix before the first request
+        self._warm([i for n, i in tasks.items() if n not in old or old[n].sha256 != i.sha256])
         if old or tasks:
             log.info("task table reloaded: %d tasks (generation %d)", len(tasks), gen)
 
@@ -187,14 +186,12 @@ class Runtime:
         return self._encoder.encode(text, add_special_tokens=False).ids
 
     def memory_report(self) -> dict:
-        spec = self.model.spec
-        elem = torch.empty((), dtype=self.dtype).element_size()
         n = [t.num_virtual_tokens for t in self.tasks.values()] or [0]
         avg = sum(n) / len(n)
         return {
             **self.engine.memory_report(),
             "model_bytes": self._model_bytes,
-            "per_task_prompt_bytes": int(avg * spec.n_embd * 4),
-            "per_task_prefix_kv_bytes": int(avg * 2 * spec.n_layer * spec.n_embd * elem),
+            "per_task_prompt_bytes": int(avg * self.model.spec.n_embd * 4),
+            "per_task_prefix_kv_bytes": int(avg * self._prefix_bytes_per_token()),
             "prompt_store_bytes": self._prompt_bytes,
         }

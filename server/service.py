@@ -55,16 +55,15 @@ async def prepare(rt: Runtime, items: list[tuple[str, str | list[int], SamplingP
 
     def work() -> list[Prepared]:
         out = []
-        seen: dict[tuple, tuple[list[int], torch.Tensor | None]] = {}  # n > 1 repeats each prompt
+        tokenized: dict[str | tuple[int, ...], list[int]] = {}  # n > 1 repeats each prompt
         for (name, prompt, params), info in zip(items, infos):
-            key = (name, prompt if isinstance(prompt, str) else tuple(prompt))
-            if key not in seen:
-                ids = _tokenize(rt, prompt)
-                if not ids:
-                    raise APIError("the prompt is empty: send at least one token")
-                seen[key] = ids, rt.load_prompt(info.sha256) if info is not None else None
-            ids, soft = seen[key]
-            ids = list(ids)
+            key = prompt if isinstance(prompt, str) else tuple(prompt)
+            if key not in tokenized:
+                tokenized[key] = _tokenize(rt, prompt)
+            ids = list(tokenized[key])
+            if not ids:
+                raise APIError("the prompt is empty: send at least one token")
+            soft = rt.load_prompt(info.sha256) if info is not None else None  # cached by sha256
             n_virt = 0 if soft is None else int(soft.shape[0])
             total = len(ids) + n_virt + params.max_tokens
             ctx = rt.engine.max_len
