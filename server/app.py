@@ -19,6 +19,7 @@ log = logging.getLogger("polyprompt.http")
 
 
 class BodyTooLarge(APIError):
+    """A body read that crossed the limit; `BodyLimit` answers 413 in its place."""
     status, code = 413, "body_too_large"
 
 
@@ -57,22 +58,13 @@ class BodyLimit:
                     raise BodyTooLarge(f"request body over the {self.max_bytes}-byte limit")
             return message
 
-        refused = False
-
         async def guarded(message):
-            nonlocal refused
             if not over:
                 return await send(message)
-            if message["type"] == "http.response.start" and not refused:
-                refused = True
+            if message["type"] == "http.response.start":  # the app's answer to the failed read
                 await self._refuse(f"more than {self.max_bytes}")(scope, receive, send)
-            # the app's own answer to the failed read is dropped
 
-        try:
-            await self.app(scope, counted, guarded)
-        except BodyTooLarge:  # the failed read reached us unanswered
-            if not refused:
-                await self._refuse(f"more than {self.max_bytes}")(scope, receive, send)
+        await self.app(scope, counted, guarded)
 
 
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
@@ -93,7 +85,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.include_router(system.router)
     app.include_router(openai.router)
     app.include_router(tasks.router)
-    app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * (1 << 20)))
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):

@@ -29,3 +29,7 @@ class Settings(BaseSettings):
     reload_interval: float = 0.5  # seconds between registry change polls
     max_body_mb: float = 64.0  # larger bodies get 413
     log_level: str = "info"
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * (1 << 20))

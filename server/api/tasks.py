@@ -99,7 +99,7 @@ async def delete_task(name: str, rt: RuntimeDep) -> Response:
 async def upload_prompt(name: str, request: Request, rt: RuntimeDep) -> dict:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(f"send a multipart form with a file field named {WEIGHTS_NAME!r}")
-    form = await request.form(max_files=4, max_fields=16, max_part_size=int(rt.settings.max_body_mb * (1 << 20)))
+    form = await request.form(max_files=4, max_fields=16, max_part_size=rt.settings.max_body_bytes)
     files = {}
     for key, value in form.multi_items():
         if hasattr(value, "read"):
