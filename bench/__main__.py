@@ -85,14 +85,7 @@ def _prefix(outs, ref) -> float | None:
     """Mean number of leading tokens equal to the reference's (where rounding first bites)."""
     if ref is None or outs is None:
         return None
-    n = []
-    for o, r in zip(outs, ref):
-        if o is None or r is None:
-            continue
-        k = 0
-        while k < min(len(o), len(r)) and o[k] == r[k]:
-            k += 1
-        n.append(k)
+    n = [B.leading_equal(o, r) for o, r in zip(outs, ref) if o is not None and r is not None]
     return sum(n) / len(n) if n else None
 
 
@@ -120,14 +113,8 @@ def main(argv=None) -> int:
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     model_dir = a.model or B.ensure_model(a.size)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    cfg = json.loads((model_dir / "config.json").read_text())
-    std = B.wte_std(model_dir)
-    wl = B.make_workload(tok, hidden=cfg["n_embd"], std=std, n_tasks=a.tasks, n_requests=a.requests,
-                         prompt_len=a.prompt_len, new_tokens=a.new_tokens, virtual=tuple(a.virtual_tokens),
-                         seed=a.seed)
+    _, wl = B.load_workload(model_dir, n_tasks=a.tasks, n_requests=a.requests, prompt_len=a.prompt_len,
+                            new_tokens=a.new_tokens, virtual=tuple(a.virtual_tokens), seed=a.seed)
     flops = B.FlopModel.from_config(model_dir)
     sc = set(a.scenarios)
     rows: list[dict] = []

@@ -23,6 +23,24 @@ OUT_DIR = Path(__file__).resolve().parent / "out"
 
 
 # ---------------------------------------------------------------------- model + workload
+def load_workload(model_dir: Path, **kw):
+    """The tokenizer of the GPT-2 in `model_dir` and `make_workload(**kw)` for it (hidden
+    size from its config, soft prompts with the std of its `wte`)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    hidden = json.loads((Path(model_dir) / "config.json").read_text())["n_embd"]
+    return tok, make_workload(tok, hidden=hidden, std=wte_std(model_dir), **kw)
+
+
+def leading_equal(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two outputs share (where rounding first bites)."""
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    return k
+
+
 def ensure_model(size: str, root: Path = OUT_DIR) -> Path:
     """The random GPT-2 of `size` (real tokenizer), built once into bench/out/model-SIZE."""
     path = root / f"model-{size}"

@@ -42,12 +42,7 @@ def _log(msg: str) -> None:
 
 def _same(outs, ref) -> tuple[float, float]:
     eq = sum(o == r for o, r in zip(outs, ref)) / len(ref)
-    lead = []
-    for o, r in zip(outs, ref):
-        k = 0
-        while k < min(len(o), len(r)) and o[k] == r[k]:
-            k += 1
-        lead.append(k)
+    lead = [B.leading_equal(o, r) for o, r in zip(outs, ref)]
     return eq, sum(lead) / len(lead)
 
 
@@ -105,12 +100,8 @@ def main(argv=None) -> int:
     if dev.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name(dev)
     model_dir = B.ensure_model(a.size)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    cfg = json.loads((model_dir / "config.json").read_text())
-    wl = B.make_workload(tok, hidden=cfg["n_embd"], std=B.wte_std(model_dir), n_tasks=a.tasks,
-                         n_requests=a.requests, prompt_len=32, new_tokens=a.new_tokens, virtual=(8, 32), seed=0)
+    tok, wl = B.load_workload(model_dir, n_tasks=a.tasks, n_requests=a.requests, prompt_len=32,
+                              new_tokens=a.new_tokens, virtual=(8, 32), seed=0)
     res["workload"] = wl.meta
     fp16 = torch.float16 if dev.type == "cuda" else torch.bfloat16  # CPU smoke runs: bf16 stands in
     graphs = dev.type == "cuda"
