@@ -471,3 +471,20 @@ def test_stream_left_before_it_started_aborts_its_requests(client, base_id):
 
     out = asyncio.run(go())
     assert out.finish_reason == "abort" and len(out.token_ids) < 200
+
+
+def test_startup_warm_stays_within_half_the_prefix_cache(tiny_model_dir, tmp_path):
+    """Startup warming skips a version whose prefix would take more than what is left of
+    half the prefix cache (tiny model, fp32: 2 KB a virtual token)."""
+    import time
+
+    data = tmp_path / "data"
+    with TestClient(create_app(settings(tiny_model_dir, data))) as c:
+        for name, n in (("small", 3), ("large", 8)):
+            assert c.post("/v1/tasks", json={"name": name, "num_virtual_tokens": n}).status_code == 201
+    with TestClient(create_app(settings(tiny_model_dir, data, prefix_cache_mb=0.02))) as c:  # half: ~10 KB
+        prefixes = c.app.state.runtime.engine.prefixes
+        deadline = time.monotonic() + 10
+        while prefixes.stats()["misses"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)  # the queued warms are computed in one batch, so none is still pending
+        assert prefixes.stats()["misses"] == 1 and prefixes.stats()["bytes"] == 3 * 2048

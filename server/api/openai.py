@@ -44,7 +44,7 @@ async def completions(body: CompletionRequest, rt: RuntimeDep):
     prompt_tokens = sum(len(prepared[i * body.n].prompt_ids) for i in range(len(prompts)))
     if body.stream:
         submission = service.Submission(rt, prepared, stream=True)  # 503/400 before the 200 goes out
-        return StreamingResponse(_stream(body, submission, rt, cid, created, prompt_tokens),
+        return StreamingResponse(_stream(body, submission, cid, created, prompt_tokens),
                                  media_type="text/event-stream", background=BackgroundTask(submission.close))
     choices: list[dict | None] = [None] * len(prepared)
     completion_tokens = 0
@@ -59,8 +59,9 @@ async def completions(body: CompletionRequest, rt: RuntimeDep):
             "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
 
 
-async def _stream(body: CompletionRequest, submission: "service.Submission", rt, cid: str, created: int,
+async def _stream(body: CompletionRequest, submission: "service.Submission", cid: str, created: int,
                   prompt_tokens: int):
+    rt = submission.rt
     completion_tokens = 0
     offsets = [0] * len(submission.ids)
     try:

@@ -48,11 +48,10 @@ async def create_task(body: TaskCreate, rt: RuntimeDep) -> dict:
         except Exception:
             rt.registry.delete_task(body.name)
             raise
-        rt.refresh()
         return rt.registry.get_task(body.name)
 
     try:
-        return _public(await anyio.to_thread.run_sync(work))
+        return _public(await _change(rt, body.name, work))
     except TaskExists:
         raise Conflict(f"task {body.name!r} already exists") from None
     except InvalidName as e:
