@@ -15,7 +15,8 @@ tokens, ~32-token prompts, greedy, EOS ignored). It reports:
 2. Engine tokens/s in float16 with CUDA graphs and without (eager dynamic steps), at
    each `--max-num-seqs`; graphs are captured in an untimed first pass, then each
    configuration is timed `--repeats` times on fresh prefix keys (cold prefix cache),
-   best kept. Plus float32 with TF32 and the 1-task vs 64-task ratio.
+   the median reported (best and all kept in the JSON). Plus float32 with TF32 and the
+   1-task vs 64-task ratio (median of back-to-back pairs).
 3. The naive baseline (HF `generate` one request at a time, KV cache on) in float16 and
    float32, and the grouped baseline (per task, batched) in float16, on the same GPU.
 Every section is fenced: one that fails records its error and the rest still run.
@@ -63,22 +64,26 @@ def _hf(hf):
 
 
 @torch.inference_mode()
-def first_step_logits(fn, hf32, wl: B.Workload, device) -> dict:
-    """Largest |logit difference| at the first generated position: `fn(soft, ids)` (ours or
-    HF's, any dtype) against HF float32 over `[soft prompt; wte(ids)]` embeddings."""
-    worst, worst_rel, argmax_same = 0.0, 0.0, 0
+def first_step_logits(fns: dict, hf32, wl: B.Workload, device) -> dict:
+    """Largest |logit difference| at the first generated position, for each `fn(soft, ids)`
+    in `fns` (ours or HF's, any dtype), against HF float32 over `[soft prompt; wte(ids)]`
+    embeddings (computed once per request)."""
     ref_fn = _hf(hf32)
+    stats = {name: {"max_abs_logit_diff": 0.0, "max_rel_logit_diff": 0.0, "first_token_argmax_same": 0}
+             for name in fns}
     for task, ids in wl.requests:
         soft = wl.tasks[task].to(device)
         t = torch.tensor(ids, device=device)
         ref = ref_fn(soft, t)
-        got = fn(soft, t)
-        d = float((got - ref).abs().max())
-        worst = max(worst, d)
-        worst_rel = max(worst_rel, d / float(ref.abs().max()))
-        argmax_same += int(got.argmax() == ref.argmax())
-    return {"max_abs_logit_diff": worst, "max_rel_logit_diff": worst_rel,
-            "first_token_argmax_same": argmax_same / len(wl.requests)}
+        for name, fn in fns.items():
+            got, st = fn(soft, t), stats[name]
+            d = float((got - ref).abs().max())
+            st["max_abs_logit_diff"] = max(st["max_abs_logit_diff"], d)
+            st["max_rel_logit_diff"] = max(st["max_rel_logit_diff"], d / float(ref.abs().max()))
+            st["first_token_argmax_same"] += int(got.argmax() == ref.argmax())
+    for st in stats.values():
+        st["first_token_argmax_same"] /= len(wl.requests)
+    return stats
 
 
 def main(argv=None) -> int:
@@ -90,7 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--naive-requests", type=int, default=16)
     p.add_argument("--max-num-seqs", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128])
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--control-std", type=lambda s: [float(x) for x in s.split(",") if x], default=[0.05, 0.02],
                    help="also check fp16 agreement on random models of these init stds (0.02: GPT-2's own)")
     p.add_argument("--out", type=Path, default=None)
@@ -120,7 +125,8 @@ def main(argv=None) -> int:
             res["errors"][name] = f"{type(e).__name__}: {e}"
 
     def engine_runs(model, label, configs, extra=None):
-        """Each config: one untimed pass (captures graphs), then `repeats` timed passes."""
+        """Each config: one untimed pass (captures graphs), then `repeats` timed passes; the
+        median pass is reported (and the best, and all)."""
         from server.engine.engine import Engine, EngineConfig
 
         rows = {}
@@ -128,17 +134,17 @@ def main(argv=None) -> int:
             eng = Engine(model, tok, EngineConfig(max_num_seqs=seqs, max_num_batched_tokens=2048,
                                                   static_decode=static))
             E.run_engine(model, tok, wl, max_num_seqs=seqs, max_num_batched_tokens=2048, engine=eng, tag="warm")
-            best = None
-            for r in range(a.repeats):
-                out = E.run_engine(model, tok, wl, max_num_seqs=seqs, max_num_batched_tokens=2048, engine=eng,
-                                   tag=f"t{r}")
-                if best is None or out["seconds"] < best["seconds"]:
-                    best = out
+            runs = [E.run_engine(model, tok, wl, max_num_seqs=seqs, max_num_batched_tokens=2048, engine=eng,
+                                 tag=f"t{r}") for r in range(a.repeats)]
+            runs.sort(key=lambda o: o["seconds"])
+            mid = runs[(len(runs) - 1) // 2]  # the median run (the faster middle one for an even count)
             key = f"{label} seqs={seqs} {'graphs' if static else 'eager'}"
-            rows[key] = {"tok_s": best["tokens"] / best["seconds"], "seconds": best["seconds"],
-                         "steps": best["steps"], "graphs": len(eng.static._graphs) if eng.static else 0}
+            rows[key] = {"tok_s": mid["tokens"] / mid["seconds"], "seconds": mid["seconds"],
+                         "best_tok_s": runs[0]["tokens"] / runs[0]["seconds"],
+                         "all_tok_s": [o["tokens"] / o["seconds"] for o in runs],
+                         "steps": mid["steps"], "graphs": len(eng.static._graphs) if eng.static else 0}
             if extra is not None:
-                extra[key] = best["outputs"]
+                extra[key] = mid["outputs"]
             del eng
             if dev.type == "cuda":
                 torch.cuda.synchronize()
@@ -150,21 +156,26 @@ def main(argv=None) -> int:
     m32 = E.load_engine_model(model_dir, "float32", str(dev))[0]
     m16 = E.load_engine_model(model_dir, fp16_name, str(dev))[0]
     hf32 = B.load_hf(model_dir, torch.float32, str(dev))
+    hf16 = B.load_hf(model_dir, fp16, str(dev))
+    naive_runs: dict = {}  # the main model's naive runs, timed once, shared by agreement and `naive`
 
     # 1. agreement ------------------------------------------------------------------
-    def agreement(m32, m16, hf32, model_dir):
+    def agreement(m32, m16, hf32, hf16, wl, naive=None):
         """Engine fp16 (graphs) vs engine fp32 (TF32 off) on every request; and, as the
-        control, HF's own fp16 vs HF fp32 (naive generate) on the first `naive_requests`."""
+        control, HF's own fp16 vs HF fp32 (naive generate) on the first `naive_requests`.
+        `naive`: a dict that keeps those naive runs' (outputs, seconds) by dtype."""
         ref = E.run_engine(m32, tok, wl, max_num_seqs=seqs0, max_num_batched_tokens=2048,
                            static_decode=False)["outputs"]
         got = E.run_engine(m16, tok, wl, max_num_seqs=seqs0, max_num_batched_tokens=2048,
                            static_decode=graphs)["outputs"]
         eq, lead = _same(got, ref)
-        hf16 = B.load_hf(model_dir, fp16, str(dev))
         n = a.naive_requests
-        naive32, _ = B.run_naive(hf32, wl, n)
-        naive16, _ = B.run_naive(hf16, wl, n)
+        runs = {"float32": B.run_naive(hf32, wl, n), fp16_name: B.run_naive(hf16, wl, n)}
+        if naive is not None:
+            naive.update(runs)
+        naive32, naive16 = runs["float32"][0], runs[fp16_name][0]
         distinct = sum(len(set(o)) for o in ref) / len(ref)
+        first = first_step_logits({"fp16": _ours(m16), "hf_fp16": _hf(hf16), "fp32": _ours(m32)}, hf32, wl, dev)
         return {"compared_requests": len(ref), "fp16_vs_fp32_identical": eq, "fp16_vs_fp32_mean_leading_equal": lead,
                 "fp32_engine_vs_hf_fp32_identical": _same(ref[:n], naive32)[0],
                 "control_hf_fp16_vs_hf_fp32_identical": _same(naive16, naive32)[0],
@@ -172,21 +183,25 @@ def main(argv=None) -> int:
                 "fp16_engine_vs_hf_fp16_identical": _same(got[:n], naive16)[0],
                 "fp16_engine_vs_fp32_engine_on_those": _same(got[:n], ref[:n])[0],
                 "control_requests": n, "mean_distinct_tokens_per_request_fp32": distinct,
-                "fp16_first_step": first_step_logits(_ours(m16), hf32, wl, dev),
-                "hf_fp16_first_step": first_step_logits(_hf(hf16), hf32, wl, dev),
-                "fp32_first_step": first_step_logits(_ours(m32), hf32, wl, dev)}
+                "soft_prompt_std": wl.meta.get("soft_prompt_std"),
+                "fp16_first_step": first["fp16"], "hf_fp16_first_step": first["hf_fp16"],
+                "fp32_first_step": first["fp32"]}
 
-    fenced("agreement", lambda: agreement(m32, m16, hf32, model_dir))
+    fenced("agreement", lambda: agreement(m32, m16, hf32, hf16, wl, naive_runs))
 
     def control(std):
+        """The same check on a random model of init std `std`, its soft prompts drawn with
+        that model's `wte` std (as the main workload's are with the main model's)."""
         from server.testmodel import make_test_model
 
         cdir = B.OUT_DIR / f"model-{a.size}-std{std:g}"
         if not (cdir / "config.json").exists():
             make_test_model(cdir, size=a.size, seed=0, init_std=std)
+        _, cwl = B.load_workload(cdir, n_tasks=a.tasks, n_requests=a.requests, prompt_len=32,
+                                 new_tokens=a.new_tokens, virtual=(8, 32), seed=0)
         c32 = E.load_engine_model(cdir, "float32", str(dev))[0]
         c16 = E.load_engine_model(cdir, fp16_name, str(dev))[0]
-        return agreement(c32, c16, B.load_hf(cdir, torch.float32, str(dev)), cdir)
+        return agreement(c32, c16, B.load_hf(cdir, torch.float32, str(dev)), B.load_hf(cdir, fp16, str(dev)), cwl)
 
     for std in a.control_std:
         fenced(f"agreement_std{std:g}", lambda: control(std))
@@ -209,7 +224,8 @@ def main(argv=None) -> int:
 
     def tasks_ratio():
         """One engine (graphs captured by an untimed pass), the same prompts over 1 and 64
-        tasks of 20 virtual tokens; best of `repeats`, prefixes warm and cold."""
+        tasks of 20 virtual tokens, prefixes warm and cold: the median ratio of `repeats`
+        back-to-back pairs."""
         from server.engine.engine import Engine, EngineConfig
 
         eng = Engine(m16, tok, EngineConfig(max_num_seqs=seqs0, max_num_batched_tokens=2048,
@@ -217,31 +233,36 @@ def main(argv=None) -> int:
         E.run_engine(m16, tok, wl, max_num_seqs=seqs0, max_num_batched_tokens=2048, engine=eng, tag="warm")
         out = {}
         for warm in (True, False):
-            tps = {}
-            for n in (1, 64):
-                w = wl.retasked(n, 20, 1000 + n)
-                tps[n] = max(x["tokens"] / x["seconds"] for x in (
-                    E.run_engine(m16, tok, w, max_num_seqs=seqs0, max_num_batched_tokens=2048, engine=eng,
-                                 tag=f"{n}-{warm}-{r}", warm_prefixes=warm) for r in range(a.repeats)))
-            state = "warm" if warm else "cold"
-            out[state] = {"tok_s_1_task": tps[1], "tok_s_64_tasks": tps[64], "ratio_64_over_1": tps[64] / tps[1]}
+            state, pairs = "warm" if warm else "cold", []
+            for r in range(a.repeats):  # back-to-back pairs, order alternating: drift cancels in each ratio
+                tps = {}
+                for n in ((1, 64) if r % 2 == 0 else (64, 1)):
+                    x = E.run_engine(m16, tok, wl.retasked(n, 20, 1000 + n), max_num_seqs=seqs0,
+                                     max_num_batched_tokens=2048, engine=eng, tag=f"{n}-{state}-{r}",
+                                     warm_prefixes=warm)
+                    tps[n] = x["tokens"] / x["seconds"]
+                pairs.append((tps[1], tps[64]))
+            pairs.sort(key=lambda p: p[1] / p[0])
+            one, many = pairs[(len(pairs) - 1) // 2]
+            out[state] = {"tok_s_1_task": one, "tok_s_64_tasks": many, "ratio_64_over_1": many / one,
+                          "pair_ratios": [m / o for o, m in pairs]}
         return out
 
     fenced("tasks_fp16", tasks_ratio)
 
     # 3. baselines on the same GPU --------------------------------------------------
     def naive():
+        """Timed inside `agreement` when it ran (the same runs), else here."""
         out = {}
-        for name, hf in (("float32", hf32), (fp16_name, B.load_hf(model_dir, fp16, str(dev)))):
-            outs, sec = B.run_naive(hf, wl, a.naive_requests)
+        for name, hf in (("float32", hf32), (fp16_name, hf16)):
+            outs, sec = naive_runs.get(name) or B.run_naive(hf, wl, a.naive_requests)
             out[name] = {"tok_s": sum(map(len, outs)) / sec, "requests": a.naive_requests}
         return out
 
     fenced("naive", naive)
 
     def grouped():
-        hf = B.load_hf(model_dir, fp16, str(dev))
-        outs, sec = B.run_grouped(hf, wl, 64)
+        outs, sec = B.run_grouped(hf16, wl, 64)
         return {fp16_name: {"tok_s": sum(map(len, outs)) / sec}}
 
     fenced("grouped", grouped)

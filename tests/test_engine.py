@@ -32,8 +32,7 @@ def test_requests_joining_mid_decode_are_exact(setup, token_major):
     eng = Engine(model, tok, EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, kv_token_major=token_major))
     assert eng.cache.token_major == token_major
     # torch.empty memory may hold NaN patterns: masked-out keys must never leak them
-    eng.cache._k.fill_(float("nan"))
-    eng.cache._v.fill_(float("nan"))
+    eng.cache._kv.fill_(float("nan"))
     g = torch.Generator().manual_seed(5)
     specs = [(n, torch.randint(0, 50257, (length,), generator=g).tolist(), mt)
              for n, length, mt in [(9, 30, 20), (1, 5, 12), (17, 2, 15), (4, 40, 10), (9, 7, 9), (1, 25, 14)]]
@@ -143,8 +142,7 @@ def test_static_decode_path_matches_dynamic(setup):
 
     def run(static):
         eng = Engine(model, tok, EngineConfig(max_num_seqs=6, max_num_batched_tokens=24, static_decode=static))
-        eng.cache._k.fill_(float("nan"))
-        eng.cache._v.fill_(float("nan"))
+        eng.cache._kv.fill_(float("nan"))
         reqs = [Request(f"r{i}", ids, _greedy(n, 10 + i), prefix_key=f"p{n}", soft_prompt=prompts[n])
                 for i, (n, ids) in enumerate(specs)]
         return [o.token_ids for o in eng.generate(reqs)]
@@ -152,6 +150,26 @@ def test_static_decode_path_matches_dynamic(setup):
     static = run(True)
     assert static == run(False)
     assert static[1] == peft_greedy(peft_model(base, prompts[17]), specs[1][1], 11)
+
+
+def test_static_decode_path_samples_like_dynamic(setup):
+    """A sampled request in the batch: the static step hands back logits (not its on-device
+    argmax), and seeded sampling gives what the dynamic path gives; greedy rows beside it
+    are unchanged."""
+    base, model, tok, prompts = setup
+    g = torch.Generator().manual_seed(3)
+    specs = [(n, torch.randint(0, 50257, (ln,), generator=g).tolist()) for n, ln in [(4, 6), (9, 11), (1, 2)]]
+    sampled = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True)
+
+    def run(static):
+        eng = Engine(model, tok, EngineConfig(max_num_seqs=4, max_num_batched_tokens=32, static_decode=static))
+        reqs = [Request(f"r{i}", ids, sampled if i == 1 else _greedy(n, 12), prefix_key=f"p{n}",
+                        soft_prompt=prompts[n]) for i, (n, ids) in enumerate(specs)]
+        return [o.token_ids for o in eng.generate(reqs)]
+
+    static = run(True)
+    assert static == run(False)
+    assert static[0] == peft_greedy(peft_model(base, prompts[4]), specs[0][1], 12)
 
 
 @pytest.mark.gpu
@@ -168,8 +186,17 @@ def test_cuda_graphs_fp16_agree_with_fp32_reference(setup, tiny_model_dir):
     assert eng.static is not None and eng.static.capture
     got = [o.token_ids for o in eng.generate(reqs())]
     assert eng.static._graphs  # decode steps were captured and replayed
+    assert gpu_model._head_full is not None and gpu_model._head_full.shape[0] % 64 == 0  # aligned LM head
     same = sum(a == b for a, b in zip(got, ref)) / len(ref)
     assert same >= 0.75, (got, ref)
+    # a seeded sampled request beside greedy ones: the graph hands back logits for sampling,
+    # and the same seed gives the same tokens twice; the greedy rows keep their tokens
+    sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=5, ignore_eos=True)
+    mixed = lambda: [Request(f"m{n}", ids, sampled if n == 4 else _greedy(n, 12), prefix_key=f"p{n}",
+                             soft_prompt=prompts[n]) for n in prompts]
+    first, second = ([o.token_ids for o in eng.generate(mixed())] for _ in range(2))
+    assert first == second
+    assert [t for t, n in zip(first, prompts) if n != 4] == [t for t, n in zip(got, prompts) if n != 4]
 
 
 def test_warm_prefix_ahead_of_first_request(setup):

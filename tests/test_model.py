@@ -21,6 +21,27 @@ def test_dense_logits_match_hf(tiny_model_dir):
     assert (got - ref).abs().max().item() < 1e-4
 
 
+def test_padded_lm_head_gives_the_same_logits(tiny_model_dir):
+    """`pad_head` (what CUDA models get): 50,257 -> 50,304 rows of zeros, logits sliced back;
+    the embedding becomes a view of the padded weight, not a second copy."""
+    plain = GPT2.from_pretrained(str(tiny_model_dir))
+    padded = GPT2.from_pretrained(str(tiny_model_dir))
+    padded._head = padded._screen = None  # the plain F.linear path, as on CUDA
+    padded.pad_head()
+    full = padded._head_full
+    assert full.shape == (50304, plain.spec.n_embd) and not full[50257:].any()
+    assert padded.wte.weight.data_ptr() == full.data_ptr() and padded.wte.weight.shape[0] == 50257
+    torch.manual_seed(2)
+    h = torch.randn(5, plain.spec.n_embd)
+    with torch.inference_mode():
+        got, ref = padded.logits(h), plain.logits(h)
+        assert got.shape == (5, 50257)
+        assert (got - ref).abs().max().item() < 1e-4
+        assert padded.greedy(h) == ref.argmax(-1).tolist()
+        ids = torch.tensor([1, 50256])
+        assert torch.equal(padded.wte(ids), plain.wte(ids))
+
+
 @pytest.mark.parametrize("token_major", [False, True], ids=["head-major", "token-major"])
 def test_step_forward_matches_dense_for_mixed_rows(tiny_model_dir, token_major):
     """Flattened decode + prefill rows over the slot cache == per-row dense forward."""

@@ -32,6 +32,11 @@ class QueueFull(RuntimeError):
     pass
 
 
+def _plain_greedy(p: SamplingParams) -> bool:
+    """Greedy with nothing else asked of the logits: the argmax is the whole answer."""
+    return p.greedy and p.logprobs is None and p.repetition_penalty == 1.0
+
+
 @dataclass
 class EngineConfig:
     max_num_seqs: int = 64
@@ -221,22 +226,21 @@ class Engine:
         if self.static is not None and not plan.prefill:
             sample_ids = plan.decode
             sampled_reqs = [self.requests[rid] for rid in sample_ids]
-            logits = self.static.logits(
+            greedy = all(_plain_greedy(r.params) for r in sampled_reqs)
+            tokens, logits = self.static.decode(
                 [r.slot for r in sampled_reqs],
                 [r.output_ids[-1] if r.output_ids else r.prompt_ids[-1] for r in sampled_reqs],
-                [r.prefix_len + self.scheduler.running[r.req_id].num_computed for r in sampled_reqs])
+                [r.prefix_len + self.scheduler.running[r.req_id].num_computed for r in sampled_reqs],
+                greedy=greedy)
+            tokens, lps = (tokens, [None] * len(tokens)) if greedy else \
+                sample(logits, [r.sampling for r in sampled_reqs])
         else:
             batch = build_step(plan, self.requests, self.scheduler.running, self.cache)
             hidden = self.model.forward_step(batch.ids, batch.positions, batch.meta, self.cache)
             sample_ids = batch.sample_ids
             sampled_reqs = [self.requests[rid] for rid in sample_ids]
-            logits = None
-        if not sampled_reqs:
-            tokens, lps = [], []
-        elif logits is None:
-            tokens, lps = self._pick(hidden[batch.sample_rows], [r.sampling for r in sampled_reqs])
-        else:
-            tokens, lps = sample(logits, [r.sampling for r in sampled_reqs])
+            tokens, lps = self._pick(hidden[batch.sample_rows], [r.sampling for r in sampled_reqs]) \
+                if sampled_reqs else ([], [])
         finished = set()
         for req, tok, lp in zip(sampled_reqs, tokens, lps):
             if self._append(req, tok, lp):
@@ -255,8 +259,7 @@ class Engine:
         plain: list[int] = []
         rest: list[int] = []
         for i, r in enumerate(rows):
-            p = r.params
-            (plain if p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 else rest).append(i)
+            (plain if _plain_greedy(r.params) else rest).append(i)
         if not rest:
             return self.model.greedy(hidden), [None] * len(rows)
         tokens: list[int] = [0] * len(rows)

@@ -15,11 +15,10 @@ import bisect
 
 import torch
 
-from server.engine.batch import additive_mask
 from server.model import GPT2, StepMeta
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-LEN_BUCKETS = (64, 128, 256, 512, 1024)
+LEN_BUCKETS = (64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
 class StaticDecoder:
@@ -30,61 +29,71 @@ class StaticDecoder:
         self.rows = [b for b in ROW_BUCKETS if b < cache.num_slots] + [cache.num_slots]
         self.lens = [s for s in LEN_BUCKETS if s < cache.max_len] + [cache.max_len]
         self._graphs: dict[tuple[int, int], tuple] = {}
+        self._staging: dict[int, torch.Tensor] = {}  # pinned host copies of each row bucket's inputs
         self._pool = None
 
     def bucket(self, rows: int, length: int) -> tuple[int, int]:
         return (self.rows[bisect.bisect_left(self.rows, rows)],
                 self.lens[bisect.bisect_left(self.lens, length)])
 
-    def logits(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """Logits `[len(slots), V]` for one decode token per slot."""
+    def decode(self, slots: list[int], tokens: list[int], positions: list[int], *,
+               greedy: bool) -> tuple[list[int] | None, torch.Tensor | None]:
+        """One decode token per slot. `greedy`: return each slot's argmax token (the step
+        computes it on the device, so only a few bytes come back) and no logits; else the
+        logits `[len(slots), V]` and no tokens."""
         b, s = self.bucket(max(slots) + 1, max(positions) + 1)
         for slot in slots:
             self.cache.prepare(slot, s)
-        dev = self.cache.k[0].device
-        ids = torch.zeros(b, dtype=torch.long)
-        pos = torch.zeros(b, dtype=torch.long)
-        wslot = torch.full((b,), self.trash, dtype=torch.long)
-        lens = torch.ones(b, dtype=torch.long)
-        idx = torch.tensor(slots)
-        ids[idx] = torch.tensor(tokens)
-        pos[idx] = torch.tensor(positions)
-        wslot[idx] = idx
-        lens[idx] = torch.tensor(positions) + 1
-        mask = additive_mask((torch.arange(s)[None, :] < lens[:, None]).view(b, 1, 1, s), self.cache.k[0].dtype, "cpu")
+        # one host tensor, one copy: token ids, positions, slots written, key lengths
+        ids, pos, wslot, lens = [0] * b, [0] * b, [self.trash] * b, [1] * b
+        for slot, tok, p in zip(slots, tokens, positions):
+            ids[slot], pos[slot], wslot[slot], lens[slot] = tok, p, slot, p + 1
+        host = torch.tensor([ids, pos, wslot, lens])
         if not self.capture:
-            out = self._forward(ids.to(dev), pos.to(dev), wslot.to(dev), mask.to(dev))
+            logits, top = self._forward(host.to(self.cache.k[0].device), s)
         else:
-            graph, inputs, out = self._graph(b, s)
-            for buf, val in zip(inputs, (ids, pos, wslot, mask)):
-                buf.copy_(val, non_blocking=True)
+            graph, inputs, (logits, top) = self._graph(b, s)
+            staging = self._staging[b]
+            staging.copy_(host)
+            inputs.copy_(staging, non_blocking=True)
             graph.replay()
-        return out[idx.to(dev)]
+        if greedy:
+            top = top.tolist()
+            return [top[slot] for slot in slots], None
+        return None, logits[torch.tensor(slots, device=logits.device)]
 
-    def _forward(self, ids, pos, wslot, mask) -> torch.Tensor:
+    def _forward(self, inputs: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The engine's own step (`GPT2.forward_step`) as a decode-only step over cache
-        slots `[0, b)` and keys `[0, s)`: fixed shapes, so it can be captured."""
-        b, s = ids.shape[0], mask.shape[-1]
+        slots `[0, b)` and keys `[0, s)`: fixed shapes, so it can be captured. `inputs`
+        `[4, b]`: ids, positions, slots written, key lengths. Returns logits and argmax."""
+        ids, pos, wslot, lens = inputs.unbind(0)
+        b = ids.shape[0]
+        allowed = torch.arange(s, device=inputs.device)[None, :] < lens[:, None]
+        mask = torch.zeros((), dtype=self.cache.k[0].dtype, device=inputs.device).masked_fill(
+            ~allowed, float("-inf")).view(b, 1, 1, s)
         meta = StepMeta(slot=wslot, n_decode=b, decode_rows=b, decode_len=s, decode_mask=mask)
-        return self.model.logits(self.model.forward_step(ids, pos, meta, self.cache))
+        logits = self.model.logits(self.model.forward_step(ids, pos, meta, self.cache))
+        return logits, logits.argmax(-1)
 
     def _graph(self, b: int, s: int):
         key = (b, s)
         if key not in self._graphs:
             dev = self.cache.k[0].device
-            inputs = (torch.zeros(b, dtype=torch.long, device=dev), torch.zeros(b, dtype=torch.long, device=dev),
-                      torch.full((b,), self.trash, dtype=torch.long, device=dev),
-                      torch.zeros(b, 1, 1, s, dtype=self.cache.k[0].dtype, device=dev))
+            inputs = torch.zeros(4, b, dtype=torch.long, device=dev)
+            inputs[2] = self.trash
+            inputs[3] = 1
+            if b not in self._staging:
+                self._staging[b] = torch.empty(4, b, dtype=torch.long).pin_memory()
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm up kernels and the allocator outside the graph
-                    self._forward(*inputs)
+                    self._forward(inputs, s)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self._pool):
-                out = self._forward(*inputs)
+                out = self._forward(inputs, s)
             self._graphs[key] = (graph, inputs, out)
         return self._graphs[key]

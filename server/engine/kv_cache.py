@@ -45,18 +45,19 @@ class KVCache:
         if token_major is None:
             token_major = token_major_default(device, dtype)
         self.token_major = token_major
-        # one spare slot past the end: padding rows of static-shape (CUDA-graph) steps write there
+        # one spare slot past the end: padding rows of static-shape (CUDA-graph) steps write there.
+        # Keys and values of a layer share one tensor (`kv[i]`: [2, slots, H, M, D] views), so
+        # a step writes both with one indexing op: one kernel instead of two on GPU.
         # torch.empty: pages never written are never touched, so memory grows with use.
         if token_major:
-            shape = (n_layer, num_slots + 1, max_len, n_head, head_dim)
-            self._k = torch.empty(shape, device=device, dtype=dtype).transpose(2, 3)
-            self._v = torch.empty(shape, device=device, dtype=dtype).transpose(2, 3)
+            shape = (n_layer, 2, num_slots + 1, max_len, n_head, head_dim)
+            self._kv = torch.empty(shape, device=device, dtype=dtype).transpose(3, 4)
         else:
-            shape = (n_layer, num_slots + 1, n_head, max_len, head_dim)
-            self._k = torch.empty(shape, device=device, dtype=dtype)
-            self._v = torch.empty(shape, device=device, dtype=dtype)
-        self.k = list(self._k.unbind(0))  # per layer [slots, H, M, D]
-        self.v = list(self._v.unbind(0))
+            shape = (n_layer, 2, num_slots + 1, n_head, max_len, head_dim)
+            self._kv = torch.empty(shape, device=device, dtype=dtype)
+        self.kv = list(self._kv.unbind(0))  # per layer [2, slots, H, M, D]
+        self.k = [kv[0] for kv in self.kv]  # per layer [slots, H, M, D]
+        self.v = [kv[1] for kv in self.kv]
         self.num_slots = num_slots
         self.max_len = max_len
         self._zeroed = [0] * num_slots  # positions [0, n) of each slot hold finite values
@@ -85,8 +86,7 @@ class KVCache:
             # in whole chunks: decode steps ask for one more position per step, and many
             # tiny strided writes cost more than one larger one
             length = min(self.max_len, -(-length // self.PREPARE_CHUNK) * self.PREPARE_CHUNK)
-            self._k[:, slot, :, z:length] = 0
-            self._v[:, slot, :, z:length] = 0
+            self._kv[:, :, slot, :, z:length] = 0
             self._zeroed[slot] = length
 
     def free(self, slot: int) -> None:
@@ -96,9 +96,8 @@ class KVCache:
         """Copy a task's prefix KV `[L, 2, H, n, D]` into positions 0..n-1 of `slot`."""
         n = prefix.shape[3]
         if n:
-            self._k[:, slot, :, :n] = prefix[:, 0]
-            self._v[:, slot, :, :n] = prefix[:, 1]
+            self._kv[:, :, slot, :, :n] = prefix
 
     @property
     def nbytes(self) -> int:
-        return self._k.nbytes + self._v.nbytes
+        return self._kv.nbytes
