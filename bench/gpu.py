@@ -86,6 +86,9 @@ def first_step_logits(fns: dict, hf32, wl: B.Workload, device) -> dict:
     return stats
 
 
+SECTIONS = ("agreement", "engine", "tasks", "naive", "grouped")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
@@ -98,8 +101,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--control-std", type=lambda s: [float(x) for x in s.split(",") if x], default=[0.05, 0.02],
                    help="also check fp16 agreement on random models of these init stds (0.02: GPT-2's own)")
+    p.add_argument("--sections", type=lambda s: set(s.split(",")), default=set(SECTIONS),
+                   help=f"comma-separated, of {','.join(SECTIONS)} (default: all)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
+    if a.sections - set(SECTIONS):
+        p.error(f"unknown sections {sorted(a.sections - set(SECTIONS))}")
     dev = torch.device(a.device)
     res: dict = {"args": {k: str(v) for k, v in vars(a).items()}, "torch": torch.__version__, "errors": {}}
     if dev.type == "cuda":
@@ -114,6 +121,8 @@ def main(argv=None) -> int:
     seqs0 = a.max_num_seqs[0]
 
     def fenced(name, fn):
+        if name.split("_")[0] not in a.sections:
+            return
         _log(name)
         t0 = time.perf_counter()
         try:

@@ -10,6 +10,8 @@ by an untimed pass), then times each decode step of a second pass three ways:
   for the result), and on CUDA the device time of the step's kernels (CUDA events around
   the model call);
 - the rest: scheduling, bookkeeping, detokenizing, on the host.
+Also the prefill step of those rows: wall time with every task's prefix computed in it
+(cold) and with the prefix cache warm, and a profile of the warm one.
 Then a `torch.profiler` trace of a few decode steps (`--out`: chrome trace + tables).
 Needs torch and transformers only.
 """
@@ -81,7 +83,11 @@ def main(argv=None) -> int:
             for r in reqs:
                 eng.add_request(r)
             walls = []
-            eng.step()  # the prefill
+            sync()
+            t0 = time.perf_counter()
+            eng.step()  # the prefill, every task's prefix computed in it (new prefix keys)
+            sync()
+            prefill_cold = 1e3 * (time.perf_counter() - t0)
             inner.clear()
             dev_ms.clear()
             while eng.num_running:
@@ -93,7 +99,8 @@ def main(argv=None) -> int:
             delattr(*target)  # the class's method again
             med = statistics.median
             key = f"rows={rows} {'graphs' if graphs else 'eager'}"
-            run = {"steps": len(walls), "step_ms": med(walls), "model_call_ms": med(inner),
+            run = {"prefill_cold_prefixes_ms": prefill_cold, "rows_prefilled": len(reqs),
+                   "steps": len(walls), "step_ms": med(walls), "model_call_ms": med(inner),
                    "host_rest_ms": med(w - i for w, i in zip(walls, inner)),
                    "device_ms": med(dev_ms) if dev_ms else None}
             # a profiler trace of a few decode steps
@@ -102,10 +109,21 @@ def main(argv=None) -> int:
             reqs = E._requests(sub, "trace", key_prefix="prof:")
             for r in reqs:
                 eng.add_request(r)
-            eng.step()
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            sync()
+            with profile(activities=acts) as pprof:  # the prefill again, prefixes warm now
+                t0 = time.perf_counter()
+                eng.step()
+                sync()
+                run["prefill_warm_prefixes_ms"] = 1e3 * (time.perf_counter() - t0)
+            pev = pprof.key_averages()
+            run["prefill_host_ops"] = sum(e.count for e in pev if e.key.startswith("aten::"))
+            if cuda:
+                run["prefill_kernel_ms"] = sum(e.self_device_time_total for e in pev) / 1e3
+                run["prefill_kernels"] = sum(e.count for e in pev if e.device_type.name == "CUDA")
+            print(pev.table(sort_by="cpu_time_total", row_limit=20), flush=True)
             for _ in range(3):
                 eng.step()
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
             sync()
             with profile(activities=acts) as prof:
                 for _ in range(a.trace_steps):

@@ -394,17 +394,18 @@ class GPT2(nn.Module):
 
     def prefix_kv_batch(self, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
         """`prefix_kv` of several soft prompts in one forward (right-padded: causal
-        attention keeps padding out of every real position)."""
+        attention keeps padding out of every real position). Prompts may live on the host:
+        they are batched there and moved to the model's device and dtype in one copy."""
         n_max = max(p.shape[0] for p in prompts)
         x = prompts[0].new_zeros(len(prompts), n_max, self.spec.n_embd)  # [B, n, C]
         for b, p in enumerate(prompts):
             x[b, : p.shape[0]] = p
+        w = self.wte.weight
+        x = x.to(device=w.device, dtype=w.dtype)
         pos = torch.arange(n_max, device=x.device).expand(len(prompts), n_max)
         _, kvs = self.forward_dense(x, pos)
-        return [
-            torch.stack([torch.stack([k[b, :, :n], v[b, :, :n]]) for k, v in kvs]).contiguous()
-            for b, n in enumerate(p.shape[0] for p in prompts)
-        ]
+        full = torch.stack([torch.stack(kv) for kv in kvs])  # [L, 2, B, H, n, D]: one copy per layer
+        return [full[:, :, b, :, :p.shape[0]].contiguous() for b, p in enumerate(prompts)]
 
     WARM_MAX_TOKENS = 2048  # larger steps are rare; their kernels are built when first seen
 

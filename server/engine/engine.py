@@ -302,8 +302,7 @@ class Engine:
         missing = {k: p for k, p in prompts.items() if k not in self.prefixes}
         if not missing:
             return {}
-        computed = dict(zip(missing, self.model.prefix_kv_batch([p.to(self.device, self.dtype)
-                                                                 for p in missing.values()])))
+        computed = dict(zip(missing, self.model.prefix_kv_batch(list(missing.values()))))
         for key, kv in computed.items():
             self.prefixes.put(key, kv)
         return computed
@@ -314,7 +313,7 @@ class Engine:
         if req.soft_prompt is not None:
             key, sp = req.prefix_key, req.soft_prompt
             prefix = self.prefixes.acquire(
-                key, lambda: fresh[key] if key in fresh else self.model.prefix_kv(sp.to(self.device, self.dtype)))
+                key, lambda: fresh[key] if key in fresh else self.model.prefix_kv(sp))
             self.cache.write_prefix(req.slot, prefix)
         gen = None
         if not req.params.greedy:
