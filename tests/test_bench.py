@@ -44,3 +44,17 @@ def test_cpu_bench_smoke_engine_and_http_exact(tiny_model_dir, tmp_path):
     for state in ("cold", "warm"):
         t = res["extra"][f"tasks_ratio_float32_{state}"]
         assert len(t["pair_ratios"]) == 2 and min(t["pair_ratios"]) <= t["ratio"] <= max(t["pair_ratios"])
+
+
+def test_step_profile_smoke_on_cpu(tmp_path):
+    """`python -m bench.step_profile` on CPU: both decode paths timed and profiled."""
+    from bench import step_profile
+
+    assert step_profile.main(["--device", "cpu", "--size", "tiny", "--rows", "4", "--graphs", "both",
+                              "--trace-steps", "1", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "step_profile.json").read_text())
+    assert set(res["runs"]) == {"rows=4 graphs", "rows=4 eager"}
+    for run in res["runs"].values():
+        assert run["steps"] > 0 and 0 < run["model_call_ms"] <= run["step_ms"]
+        assert run["prefill_cold_prefixes_ms"] > 0 and run["prefill_warm_prefixes_ms"] > 0
+    assert (tmp_path / "trace_rows4_graphs.json").exists()
