@@ -20,6 +20,7 @@ import torch
 class _Entry:
     kv: torch.Tensor
     refs: int = 0
+    for_request: bool = False  # computed for a waiting request: its first use is that request's miss
 
 
 class PrefixCache:
@@ -28,8 +29,11 @@ class PrefixCache:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        # hits/misses count requests (was the prefix there when the request came?);
+        # computed counts forward passes, including the ones made ahead of any request
         self.hits = 0
         self.misses = 0
+        self.computed = 0
         self.evictions = 0
 
     def acquire(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -39,7 +43,7 @@ class PrefixCache:
             if entry is not None:
                 self._entries.move_to_end(key)
                 entry.refs += 1
-                self.hits += 1
+                self._count_use(entry)
                 return entry.kv
         kv = compute()  # outside the lock: may run a forward pass
         with self._lock:
@@ -48,22 +52,31 @@ class PrefixCache:
                 entry = _Entry(kv)
                 self._entries[key] = entry
                 self._bytes += kv.nbytes
+                self.computed += 1
                 self.misses += 1
             else:
-                self.hits += 1
+                self._count_use(entry)
             entry.refs += 1
             self._entries.move_to_end(key)
             self._evict()
             return entry.kv
 
-    def put(self, key: str, kv: torch.Tensor) -> None:
-        """Insert a computed entry (unreferenced) unless present."""
+    def put(self, key: str, kv: torch.Tensor, *, for_request: bool = False) -> None:
+        """Insert a computed entry (unreferenced) unless present. `for_request`: computed
+        because a request needs it now (its `acquire` counts a miss), not ahead of time."""
         with self._lock:
             if key not in self._entries:
-                self._entries[key] = _Entry(kv)
+                self._entries[key] = _Entry(kv, for_request=for_request)
                 self._bytes += kv.nbytes
-                self.misses += 1
+                self.computed += 1
                 self._evict()
+
+    def _count_use(self, entry: _Entry) -> None:
+        if entry.for_request:
+            entry.for_request = False
+            self.misses += 1
+        else:
+            self.hits += 1
 
     def release(self, key: str) -> None:
         with self._lock:
@@ -92,7 +105,7 @@ class PrefixCache:
         with self._lock:
             return {
                 "entries": len(self._entries), "bytes": self._bytes, "max_bytes": self.max_bytes,
-                "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
+                "hits": self.hits, "misses": self.misses, "computed": self.computed, "evictions": self.evictions,
                 "in_use": sum(1 for e in self._entries.values() if e.refs),
             }
 

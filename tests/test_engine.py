@@ -204,11 +204,27 @@ def test_warm_prefix_ahead_of_first_request(setup):
     eng = Engine(model, tok, EngineConfig(max_num_seqs=2))
     eng.warm_prefix("v9", prompts[9])
     eng.step()  # no requests: only the warm-up runs
-    assert "v9" in eng.prefixes and eng.prefixes.stats()["misses"] == 1
+    assert "v9" in eng.prefixes and eng.prefixes.stats()["computed"] == 1
     ids = tok.encode("warm start")
     out = eng.generate([Request("w", ids, _greedy(9, 6), prefix_key="v9", soft_prompt=prompts[9])])[0]
-    assert eng.prefixes.stats()["misses"] == 1  # served from the warmed entry
+    st = eng.prefixes.stats()
+    assert (st["computed"], st["hits"], st["misses"]) == (1, 1, 0)  # served from the warmed entry
     assert out.token_ids == peft_greedy(peft_model(base, prompts[9]), ids, 6)
+
+
+def test_prefix_hits_and_misses_count_requests(setup):
+    """A request whose prefix had to be computed for it is a miss (once, not also a hit);
+    a second request of that task in the same step, and a later one, are hits."""
+    _, model, tok, prompts = setup
+    eng = Engine(model, tok, EngineConfig(max_num_seqs=4))
+    ids = tok.encode("count me")
+    req = lambda rid: Request(rid, ids, _greedy(4, 2), prefix_key="p4", soft_prompt=prompts[4])
+    eng.generate([req("a"), req("b")])  # admitted in one step: one computation
+    st = eng.prefixes.stats()
+    assert (st["computed"], st["misses"], st["hits"]) == (1, 1, 1)
+    eng.generate([req("c")])
+    st = eng.prefixes.stats()
+    assert (st["computed"], st["misses"], st["hits"]) == (1, 1, 2)
 
 
 def test_idle_engine_gathers_a_burst_then_stops_waiting(setup, monkeypatch):

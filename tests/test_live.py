@@ -111,13 +111,15 @@ def test_new_version_prefix_computed_before_first_request(live):
     """The server computes a new version's prefix KV on its own, before any request needs it."""
     url, _ = live
 
-    def entries() -> float:
+    def counter(name: str) -> float:
         text = httpx.get(f"{url}/metrics").text
-        return float(re.search(r"^polyprompt_prefix_cache_misses_total (\S+)", text, re.M).group(1))
+        return float(re.search(rf"^polyprompt_prefix_cache_{name}_total (\S+)", text, re.M).group(1))
 
-    before = entries()
+    before = {name: counter(name) for name in ("computed", "hits", "misses")}
     r = httpx.post(f"{url}/v1/tasks", json={"name": "prewarm", "num_virtual_tokens": 5, "seed": 4})
     assert r.status_code == 201
-    assert _seconds_until(lambda: entries() == before + 1) < 2.0  # no completion was sent
+    assert _seconds_until(lambda: counter("computed") == before["computed"] + 1) < 2.0  # no completion was sent
     served = _complete(url, "prewarm", "hello", 3)
-    assert served.status_code == 200 and entries() == before + 1  # the request hit the warm entry
+    assert served.status_code == 200 and counter("computed") == before["computed"] + 1
+    # the request found the warm entry: a hit, not a miss
+    assert counter("hits") == before["hits"] + 1 and counter("misses") == before["misses"]

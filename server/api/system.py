@@ -31,6 +31,7 @@ def metrics(rt: RuntimeDep) -> str:
         waiting=rt.engine.num_waiting, running=rt.engine.num_running, tasks=len(rt.tasks),
         extra={"prefix_cache_entries": pc["entries"], "prefix_cache_bytes": pc["bytes"],
                "prefix_cache_hits_total": pc["hits"], "prefix_cache_misses_total": pc["misses"],
+               "prefix_cache_computed_total": pc["computed"],
                "kv_cache_bytes": mem["kv_cache_bytes"],
                "per_task_prefix_kv_bytes": mem["per_task_prefix_kv_bytes"]},
     )

@@ -220,7 +220,8 @@ class Engine:
         if not plan:
             return
         admitted = [self.requests[rid] for rid in plan.admitted]
-        fresh = self._compute_prefixes({r.prefix_key: r.soft_prompt for r in admitted if r.soft_prompt is not None})
+        fresh = self._compute_prefixes({r.prefix_key: r.soft_prompt for r in admitted if r.soft_prompt is not None},
+                                       for_request=True)
         for req in admitted:
             self._admit(req, fresh)
         if self.static is not None and not plan.prefill:
@@ -296,15 +297,17 @@ class Engine:
             batch[key] = soft
         self._compute_prefixes(batch)
 
-    def _compute_prefixes(self, prompts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _compute_prefixes(self, prompts: dict[str, torch.Tensor], *,
+                          for_request: bool = False) -> dict[str, torch.Tensor]:
         """Prefix KV of every prompt new to the cache, in one batched forward; returns them
-        (a later `put` of the same batch may evict an earlier one when the cache is full)."""
+        (a later `put` of the same batch may evict an earlier one when the cache is full).
+        `for_request`: computed for requests admitted now (they count as misses)."""
         missing = {k: p for k, p in prompts.items() if k not in self.prefixes}
         if not missing:
             return {}
         computed = dict(zip(missing, self.model.prefix_kv_batch(list(missing.values()))))
         for key, kv in computed.items():
-            self.prefixes.put(key, kv)
+            self.prefixes.put(key, kv, for_request=for_request)
         return computed
 
     def _admit(self, req: Request, fresh: dict[str, torch.Tensor]) -> None:
