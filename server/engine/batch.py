@@ -26,13 +26,19 @@ class StepBatch:
 
 def build_step(plan: StepPlan, requests: dict[str, "Request"], seqs: dict[str, SeqState],
                cache: KVCache) -> StepBatch:
-    """Flatten the plan's rows; make every key position a row reads finite (`cache.prepare`)."""
+    """Flatten the plan's rows; make every key position a row reads finite (`cache.prepare`).
+
+    Every integer array of the step travels to the device in one copy (on a GPU, each
+    separate host-to-device copy is a synchronisation), and the masks are built there from
+    them.
+    """
     device, dtype = cache.k[0].device, cache.k[0].dtype
     ids: list[int] = []
     pos: list[int] = []
     slots: list[int] = []
     sample_rows: list[int] = []
     sample_ids: list[str] = []
+    host: dict[str, list[int]] = {}  # more arrays for the device, by name
 
     # decode rows, ordered by slot so the busy slots form a prefix of the cache
     decode = sorted((requests[rid] for rid in plan.decode), key=lambda r: r.slot)
@@ -54,15 +60,12 @@ def build_step(plan: StepPlan, requests: dict[str, "Request"], seqs: dict[str, S
         meta.decode_len = max(lens)
         for slot in slots:
             cache.prepare(slot, meta.decode_len)
-        dense = slots == list(range(nd))
         full = [1] * rows  # key lengths by slot; slots without a decode row attend to one key
         for slot, n in zip(slots, lens):
             full[slot] = n
-        full_t = torch.tensor(full, device=device)
-        meta.decode_mask = additive_mask(
-            (torch.arange(meta.decode_len, device=device)[None, :] < full_t[:, None]).view(
-                rows, 1, 1, meta.decode_len), dtype)
-        meta.decode_slots = None if dense else torch.tensor(slots, device=device)
+        host["decode_lens"] = full
+        if slots != list(range(nd)):
+            host["decode_slots"] = list(slots)
 
     # prefill rows (new prompts and chunks of long ones)
     if plan.prefill:
@@ -87,32 +90,46 @@ def build_step(plan: StepPlan, requests: dict[str, "Request"], seqs: dict[str, S
         length = max(p + n for p, n in zip(pasts, qlens))
         for slot in pslots:
             cache.prepare(slot, length)
-        # the mask is built where it is used: on a GPU, a few tiny kernels beat building
-        # [Bp, Tq, S] on the host and copying it over (measured: ~10-30 ms of host time a
-        # 64-row prefill on a 16-core GPU host, where each small CPU op wakes every thread)
-        t = torch.arange(tq, device=device)[None, :, None]  # [1, Tq, 1]
-        j = torch.arange(length, device=device)[None, None, :]  # [1, 1, S]
-        past_t = torch.tensor(pasts, device=device)[:, None, None]
-        qlen_t = torch.tensor(qlens, device=device)[:, None, None]
-        valid_q = t < qlen_t
-        mask = (j <= past_t + t) & valid_q
-        mask |= (~valid_q) & (j == 0)  # padded queries attend somewhere (no NaN), ignored
-        meta.prefill_slots = torch.tensor(pslots, device=device)
+        host.update(prefill_slots=pslots, prefill_dest=dest, pasts=pasts, qlens=qlens)
         if pslots == list(range(pslots[0], pslots[0] + len(pslots))):
             meta.prefill_start = pslots[0]  # consecutive slots: attend through a view, no gather
         meta.prefill_q = tq
         meta.prefill_len = length
-        meta.prefill_dest = torch.tensor(dest, device=device)
-        meta.prefill_mask = additive_mask(mask.unsqueeze(1), dtype)  # [Bp, 1, Tq, S]
 
-    meta.slot = torch.tensor(slots, device=device)
-    return StepBatch(
-        ids=torch.tensor(ids, device=device),
-        positions=torch.tensor(pos, device=device),
-        meta=meta,
-        sample_rows=torch.tensor(sample_rows, device=device),
-        sample_ids=sample_ids,
-    )
+    dev = _to_device(dict(ids=ids, pos=pos, slot=slots, sample_rows=sample_rows, **host), device)
+    meta.slot = dev["slot"]
+    if nd:
+        # the masks are built where they are used: on a GPU, a few tiny kernels beat building
+        # them on the host and copying them over (measured: ~30 ms of host CPU a 64-row
+        # prefill on a 16-core GPU host, where every small CPU op wakes all threads)
+        meta.decode_mask = additive_mask(
+            (torch.arange(meta.decode_len, device=device)[None, :] < dev["decode_lens"][:, None]).view(
+                meta.decode_rows, 1, 1, meta.decode_len), dtype)
+        meta.decode_slots = dev.get("decode_slots")
+    if plan.prefill:
+        t = torch.arange(meta.prefill_q, device=device)[None, :, None]  # [1, Tq, 1]
+        j = torch.arange(meta.prefill_len, device=device)[None, None, :]  # [1, 1, S]
+        past_t = dev["pasts"][:, None, None]
+        valid_q = t < dev["qlens"][:, None, None]
+        mask = (j <= past_t + t) & valid_q
+        mask |= (~valid_q) & (j == 0)  # padded queries attend somewhere (no NaN), ignored
+        meta.prefill_slots = dev["prefill_slots"]
+        meta.prefill_dest = dev["prefill_dest"]
+        meta.prefill_mask = additive_mask(mask.unsqueeze(1), dtype)  # [Bp, 1, Tq, S]
+    return StepBatch(ids=dev["ids"], positions=dev["pos"], meta=meta, sample_rows=dev["sample_rows"],
+                     sample_ids=sample_ids)
+
+
+def _to_device(arrays: dict[str, list[int]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Integer lists -> int64 tensors on `device`, as slices of one tensor copied once."""
+    flat = torch.tensor([v for a in arrays.values() for v in a], dtype=torch.long)
+    if flat.device != device:
+        flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
+    out, i = {}, 0
+    for name, a in arrays.items():
+        out[name] = flat[i:i + len(a)]
+        i += len(a)
+    return out
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
