@@ -212,6 +212,25 @@ def test_warm_prefix_ahead_of_first_request(setup):
     assert out.token_ids == peft_greedy(peft_model(base, prompts[9]), ids, 6)
 
 
+def test_rows_of_one_task_admitted_together_share_one_prefix_copy(setup, monkeypatch):
+    """Three rows of one task and one of another admitted in one step: the prefix goes
+    into the three slots in one write, and every row still equals PEFT's greedy output."""
+    base, model, tok, prompts = setup
+    eng = Engine(model, tok, EngineConfig(max_num_seqs=4))
+    eng.cache._kv.fill_(float("nan"))
+    writes = []
+    real = eng.cache.write_prefix
+    monkeypatch.setattr(eng.cache, "write_prefix", lambda slots, p: writes.append(list(slots)) or real(slots, p))
+    g = torch.Generator().manual_seed(21)
+    specs = [(9, torch.randint(0, 50257, (ln,), generator=g).tolist()) for ln in (4, 11, 7)]
+    specs.append((4, torch.randint(0, 50257, (5,), generator=g).tolist()))
+    outs = eng.generate([Request(f"s{i}", ids, _greedy(n, 8), prefix_key=f"p{n}", soft_prompt=prompts[n])
+                         for i, (n, ids) in enumerate(specs)])
+    assert sorted(map(len, writes)) == [1, 3]
+    for (n, ids), out in zip(specs, outs):
+        assert out.token_ids == peft_greedy(peft_model(base, prompts[n]), ids, 8)
+
+
 def test_prefix_hits_and_misses_count_requests(setup):
     """A request whose prefix had to be computed for it is a miss (once, not also a hit);
     a second request of that task in the same step, and a later one, are hits."""
@@ -375,3 +394,18 @@ def test_prefixes_of_one_batch_are_not_recomputed_when_the_cache_is_full(setup, 
     assert eng.prefixes.stats()["evictions"] >= 1  # the cap did bite
     for (n, ids), out in zip(specs, outs):
         assert out.token_ids == peft_greedy(peft_model(base, prompts[n]), ids, 5)
+
+
+@pytest.mark.parametrize("token_major", [False, True], ids=["head-major", "token-major"])
+def test_write_prefix_into_several_slots(token_major):
+    from server.engine.kv_cache import KVCache
+
+    c = KVCache(n_layer=2, n_head=3, head_dim=4, max_len=16, num_slots=4, device="cpu", dtype=torch.bfloat16,
+                token_major=token_major)
+    c._kv.zero_()
+    p = torch.randn(2, 2, 3, 5, 4).to(torch.bfloat16)  # [L, 2, H, n, D]
+    c.write_prefix([0, 2], p)
+    for s in (0, 2):
+        for layer in (0, 1):
+            assert torch.equal(c.k[layer][s, :, :5], p[layer, 0]) and torch.equal(c.v[layer][s, :, :5], p[layer, 1])
+    assert not c._kv[:, :, [1, 3]].any() and not c.k[0][0, :, 5:].any()

@@ -222,8 +222,13 @@ class Engine:
         admitted = [self.requests[rid] for rid in plan.admitted]
         fresh = self._compute_prefixes({r.prefix_key: r.soft_prompt for r in admitted if r.soft_prompt is not None},
                                        for_request=True)
+        share: dict[str, tuple[torch.Tensor, list[int]]] = {}  # by prefix: one copy into all its new slots
         for req in admitted:
-            self._admit(req, fresh)
+            prefix = self._admit(req, fresh)
+            if prefix is not None:
+                share.setdefault(req.prefix_key, (prefix, []))[1].append(req.slot)
+        for prefix, slots in share.values():
+            self.cache.write_prefix(slots, prefix)
         if self.static is not None and not plan.prefill:
             sample_ids = plan.decode
             sampled_reqs = [self.requests[rid] for rid in sample_ids]
@@ -310,14 +315,16 @@ class Engine:
             self.prefixes.put(key, kv, for_request=for_request)
         return computed
 
-    def _admit(self, req: Request, fresh: dict[str, torch.Tensor]) -> None:
+    def _admit(self, req: Request, fresh: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Give a new request its slot and sampling state; returns its prefix KV (held
+        until `_release`) for the caller to copy into the slot, None without a soft prompt."""
         req.slot = self.cache.allocate()
         self.cache.prepare(req.slot, req.prefix_len + len(req.prompt_ids) + req.params.max_tokens)
+        prefix = None
         if req.soft_prompt is not None:
             key, sp = req.prefix_key, req.soft_prompt
             prefix = self.prefixes.acquire(
                 key, lambda: fresh[key] if key in fresh else self.model.prefix_kv(sp))
-            self.cache.write_prefix(req.slot, prefix)
         gen = None
         if not req.params.greedy:
             gen = torch.Generator(device=self.device)
@@ -327,6 +334,7 @@ class Engine:
         req.sampling = RowSampling(req.params, gen, seen)
         req.detok = Detokenizer(self.tokenizer, req.params.stop, eos_token_id=self.model.spec.eos_token_id)
         self.stats["prompt_tokens"] += len(req.prompt_ids)
+        return prefix
 
     def _release(self, req: Request) -> None:
         if req.slot >= 0:

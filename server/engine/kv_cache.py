@@ -92,11 +92,17 @@ class KVCache:
     def free(self, slot: int) -> None:
         heapq.heappush(self._free, slot)
 
-    def write_prefix(self, slot: int, prefix: torch.Tensor) -> None:
-        """Copy a task's prefix KV `[L, 2, H, n, D]` into positions 0..n-1 of `slot`."""
+    def write_prefix(self, slots: list[int], prefix: torch.Tensor) -> None:
+        """Copy a task's prefix KV `[L, 2, H, n, D]` into positions 0..n-1 of each of
+        `slots`, in one op (rows of the same task admitted together share it)."""
         n = prefix.shape[3]
-        if n:
-            self._kv[:, :, slot, :, :n] = prefix
+        if not n or not slots:
+            return
+        if len(slots) == 1:
+            self._kv[:, :, slots[0], :, :n] = prefix
+        else:
+            idx = torch.tensor(slots, device=self._kv.device)
+            self._kv[:, :, idx, :, :n] = prefix.unsqueeze(2)  # broadcast over the slots
 
     @property
     def nbytes(self) -> int:
