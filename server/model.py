@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server import cpu_kernels
+
 if TYPE_CHECKING:  # pragma: no cover
     from server.engine.kv_cache import KVCache
 
@@ -197,6 +199,7 @@ class GPT2(nn.Module):
         self._screen: Linear | None = None  # bf16 copy of the LM head for exact greedy, see `greedy`
         self._screen_bound = 0.0
         self._screen_calls = self._screen_fallbacks = 0
+        self._attn_kernel = None  # native CPU decode attention (ctypes library), see `pack`
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -228,6 +231,22 @@ class GPT2(nn.Module):
         object.__setattr__(self, "_head", head)  # not a submodule: no duplicate parameters
         if w.dtype == torch.float32 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
             self.enable_greedy_screen(batch_hint)
+        self.set_native_attention(True)
+
+    def set_native_attention(self, on: bool) -> bool:
+        """Decode rows' attention through the native CPU kernel (`server.cpu_kernels`) when
+        `on` and it can run here (CPU, fp32/bf16, AVX-512, a C compiler); else SDPA.
+        Returns whether the kernel is in use."""
+        w = self.wte.weight
+        lib = None
+        if on and w.device.type == "cpu" and cpu_kernels.supports(w.dtype, self.spec.head_dim, self.spec.n_positions):
+            lib = cpu_kernels.load()
+        object.__setattr__(self, "_attn_kernel", lib)
+        return lib is not None
+
+    @property
+    def native_attention(self) -> bool:
+        return self._attn_kernel is not None
 
     def enable_greedy_screen(self, batch_hint: int = 128) -> None:
         """Keep a bf16 copy of the LM head (packed for oneDNN) to screen greedy rows; see `greedy`."""
@@ -445,12 +464,15 @@ class GPT2(nn.Module):
         x = _pad_rows(self.wte(ids) + self.wpe(positions), rows)  # [rows, C]
         a_pad = x.new_zeros(rows, s.n_embd) if rows > n else None
         c = s.n_embd
+        nd = meta.n_decode
+        # native decode attention: each decode row reads its own slot up to its own length
+        native = (meta.slot[:nd], positions[:nd] + 1) if nd and self._attn_kernel is not None else None
         for i, blk in enumerate(self.h):
             qkv = blk.attn.c_attn(blk.ln_1(x))[:n]  # [N, 3C]
             # keys and values of every token into the cache, in one write: [N, 2, H, D]
             cache.kv[i][:, meta.slot, :, positions] = qkv[:, c:].view(n, 2, s.n_head, s.head_dim)
             q = qkv[:, :c].view(n, s.n_head, s.head_dim)
-            a = self._attend(q, cache.k[i], cache.v[i], meta).reshape(n, c)  # [N, C]
+            a = self._attend(q, cache.k[i], cache.v[i], meta, native).reshape(n, c)  # [N, C]
             if a_pad is not None:
                 a_pad[:n] = a
                 a = a_pad
@@ -458,15 +480,19 @@ class GPT2(nn.Module):
             x = x + blk.mlp_forward(x)
         return x[:n]
 
-    @staticmethod
-    def _attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: StepMeta) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: StepMeta,
+                native: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """`native`: (slots, key lengths) of the decode rows, for the native CPU kernel."""
         nd = meta.n_decode
-        if nd == q.shape[0]:
-            return _decode_attention(q, kc, vc, meta)
-        pre = _prefill_attention(q[nd:], kc, vc, meta)
         if nd == 0:
-            return pre
-        return torch.cat([_decode_attention(q[:nd], kc, vc, meta), pre])
+            return _prefill_attention(q, kc, vc, meta)
+        if native is not None:
+            dec = cpu_kernels.decode_attention(self._attn_kernel, q[:nd], kc, vc, *native)
+        else:
+            dec = _decode_attention(q[:nd], kc, vc, meta)
+        if nd == q.shape[0]:
+            return dec
+        return torch.cat([dec, _prefill_attention(q[nd:], kc, vc, meta)])
 
 
 def _decode_attention(q, kc, vc, meta: StepMeta) -> torch.Tensor:

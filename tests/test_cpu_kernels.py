@@ -1,0 +1,98 @@
+"""The native CPU decode-attention kernel (`server.cpu_kernels`) against SDPA, and its fallbacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from server import cpu_kernels
+from server.engine.kv_cache import KVCache
+
+LIB = cpu_kernels.load()
+needs_kernel = pytest.mark.skipif(LIB is None, reason="the native kernel cannot run here (no AVX-512 or no C compiler)")
+
+
+def _reference(q, cache, layer, slots, lens):
+    """Per row: float64 SDPA over its own slot's first `len` positions."""
+    out = []
+    for b, (slot, n) in enumerate(zip(slots.tolist(), lens.tolist())):
+        k = cache.k[layer][slot, :, :n].double()  # [H, n, D]
+        v = cache.v[layer][slot, :, :n].double()
+        out.append(F.scaled_dot_product_attention(q[b].double().unsqueeze(1), k, v).squeeze(1))
+    return torch.stack(out)  # [B, H, D]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("token_major", [False, True], ids=["head-major", "token-major"])
+def test_decode_attention_matches_sdpa(dtype, token_major):
+    g = torch.Generator().manual_seed(0)
+    h, d, max_len = 4, 64, 300
+    cache = KVCache(n_layer=2, n_head=h, head_dim=d, max_len=max_len, num_slots=6, device="cpu",
+                    dtype=dtype, token_major=token_major)
+    cache._kv.copy_(torch.randn(cache._kv.shape, generator=g) * 2)
+    # rows out of slot order, lengths 1, not multiples of 16, and the whole slot; nothing
+    # past a row's length may be read: fill the rest of its slot with NaN
+    slots = torch.tensor([4, 0, 2, 5, 1])
+    lens = torch.tensor([1, 17, 40, 300, 129])
+    for slot, n in zip(slots.tolist(), lens.tolist()):
+        cache._kv[:, :, slot, :, n:] = float("nan")
+    q = (torch.randn(len(slots), h, 3 * d, generator=g) * 2).to(dtype)[:, :, d:2 * d]  # strided, as in a step
+    layer = 1
+    got = cpu_kernels.decode_attention(LIB, q, cache.k[layer], cache.v[layer], slots, lens)
+    assert got.dtype == dtype and got.shape == (len(slots), h, d)
+    ref = _reference(q, cache, layer, slots, lens)
+    err = (got.double() - ref).abs().max().item()
+    if dtype == torch.float32:
+        assert err < 1e-5
+    else:  # as close as SDPA's own bf16 kernel gets (its output is rounded to bf16 too)
+        sdpa = torch.stack([F.scaled_dot_product_attention(
+            q[b].unsqueeze(1), cache.k[layer][s, :, :n], cache.v[layer][s, :, :n]).squeeze(1)
+            for b, (s, n) in enumerate(zip(slots.tolist(), lens.tolist()))])
+        assert err <= 1.5 * (sdpa.double() - ref).abs().max().item() + 1e-6
+    assert torch.isfinite(got).all()
+
+
+@needs_kernel
+def test_decode_attention_rejects_mismatched_layouts():
+    cache = KVCache(n_layer=1, n_head=2, head_dim=16, max_len=8, num_slots=2, device="cpu", dtype=torch.float32)
+    q = torch.zeros(1, 2, 16)
+    with pytest.raises(ValueError):
+        cpu_kernels.decode_attention(LIB, q, cache.k[0], cache.v[0].transpose(1, 2).contiguous().transpose(1, 2),
+                                     torch.tensor([0]), torch.tensor([1]))
+    with pytest.raises(ValueError):
+        cpu_kernels.decode_attention(LIB, q, cache.k[0], cache.v[0], torch.tensor([0], dtype=torch.int32),
+                                     torch.tensor([1]))
+
+
+def _load_in_subprocess(tmp_path, **env) -> str:
+    code = "from server import cpu_kernels; print(cpu_kernels.load() is not None)"
+    run_env = {**os.environ, "POLYPROMPT_KERNEL_CACHE": str(tmp_path), **env}
+    proc = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_kernels_can_be_switched_off(tmp_path):
+    assert _load_in_subprocess(tmp_path, POLYPROMPT_CPU_KERNELS="0") == "False"
+
+
+def test_a_failing_compiler_falls_back_to_sdpa(tmp_path):
+    """No usable compiler: load() says None (the model keeps SDPA) instead of failing."""
+    assert _load_in_subprocess(tmp_path, CC="/bin/false") == "False"
+    assert not list(tmp_path.rglob("*.so"))
+
+
+@needs_kernel
+def test_build_is_cached_by_source_and_flags(tmp_path):
+    assert _load_in_subprocess(tmp_path) == "True"
+    built = list(tmp_path.rglob("*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    assert _load_in_subprocess(tmp_path) == "True"  # second process: loads the cached build
+    assert built[0].stat().st_mtime_ns == mtime and len(list(tmp_path.rglob("*.so"))) == 1
