@@ -199,7 +199,7 @@ class GPT2(nn.Module):
         self._screen: Linear | None = None  # bf16 copy of the LM head for exact greedy, see `greedy`
         self._screen_bound = 0.0
         self._screen_calls = self._screen_fallbacks = 0
-        self._attn_kernel = None  # native CPU decode attention (ctypes library), see `pack`
+        self._native = None  # native CPU kernels (ctypes library), see `set_native_kernels`
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -231,22 +231,22 @@ class GPT2(nn.Module):
         object.__setattr__(self, "_head", head)  # not a submodule: no duplicate parameters
         if w.dtype == torch.float32 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
             self.enable_greedy_screen(batch_hint)
-        self.set_native_attention(True)
+        self.set_native_kernels(True)
 
-    def set_native_attention(self, on: bool) -> bool:
-        """Decode rows' attention through the native CPU kernel (`server.cpu_kernels`) when
-        `on` and it can run here (CPU, fp32/bf16, AVX-512, a C compiler); else SDPA.
-        Returns whether the kernel is in use."""
+    def set_native_kernels(self, on: bool) -> bool:
+        """Use the native CPU kernels (`server.cpu_kernels`: decode rows' attention, bf16
+        greedy argmax) when `on` and they can run here (CPU, fp32/bf16, AVX-512, a C
+        compiler); else SDPA and torch reductions. Returns whether they are in use."""
         w = self.wte.weight
         lib = None
         if on and w.device.type == "cpu" and cpu_kernels.supports(w.dtype, self.spec.head_dim, self.spec.n_positions):
             lib = cpu_kernels.load()
-        object.__setattr__(self, "_attn_kernel", lib)
+        object.__setattr__(self, "_native", lib)
         return lib is not None
 
     @property
-    def native_attention(self) -> bool:
-        return self._attn_kernel is not None
+    def native_kernels(self) -> bool:
+        return self._native is not None
 
     def enable_greedy_screen(self, batch_hint: int = 128) -> None:
         """Keep a bf16 copy of the LM head (packed for oneDNN) to screen greedy rows; see `greedy`."""
@@ -347,7 +347,9 @@ class GPT2(nn.Module):
         """
         if self._screen is None:
             logits = self.logits(hidden)
-            return _argmax_rows(logits) if logits.dtype == torch.bfloat16 else logits.argmax(-1).tolist()
+            if logits.dtype != torch.bfloat16:
+                return logits.argmax(-1).tolist()
+            return cpu_kernels.argmax_rows(self._native, logits) if self._native is not None else _argmax_rows(logits)
         r = hidden.shape[0]
         h = self.ln_f(hidden)  # [R, C] fp32
         lb = _bucketed(self._screen, h.to(torch.bfloat16))  # [R, V] bf16
@@ -466,7 +468,7 @@ class GPT2(nn.Module):
         c = s.n_embd
         nd = meta.n_decode
         # native decode attention: each decode row reads its own slot up to its own length
-        native = (meta.slot[:nd], positions[:nd] + 1) if nd and self._attn_kernel is not None else None
+        native = (meta.slot[:nd], positions[:nd] + 1) if nd and self._native is not None else None
         for i, blk in enumerate(self.h):
             qkv = blk.attn.c_attn(blk.ln_1(x))[:n]  # [N, 3C]
             # keys and values of every token into the cache, in one write: [N, 2, H, D]
@@ -487,7 +489,7 @@ class GPT2(nn.Module):
         if nd == 0:
             return _prefill_attention(q, kc, vc, meta)
         if native is not None:
-            dec = cpu_kernels.decode_attention(self._attn_kernel, q[:nd], kc, vc, *native)
+            dec = cpu_kernels.decode_attention(self._native, q[:nd], kc, vc, *native)
         else:
             dec = _decode_attention(q[:nd], kc, vc, meta)
         if nd == q.shape[0]:

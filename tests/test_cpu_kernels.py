@@ -96,3 +96,21 @@ def test_build_is_cached_by_source_and_flags(tmp_path):
     mtime = built[0].stat().st_mtime_ns
     assert _load_in_subprocess(tmp_path) == "True"  # second process: loads the cached build
     assert built[0].stat().st_mtime_ns == mtime and len(list(tmp_path.rglob("*.so"))) == 1
+
+
+@needs_kernel
+@pytest.mark.parametrize("vocab", [5, 16, 50257])
+def test_argmax_rows_is_torch_argmax(vocab):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(9, vocab + 3, generator=g) * 3).to(torch.bfloat16)[:, :vocab]  # strided rows
+    x[1] = x[1].round()  # many ties: the first maximum wins
+    x[2] = float("-inf")
+    x[3, vocab // 2] = float("nan")  # torch: a NaN is the maximum
+    x[3, vocab - 1] = float("nan")
+    x[4, -1] = 100.0  # in the tail past the last whole group of 16
+    x[5, 0] = 100.0
+    x[6] = 7.0  # all equal
+    x[7, vocab // 3] = float("inf")
+    assert cpu_kernels.argmax_rows(LIB, x) == x.argmax(-1).tolist()
+    with pytest.raises(ValueError):
+        cpu_kernels.argmax_rows(LIB, x.float())

@@ -1,13 +1,17 @@
-/* Decode attention on CPU: one query per row over its own slot of the KV cache.
+/* polyprompt's native CPU kernels (AVX-512F/BW), built at runtime by server/cpu_kernels.py
+ * with the machine's compiler and loaded with ctypes.
+ *
+ * decode_attention_*: one query per row over its own slot of the KV cache.
  *
  * For each decode row b and head h: scores over the row's own keys 0..len-1 (nothing
  * past its length is read, unlike a padded SDPA call with a mask), softmax in float32,
  * then the weighted sum of its values. K and V are read straight from the cache in
  * whatever memory order it has (strides in elements), in float32 or bfloat16 with float32
- * accumulation. Rows x heads are split over OpenMP threads (torch's own runtime: the
- * library is loaded into a process that already has libgomp.so.1).
+ * accumulation.
+ * argmax_rows_bf16: torch.argmax over the last dim of bf16 logits, in one pass.
  *
- * Built at runtime by server/cpu_kernels.py with the machine's compiler (AVX-512F/BW).
+ * Work is split over OpenMP threads: torch's own runtime, since the library is loaded into
+ * a process that already has libgomp.so.1, and the caller passes torch's thread count.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -102,3 +106,46 @@ static inline __m512 exp_nonpos(__m512 x) {
 
 DECODE_ATTENTION(decode_attention_f32, float, load_f32, store_f32)
 DECODE_ATTENTION(decode_attention_bf16, uint16_t, load_bf16, store_bf16)
+
+/* out[r] = torch.argmax(x[r, :V]): the first index of the row's maximum, a NaN counting as
+ * the maximum (its first index wins). x: bf16 rows with stride rs (elements). */
+void argmax_rows_bf16(const uint16_t *x, int64_t rs, int64_t V, int R, int64_t *out, int threads) {
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")
+    for (int r = 0; r < R; r++) {
+        const uint16_t *p = x + r * rs;
+        __m512 best = _mm512_set1_ps(-INFINITY);
+        __m512i best_idx = _mm512_setzero_si512();
+        __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512i step = _mm512_set1_epi32(16);
+        __mmask16 nan = 0;
+        int64_t v = 0;
+        for (; v + 16 <= V; v += 16) {  /* per lane: strictly greater keeps the first */
+            const __m512 y = load_bf16(p + v);
+            const __mmask16 gt = _mm512_cmp_ps_mask(y, best, _CMP_GT_OQ);
+            nan |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+            best = _mm512_mask_mov_ps(best, gt, y);
+            best_idx = _mm512_mask_mov_epi32(best_idx, gt, idx);
+            idx = _mm512_add_epi32(idx, step);
+        }
+        if (v < V) {
+            const __mmask16 live = (__mmask16)((1u << (V - v)) - 1);
+            __m512 y = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p + v)), 16));
+            y = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), y);
+            const __mmask16 gt = _mm512_cmp_ps_mask(y, best, _CMP_GT_OQ);
+            nan |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+            best = _mm512_mask_mov_ps(best, gt, y);
+            best_idx = _mm512_mask_mov_epi32(best_idx, gt, idx);
+        }
+        if (nan) {  /* rare: the first NaN is the answer */
+            int64_t i = 0;
+            while (i < V && (p[i] & 0x7fff) <= 0x7f80) i++;
+            out[r] = i;
+            continue;
+        }
+        /* across lanes: the lowest index among the lanes holding the maximum */
+        const float m = _mm512_reduce_max_ps(best);
+        const __mmask16 eq = _mm512_cmp_ps_mask(best, _mm512_set1_ps(m), _CMP_EQ_OQ);
+        out[r] = _mm512_mask_reduce_min_epi32(eq, best_idx);
+    }
+}
