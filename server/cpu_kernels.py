@@ -1,11 +1,12 @@
 """Native CPU kernels, compiled on first use with the machine's C compiler.
 
-Two kernels, in `csrc/kernels.c`: decode attention (`decode_attention`) and the argmax
-of bf16 logits (`argmax_rows`). A bf16 decode step on this project's 2-core reference CPU spent ~30 % of its time in
+Three kernels, in `csrc/kernels.c`: decode attention (`decode_attention`), the argmax
+of bf16 logits (`argmax_rows`) and the KV-cache write of a step (`write_kv`). A bf16 decode step on this project's 2-core reference CPU spent ~30 % of its time in
 SDPA's CPU kernel: one query per row, every row padded to the step's longest row and
 masked, and per (row, head) overheads that dominate at these sizes. The native kernel
 reads each row's own keys only, straight from the cache, and runs at memory speed.
-The argmax replaces ~2 ms of block-wise reductions per 64-row bf16 step with one pass.
+The argmax replaces ~2 ms of block-wise reductions per 64-row bf16 step with one pass;
+the cache write is a row copy per token instead of an advanced-indexing `index_put_`.
 
 The library is built with `cc -O3 -fopenmp -mavx512f -mavx512bw` (~1 s) into a cache
 folder keyed by the source and the flags, and loaded with ctypes (no torch headers, no
@@ -108,6 +109,8 @@ def load() -> ctypes.CDLL | None:
             fn.restype = None
         lib.argmax_rows_bf16.argtypes = [p, i64, i64, i32, p, i32]
         lib.argmax_rows_bf16.restype = None
+        lib.write_kv.argtypes = [p, i64, i64, i64, p, i64, i64, i64, i64, p, p, i32, i32, i32, i32, i32]
+        lib.write_kv.restype = None
         _lib = lib
         return _lib
 
@@ -147,3 +150,18 @@ def argmax_rows(lib: ctypes.CDLL, logits: torch.Tensor) -> list[int]:
     out = torch.empty(r, dtype=torch.int64)
     lib.argmax_rows_bf16(logits.data_ptr(), logits.stride(0), v, r, out.data_ptr(), torch.get_num_threads())
     return out.tolist()
+
+
+def write_kv(lib: ctypes.CDLL, kv: torch.Tensor, src: torch.Tensor, slots: torch.Tensor,
+             pos: torch.Tensor) -> None:
+    """`kv[:, slots, :, pos] = src`: kv is one layer's cache `[2, slots, H, max_len, D]` (a
+    view, unit stride in D), src `[N, 2, H, D]` (unit stride in D, same dtype), slots and
+    pos `[N]` contiguous int64 within the cache's bounds (the caller's invariant)."""
+    n, _, h, d = src.shape
+    if src.dtype != kv.dtype or src.stride(3) != 1 or kv.stride(4) != 1 or kv.shape[2] != h or kv.shape[4] != d:
+        raise ValueError("write_kv: mismatched dtype, shape or strides")
+    if not (slots.is_contiguous() and pos.is_contiguous() and slots.dtype == pos.dtype == torch.int64):
+        raise ValueError("slots and pos must be contiguous int64")
+    lib.write_kv(src.data_ptr(), src.stride(0), src.stride(1), src.stride(2), kv.data_ptr(), kv.stride(0),
+                 kv.stride(1), kv.stride(2), kv.stride(3), slots.data_ptr(), pos.data_ptr(), n, h, d,
+                 src.element_size(), torch.get_num_threads())

@@ -468,11 +468,22 @@ class GPT2(nn.Module):
         c = s.n_embd
         nd = meta.n_decode
         # native decode attention: each decode row reads its own slot up to its own length
-        native = (meta.slot[:nd], positions[:nd] + 1) if nd and self._native is not None else None
+        native = None
+        if self._native is not None:  # raw pointers below: check the bounds index_put_ would
+            slot_ids, positions = meta.slot.long().contiguous(), positions.long().contiguous()
+            if n and (int(positions.min()) < 0 or int(positions.max()) >= cache.max_len or
+                      int(slot_ids.min()) < 0 or int(slot_ids.max()) >= cache.kv[0].shape[1]):
+                raise IndexError("a step's slots or positions are outside the KV cache")
+            if nd:
+                native = (slot_ids[:nd], positions[:nd] + 1)
         for i, blk in enumerate(self.h):
             qkv = blk.attn.c_attn(blk.ln_1(x))[:n]  # [N, 3C]
             # keys and values of every token into the cache, in one write: [N, 2, H, D]
-            cache.kv[i][:, meta.slot, :, positions] = qkv[:, c:].view(n, 2, s.n_head, s.head_dim)
+            kv = qkv[:, c:].view(n, 2, s.n_head, s.head_dim)
+            if self._native is not None:
+                cpu_kernels.write_kv(self._native, cache.kv[i], kv, slot_ids, positions)
+            else:
+                cache.kv[i][:, meta.slot, :, positions] = kv
             q = qkv[:, :c].view(n, s.n_head, s.head_dim)
             a = self._attend(q, cache.k[i], cache.v[i], meta, native).reshape(n, c)  # [N, C]
             if a_pad is not None:

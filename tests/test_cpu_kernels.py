@@ -114,3 +114,38 @@ def test_argmax_rows_is_torch_argmax(vocab):
     assert cpu_kernels.argmax_rows(LIB, x) == x.argmax(-1).tolist()
     with pytest.raises(ValueError):
         cpu_kernels.argmax_rows(LIB, x.float())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("token_major", [False, True], ids=["head-major", "token-major"])
+def test_write_kv_is_index_put(dtype, token_major):
+    g = torch.Generator().manual_seed(2)
+    h, d = 4, 32
+    caches = [KVCache(n_layer=1, n_head=h, head_dim=d, max_len=64, num_slots=7, device="cpu", dtype=dtype,
+                      token_major=token_major) for _ in range(2)]
+    for c in caches:
+        c._kv.zero_()
+    n = 300  # past the kernel's threading threshold
+    flat = torch.randperm(8 * 64, generator=g)[:n]  # distinct (slot, position) pairs, spare slot too
+    slots, pos = flat // 64, flat % 64
+    qkv = torch.randn(n, 3 * h * d, generator=g).to(dtype)  # K and V inside a wider row, as in a step
+    src = qkv[:, h * d:].view(n, 2, h, d)
+    caches[0].kv[0][:, slots, :, pos] = src
+    cpu_kernels.write_kv(LIB, caches[1].kv[0], src, slots, pos)
+    assert torch.equal(caches[0]._kv, caches[1]._kv)
+
+
+def test_out_of_range_positions_are_refused_before_any_write(tiny_model_dir):
+    from server.model import GPT2, StepMeta
+
+    m = GPT2.from_pretrained(str(tiny_model_dir))
+    cache = KVCache(n_layer=m.spec.n_layer, n_head=m.spec.n_head, head_dim=m.spec.head_dim, max_len=16,
+                    num_slots=2, device="cpu", dtype=torch.float32)
+    cache._kv.zero_()
+    meta = StepMeta(slot=torch.tensor([0, 1]), n_decode=0, prefill_slots=torch.tensor([0, 1]), prefill_q=1,
+                    prefill_len=17, prefill_dest=torch.tensor([0, 1]),
+                    prefill_mask=torch.zeros(2, 1, 1, 17))
+    with torch.inference_mode(), pytest.raises(IndexError):
+        m.forward_step(torch.tensor([1, 2]), torch.tensor([3, 16]), meta, cache)
+    assert not cache._kv.any()

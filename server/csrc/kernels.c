@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #define MAX_HEAD_DIM 256
 #define MAX_LEN 8192
@@ -147,5 +148,29 @@ void argmax_rows_bf16(const uint16_t *x, int64_t rs, int64_t V, int R, int64_t *
         const float m = _mm512_reduce_max_ps(best);
         const __mmask16 eq = _mm512_cmp_ps_mask(best, _mm512_set1_ps(m), _CMP_EQ_OQ);
         out[r] = _mm512_mask_reduce_min_epi32(eq, best_idx);
+    }
+}
+
+/* The K/V cache write of a step: for token i, K (kv=0) and V (kv=1) of every head go to
+ * position pos[i] of slot slots[i]. src element (i, kv, h, d) is at
+ * src[i*s_i + kv*s_kv + h*s_h + d], dst element (kv, slot, h, t, d) at
+ * dst[kv*d_kv + slot*d_slot + h*d_h + t*d_t + d]; strides in elements of `elem` bytes. Where
+ * the heads of one position are contiguous on both sides (the token-major cache), each
+ * K or V row is a single copy. */
+void write_kv(const char *src, int64_t s_i, int64_t s_kv, int64_t s_h, char *dst, int64_t d_kv,
+              int64_t d_slot, int64_t d_h, int64_t d_t, const int64_t *slots, const int64_t *pos,
+              int N, int H, int D, int elem, int threads) {
+    const int whole = (s_h == D && d_h == D);
+    _Pragma("omp parallel for num_threads(threads) schedule(static) if(N >= 256)")
+    for (int i = 0; i < N; i++) {
+        for (int kv = 0; kv < 2; kv++) {
+            const char *s = src + (i * s_i + kv * s_kv) * elem;
+            char *d = dst + (kv * d_kv + slots[i] * d_slot + pos[i] * d_t) * elem;
+            if (whole) {
+                memcpy(d, s, (size_t)H * D * elem);
+            } else {
+                for (int h = 0; h < H; h++) memcpy(d + h * d_h * elem, s + h * s_h * elem, (size_t)D * elem);
+            }
+        }
     }
 }
