@@ -82,6 +82,8 @@ class StepMeta:
     prefill_len: int = 0  # keys attended (max past + q)
     prefill_dest: torch.Tensor | None = None  # [N - n_decode] long: index into Bp * prefill_q
     prefill_mask: torch.Tensor | None = None  # [Bp, 1, prefill_q, prefill_len] additive (0 / -inf)
+    prefill_pasts: torch.Tensor | None = None  # [Bp] long: cache positions before each row's tokens
+    prefill_qlens: torch.Tensor | None = None  # [Bp] long: each row's tokens this step
 
 
 def bucket_rows(n: int) -> int:
@@ -413,10 +415,32 @@ class GPT2(nn.Module):
         """Keys/values of a soft prompt `[n, C]` at positions 0..n-1: `[L, 2, H, n, D]`."""
         return self.prefix_kv_batch([embeds])[0]
 
+    PREFIX_PAD_SLACK = 1.25  # a group of prompts pads to its longest: at most 25 % more tokens
+
     def prefix_kv_batch(self, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
-        """`prefix_kv` of several soft prompts in one forward (right-padded: causal
-        attention keeps padding out of every real position). Prompts may live on the host:
-        they are batched there and moved to the model's device and dtype in one copy."""
+        """`prefix_kv` of several soft prompts in a few forwards (right-padded: causal
+        attention keeps padding out of every real position). Prompts of similar lengths
+        share a forward, so padding stays under `PREFIX_PAD_SLACK` (one forward padding 32
+        prompts of 8-32 tokens to 32 computes ~60 % more tokens than they have). Prompts may
+        live on the host: each group moves to the model's device and dtype in one copy."""
+        order = sorted(range(len(prompts)), key=lambda i: prompts[i].shape[0])
+        groups: list[list[int]] = []
+        real = 0
+        for i in order:
+            n = prompts[i].shape[0]
+            if groups and (len(groups[-1]) + 1) * n <= self.PREFIX_PAD_SLACK * (real + n):
+                groups[-1].append(i)
+                real += n
+            else:
+                groups.append([i])
+                real = n
+        out: list[torch.Tensor | None] = [None] * len(prompts)
+        for group in groups:
+            for i, kv in zip(group, self._prefix_kv_padded([prompts[i] for i in group])):
+                out[i] = kv
+        return out  # type: ignore[return-value]
+
+    def _prefix_kv_padded(self, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
         n_max = max(p.shape[0] for p in prompts)
         x = prompts[0].new_zeros(len(prompts), n_max, self.spec.n_embd)  # [B, n, C]
         for b, p in enumerate(prompts):
@@ -497,15 +521,19 @@ class GPT2(nn.Module):
                 native: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """`native`: (slots, key lengths) of the decode rows, for the native CPU kernel."""
         nd = meta.n_decode
-        if nd == 0:
-            return _prefill_attention(q, kc, vc, meta)
-        if native is not None:
-            dec = cpu_kernels.decode_attention(self._native, q[:nd], kc, vc, *native)
-        else:
-            dec = _decode_attention(q[:nd], kc, vc, meta)
         if nd == q.shape[0]:
-            return dec
-        return torch.cat([dec, _prefill_attention(q[nd:], kc, vc, meta)])
+            return self._attend_decode(q, kc, vc, meta, native)
+        if self._native is not None and meta.prefill_pasts is not None:
+            pre = cpu_kernels.prefill_attention(self._native, q[nd:], kc, vc, meta.prefill_slots,
+                                                meta.prefill_pasts, meta.prefill_qlens)
+        else:
+            pre = _prefill_attention(q[nd:], kc, vc, meta)
+        return pre if nd == 0 else torch.cat([self._attend_decode(q[:nd], kc, vc, meta, native), pre])
+
+    def _attend_decode(self, q, kc, vc, meta: StepMeta, native) -> torch.Tensor:
+        if native is not None:
+            return cpu_kernels.decode_attention(self._native, q, kc, vc, *native)
+        return _decode_attention(q, kc, vc, meta)
 
 
 def _decode_attention(q, kc, vc, meta: StepMeta) -> torch.Tensor:

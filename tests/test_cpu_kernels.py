@@ -149,3 +149,38 @@ def test_out_of_range_positions_are_refused_before_any_write(tiny_model_dir):
     with torch.inference_mode(), pytest.raises(IndexError):
         m.forward_step(torch.tensor([1, 2]), torch.tensor([3, 16]), meta, cache)
     assert not cache._kv.any()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("token_major", [False, True], ids=["head-major", "token-major"])
+def test_prefill_attention_matches_causal_sdpa(dtype, token_major):
+    g = torch.Generator().manual_seed(3)
+    h, d, max_len = 3, 32, 200
+    cache = KVCache(n_layer=1, n_head=h, head_dim=d, max_len=max_len, num_slots=5, device="cpu",
+                    dtype=dtype, token_major=token_major)
+    cache._kv.copy_(torch.randn(cache._kv.shape, generator=g))
+    # (slot, past, qlen): a fresh prompt, chunks continuing earlier ones, one token, a long one
+    rows = [(3, 0, 7), (0, 20, 33), (4, 5, 1), (1, 0, 150), (2, 180, 20)]
+    for slot, past, n in rows:
+        cache._kv[:, :, slot, :, past + n:] = float("nan")  # never read past a row's last query
+    total = sum(n for _, _, n in rows)
+    q = (torch.randn(total, h, 3 * d, generator=g)).to(dtype)[:, :, :d]
+    slots, pasts, qlens = (torch.tensor(c) for c in zip(*rows))
+    got = cpu_kernels.prefill_attention(LIB, q, cache.k[0], cache.v[0], slots, pasts, qlens)
+    start, worst, worst_sdpa = 0, 0.0, 0.0
+    for slot, past, n in rows:
+        k = cache.k[0][slot, :, :past + n]
+        v = cache.v[0][slot, :, :past + n]
+        qr = q[start:start + n].transpose(0, 1)  # [H, n, D]
+        allowed = torch.arange(past + n)[None, :] <= (past + torch.arange(n))[:, None]
+        ref = F.scaled_dot_product_attention(qr.double(), k.double(), v.double(), attn_mask=allowed)
+        sdpa = F.scaled_dot_product_attention(qr, k, v, attn_mask=allowed)
+        worst = max(worst, (got[start:start + n].transpose(0, 1).double() - ref).abs().max().item())
+        worst_sdpa = max(worst_sdpa, (sdpa.double() - ref).abs().max().item())
+        start += n
+    assert torch.isfinite(got).all()
+    if dtype == torch.float32:
+        assert worst < 1e-5
+    else:
+        assert worst <= 1.5 * worst_sdpa + 1e-6

@@ -196,3 +196,23 @@ def test_greedy_screen_stays_on_for_an_ordinary_model(tiny_model_dir):
             h = torch.randn(4, m.spec.n_embd, generator=g)
             assert m.greedy(h) == _full_argmax(m, h)
     assert m.has_greedy_screen and m._screen_fallbacks == 0
+
+
+def test_prefix_kv_batch_groups_by_length_and_matches_one_at_a_time(tiny_model_dir, monkeypatch):
+    m = GPT2.from_pretrained(str(tiny_model_dir))
+    g = torch.Generator().manual_seed(4)
+    lens = [9, 30, 1, 12, 31, 8, 29, 10]
+    prompts = [torch.randn(n, m.spec.n_embd, generator=g) * 0.3 for n in lens]
+    groups = []
+    real = m._prefix_kv_padded
+    monkeypatch.setattr(m, "_prefix_kv_padded", lambda ps: groups.append([p.shape[0] for p in ps]) or real(ps))
+    with torch.inference_mode():
+        got = m.prefix_kv_batch(prompts)
+        for p, kv in zip(prompts, got):
+            ref = real([p])[0]
+            assert kv.shape == ref.shape and (kv - ref).abs().max() < 1e-5
+    # similar lengths share a forward, padding within the slack; every prompt once
+    assert sorted(n for grp in groups for n in grp) == sorted(lens)
+    assert len(groups) < len(lens)
+    for grp in groups:
+        assert len(grp) * max(grp) <= m.PREFIX_PAD_SLACK * sum(grp)

@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAX_HEAD_DIM 256
@@ -55,58 +56,72 @@ static inline __m512 exp_nonpos(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* Per (row, head) bodies take `nd` = D / 16 as an argument and are always inlined: the
+ * kernels call them with a literal 4 for GPT-2's D = 64, so the loops over nd unroll and
+ * the accumulators stay in registers, and with D / 16 for any other head size. */
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* One decode row and head: keys/values kp, vp at t * st, n of them, query qp. */
+#define DECODE_ONE(NAME, T, LOAD, STORE)                                                           \
+    ALWAYS_INLINE void NAME(const T *qp, const T *kp, const T *vp, int64_t st, int64_t n, T *op,   \
+                            float scale, float *s, const int nd) {                                 \
+        __m512 qv[MAX_HEAD_DIM / 16], ov[MAX_HEAD_DIM / 16];                                       \
+        for (int j = 0; j < nd; j++) qv[j] = _mm512_mul_ps(LOAD(qp + 16 * j), _mm512_set1_ps(scale)); \
+        float mx = -INFINITY;                                                                      \
+        for (int64_t t = 0; t < n; t++) {                                                          \
+            const T *kt = kp + t * st;                                                             \
+            __m512 acc = _mm512_mul_ps(qv[0], LOAD(kt));                                           \
+            for (int j = 1; j < nd; j++) acc = _mm512_fmadd_ps(qv[j], LOAD(kt + 16 * j), acc);     \
+            const float x = _mm512_reduce_add_ps(acc);                                             \
+            s[t] = x;                                                                              \
+            mx = x > mx ? x : mx;                                                                  \
+        }                                                                                          \
+        const __m512 m = _mm512_set1_ps(mx);                                                       \
+        __m512 sum = _mm512_setzero_ps();                                                          \
+        for (int64_t t = 0; t < n; t += 16) {                                                      \
+            const __mmask16 live = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);        \
+            __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t), m));           \
+            e = _mm512_maskz_mov_ps(live, e);                                                      \
+            _mm512_mask_storeu_ps(s + t, live, e);                                                 \
+            sum = _mm512_add_ps(sum, e);                                                           \
+        }                                                                                          \
+        for (int j = 0; j < nd; j++) ov[j] = _mm512_setzero_ps();                                  \
+        for (int64_t t = 0; t < n; t++) {                                                          \
+            const __m512 p = _mm512_set1_ps(s[t]);                                                 \
+            const T *vt = vp + t * st;                                                             \
+            for (int j = 0; j < nd; j++) ov[j] = _mm512_fmadd_ps(p, LOAD(vt + 16 * j), ov[j]);     \
+        }                                                                                          \
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));                       \
+        for (int j = 0; j < nd; j++) STORE(op + 16 * j, _mm512_mul_ps(ov[j], inv));                \
+    }
+
 /* q: [B, H, D] (strides q_sb, q_sh; unit stride in D); row b reads slot slots[b] of the
  * cache, keys/values at positions 0..lens[b]-1: element (slot, h, t, d) of K (and of V)
  * is at k[slot*sb + h*sh + t*st + d]; out: [B, H, D] (strides o_sb, o_sh). D % 16 == 0,
  * D <= MAX_HEAD_DIM, 1 <= lens[b] <= MAX_LEN (checked by the caller). */
-#define DECODE_ATTENTION(NAME, T, LOAD, STORE)                                                     \
+#define DECODE_ATTENTION(NAME, ONE, T)                                                             \
     void NAME(const T *q, int64_t q_sb, int64_t q_sh, const T *k, const T *v, int64_t sb,          \
               int64_t sh, int64_t st, const int64_t *slots, const int64_t *lens, T *out,          \
               int64_t o_sb, int64_t o_sh, int B, int H, int D, float scale, int threads) {         \
-        const int nd = D / 16;                                                                     \
         _Pragma("omp parallel for num_threads(threads) schedule(static) collapse(2)")              \
         for (int b = 0; b < B; b++) {                                                              \
             for (int h = 0; h < H; h++) {                                                          \
                 float s[MAX_LEN + 16];                                                             \
-                __m512 qv[MAX_HEAD_DIM / 16], ov[MAX_HEAD_DIM / 16];                               \
-                const int64_t n = lens[b];                                                         \
                 const T *qp = q + b * q_sb + h * q_sh;                                             \
                 const T *kp = k + slots[b] * sb + h * sh, *vp = v + slots[b] * sb + h * sh;        \
-                for (int j = 0; j < nd; j++)                                                       \
-                    qv[j] = _mm512_mul_ps(LOAD(qp + 16 * j), _mm512_set1_ps(scale));               \
-                float mx = -INFINITY;                                                              \
-                for (int64_t t = 0; t < n; t++) {                                                  \
-                    const T *kt = kp + t * st;                                                     \
-                    __m512 acc = _mm512_mul_ps(qv[0], LOAD(kt));                                   \
-                    for (int j = 1; j < nd; j++) acc = _mm512_fmadd_ps(qv[j], LOAD(kt + 16 * j), acc); \
-                    const float x = _mm512_reduce_add_ps(acc);                                     \
-                    s[t] = x;                                                                      \
-                    mx = x > mx ? x : mx;                                                          \
-                }                                                                                  \
-                const __m512 m = _mm512_set1_ps(mx);                                               \
-                __m512 sum = _mm512_setzero_ps();                                                  \
-                for (int64_t t = 0; t < n; t += 16) {                                              \
-                    const __mmask16 live = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1); \
-                    __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t), m));   \
-                    e = _mm512_maskz_mov_ps(live, e);                                              \
-                    _mm512_mask_storeu_ps(s + t, live, e);                                         \
-                    sum = _mm512_add_ps(sum, e);                                                   \
-                }                                                                                  \
-                for (int j = 0; j < nd; j++) ov[j] = _mm512_setzero_ps();                          \
-                for (int64_t t = 0; t < n; t++) {                                                  \
-                    const __m512 p = _mm512_set1_ps(s[t]);                                         \
-                    const T *vt = vp + t * st;                                                     \
-                    for (int j = 0; j < nd; j++) ov[j] = _mm512_fmadd_ps(p, LOAD(vt + 16 * j), ov[j]); \
-                }                                                                                  \
-                const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));               \
                 T *op = out + b * o_sb + h * o_sh;                                                 \
-                for (int j = 0; j < nd; j++) STORE(op + 16 * j, _mm512_mul_ps(ov[j], inv));        \
+                if (D == 64)                                                                       \
+                    ONE(qp, kp, vp, st, lens[b], op, scale, s, 4);                                 \
+                else                                                                               \
+                    ONE(qp, kp, vp, st, lens[b], op, scale, s, D / 16);                            \
             }                                                                                      \
         }                                                                                          \
     }
 
-DECODE_ATTENTION(decode_attention_f32, float, load_f32, store_f32)
-DECODE_ATTENTION(decode_attention_bf16, uint16_t, load_bf16, store_bf16)
+DECODE_ONE(decode_one_f32, float, load_f32, store_f32)
+DECODE_ONE(decode_one_bf16, uint16_t, load_bf16, store_bf16)
+DECODE_ATTENTION(decode_attention_f32, decode_one_f32, float)
+DECODE_ATTENTION(decode_attention_bf16, decode_one_bf16, uint16_t)
 
 /* out[r] = torch.argmax(x[r, :V]): the first index of the row's maximum, a NaN counting as
  * the maximum (its first index wins). x: bf16 rows with stride rs (elements). */
@@ -174,3 +189,111 @@ void write_kv(const char *src, int64_t s_i, int64_t s_kv, int64_t s_h, char *dst
         }
     }
 }
+
+/* Prefill attention: row b's qlens[b] queries (rows start_b.. of q, start_b the sum of the
+ * earlier rows' qlens) sit at positions pasts[b].. of slot slots[b]; query i attends to
+ * keys 0..pasts[b]+i (causal; its own key is already in the cache). Per (row, head) the
+ * row's keys and values are converted once to a float32 scratch, keys transposed so a
+ * query scores 16 keys with D broadcast FMAs and no horizontal sums. Cache strides as in
+ * decode_attention; q and out: [N, H, D] with strides (s_i, s_h). */
+#define PREFILL_ONE(NAME, T, LOAD, STORE, TO_F32)                                                  \
+    ALWAYS_INLINE void NAME(const T *q, int64_t q_si, const T *kp, const T *vp, int64_t st,        \
+                            int64_t past, int64_t nq, T *out, int64_t o_si, float scale,           \
+                            float *kt, float *vf, float *s, int64_t lpad, const int nd) {          \
+        const int D = 16 * nd;                                                                     \
+        const int64_t len = past + nq;                                                             \
+        for (int d = 0; d < D; d++) {                                                              \
+            float *row = kt + d * lpad;                                                            \
+            for (int64_t t = 0; t < len; t++) row[t] = TO_F32(kp[t * st + d]);                     \
+            for (int64_t t = len; t < lpad; t++) row[t] = 0.0f;                                    \
+        }                                                                                          \
+        for (int64_t t = 0; t < len; t++)                                                          \
+            for (int j = 0; j < nd; j++) _mm512_storeu_ps(vf + t * D + 16 * j, LOAD(vp + t * st + 16 * j)); \
+        for (int64_t i = 0; i < nq; i++) {                                                         \
+            const T *qp = q + i * q_si;                                                            \
+            float qs[MAX_HEAD_DIM];                                                                \
+            for (int j = 0; j < nd; j++)                                                           \
+                _mm512_storeu_ps(qs + 16 * j, _mm512_mul_ps(LOAD(qp + 16 * j), _mm512_set1_ps(scale))); \
+            const int64_t n = past + i + 1; /* keys 0..n-1 */                                      \
+            __m512 mx = _mm512_set1_ps(-INFINITY);                                                 \
+            for (int64_t t0 = 0; t0 < n; t0 += 16) {                                               \
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                        \
+                const float *kc = kt + t0;                                                         \
+                for (int d = 0; d < D; d += 4) {                                                   \
+                    a0 = _mm512_fmadd_ps(_mm512_set1_ps(qs[d]), _mm512_loadu_ps(kc + d * lpad), a0); \
+                    a1 = _mm512_fmadd_ps(_mm512_set1_ps(qs[d + 1]), _mm512_loadu_ps(kc + (d + 1) * lpad), a1); \
+                    a2 = _mm512_fmadd_ps(_mm512_set1_ps(qs[d + 2]), _mm512_loadu_ps(kc + (d + 2) * lpad), a2); \
+                    a3 = _mm512_fmadd_ps(_mm512_set1_ps(qs[d + 3]), _mm512_loadu_ps(kc + (d + 3) * lpad), a3); \
+                }                                                                                  \
+                __m512 sc = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));           \
+                const __mmask16 live = n - t0 >= 16 ? 0xffff : (__mmask16)((1u << (n - t0)) - 1);  \
+                sc = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), sc);                    \
+                _mm512_storeu_ps(s + t0, sc);                                                      \
+                mx = _mm512_max_ps(mx, sc);                                                        \
+            }                                                                                      \
+            const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));                             \
+            __m512 sum = _mm512_setzero_ps();                                                      \
+            for (int64_t t0 = 0; t0 < n; t0 += 16) {                                               \
+                const __mmask16 live = n - t0 >= 16 ? 0xffff : (__mmask16)((1u << (n - t0)) - 1);  \
+                __m512 e = _mm512_maskz_mov_ps(live, exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(s + t0), m))); \
+                _mm512_storeu_ps(s + t0, e);                                                       \
+                sum = _mm512_add_ps(sum, e);                                                       \
+            }                                                                                      \
+            __m512 o0[MAX_HEAD_DIM / 16], o1[MAX_HEAD_DIM / 16]; /* two chains: even, odd t */     \
+            for (int j = 0; j < nd; j++) o0[j] = o1[j] = _mm512_setzero_ps();                      \
+            int64_t t = 0;                                                                         \
+            for (; t + 1 < n; t += 2) {                                                            \
+                const __m512 p0 = _mm512_set1_ps(s[t]), p1 = _mm512_set1_ps(s[t + 1]);             \
+                for (int j = 0; j < nd; j++) {                                                     \
+                    o0[j] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(vf + t * D + 16 * j), o0[j]);      \
+                    o1[j] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(vf + (t + 1) * D + 16 * j), o1[j]); \
+                }                                                                                  \
+            }                                                                                      \
+            if (t < n) {                                                                           \
+                const __m512 p0 = _mm512_set1_ps(s[t]);                                            \
+                for (int j = 0; j < nd; j++)                                                       \
+                    o0[j] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(vf + t * D + 16 * j), o0[j]);      \
+            }                                                                                      \
+            const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));                   \
+            T *op = out + i * o_si;                                                                \
+            for (int j = 0; j < nd; j++) STORE(op + 16 * j, _mm512_mul_ps(_mm512_add_ps(o0[j], o1[j]), inv)); \
+        }                                                                                          \
+    }
+
+#define PREFILL_ATTENTION(NAME, ONE, T)                                                            \
+    void NAME(const T *q, int64_t q_si, int64_t q_sh, const T *k, const T *v, int64_t sb,          \
+              int64_t sh, int64_t st, const int64_t *slots, const int64_t *pasts,                  \
+              const int64_t *qlens, T *out, int64_t o_si, int64_t o_sh, int B, int H, int D,       \
+              float scale, int threads) {                                                          \
+        int64_t *starts = (int64_t *)malloc(sizeof(int64_t) * (B > 0 ? B : 1));                    \
+        int64_t acc = 0;                                                                           \
+        for (int b = 0; b < B; b++) { starts[b] = acc; acc += qlens[b]; }                          \
+        _Pragma("omp parallel for num_threads(threads) schedule(dynamic, 2) collapse(2)")          \
+        for (int b = 0; b < B; b++) {                                                              \
+            for (int h = 0; h < H; h++) {                                                          \
+                const int64_t len = pasts[b] + qlens[b], lpad = (len + 15) & ~(int64_t)15;         \
+                float *kt = (float *)aligned_alloc(64, (size_t)(lpad * D + len * D + lpad) * 4);  \
+                const T *kp = k + slots[b] * sb + h * sh, *vp = v + slots[b] * sb + h * sh;        \
+                const T *qp = q + starts[b] * q_si + h * q_sh;                                     \
+                T *op = out + starts[b] * o_si + h * o_sh;                                         \
+                float *vf = kt + lpad * D, *s = vf + len * D;                                      \
+                if (D == 64)                                                                       \
+                    ONE(qp, q_si, kp, vp, st, pasts[b], qlens[b], op, o_si, scale, kt, vf, s, lpad, 4); \
+                else                                                                               \
+                    ONE(qp, q_si, kp, vp, st, pasts[b], qlens[b], op, o_si, scale, kt, vf, s, lpad, D / 16); \
+                free(kt);                                                                          \
+            }                                                                                      \
+        }                                                                                          \
+        free(starts);                                                                              \
+    }
+
+static inline float f32_of_f32(float x) { return x; }
+static inline float f32_of_bf16(uint16_t x) {
+    union { uint32_t u; float f; } c;
+    c.u = (uint32_t)x << 16;
+    return c.f;
+}
+PREFILL_ONE(prefill_one_f32, float, load_f32, store_f32, f32_of_f32)
+PREFILL_ONE(prefill_one_bf16, uint16_t, load_bf16, store_bf16, f32_of_bf16)
+PREFILL_ATTENTION(prefill_attention_f32, prefill_one_f32, float)
+PREFILL_ATTENTION(prefill_attention_bf16, prefill_one_bf16, uint16_t)

@@ -116,6 +116,7 @@ def build_step(plan: StepPlan, requests: dict[str, "Request"], seqs: dict[str, S
         meta.prefill_slots = dev["prefill_slots"]
         meta.prefill_dest = dev["prefill_dest"]
         meta.prefill_mask = additive_mask(mask.unsqueeze(1), dtype)  # [Bp, 1, Tq, S]
+        meta.prefill_pasts, meta.prefill_qlens = dev["pasts"], dev["qlens"]
     return StepBatch(ids=dev["ids"], positions=dev["pos"], meta=meta, sample_rows=dev["sample_rows"],
                      sample_ids=sample_ids)
 
