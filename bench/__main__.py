@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--grouped-batch", type=int, default=64, help="largest HF batch in the grouped baseline")
     p.add_argument("--tasks-compare", type=_csv(int), default=[1, 64], help="task counts for the 'tasks' scenario")
-    p.add_argument("--tasks-repeats", type=int, default=3,
+    p.add_argument("--tasks-repeats", type=int, default=5,
                    help="back-to-back pairs of task counts in 'tasks'; the ratio is the pairs' median")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs of 'engine' and 'http' per dtype, alternating; the table shows the median run")
