@@ -82,6 +82,16 @@ def _build(compiler: str) -> Path:
     return out
 
 
+def _openmp_runtimes() -> set[str]:
+    """Paths of the OpenMP runtimes mapped into this process."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return set()
+    return {line.split()[-1] for line in maps.splitlines()
+            if "libgomp" in line.rsplit("/", 1)[-1] or "libiomp" in line.rsplit("/", 1)[-1]}
+
+
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, or None where it cannot run here (logged once)."""
     global _lib, _tried
@@ -104,6 +114,12 @@ def load() -> ctypes.CDLL | None:
         except Exception as e:  # noqa: BLE001 - any failure means: fall back
             log.warning("could not build the native CPU kernels (%s); using SDPA", e)
             return None
+        if len(_openmp_runtimes()) > 1:
+            # torch bundles its libgomp under another name (some wheels do): ours pulled in a
+            # second runtime, whose threads would spin against torch's
+            log.warning("native CPU kernels would run a second OpenMP runtime (%s); using SDPA",
+                        ", ".join(sorted(_openmp_runtimes())))
+            return None
         p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
         for name in ("decode_attention_f32", "decode_attention_bf16"):
             fn = getattr(lib, name)
@@ -116,7 +132,7 @@ def load() -> ctypes.CDLL | None:
         for name in ("prefill_attention_f32", "prefill_attention_bf16"):
             fn = getattr(lib, name)
             fn.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, p, p, p, i64, i64, i32, i32, i32, f32, i32]
-            fn.restype = None
+            fn.restype = i32
         _lib = lib
         return _lib
 
@@ -124,6 +140,18 @@ def load() -> ctypes.CDLL | None:
 def supports(dtype: torch.dtype, head_dim: int, max_len: int) -> bool:
     return dtype in (torch.float32, torch.bfloat16) and head_dim % 16 == 0 and \
         head_dim <= MAX_HEAD_DIM and max_len <= MAX_LEN
+
+
+def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """What the C code relies on and cannot check itself."""
+    if q.dtype not in (torch.float32, torch.bfloat16) or not q.dtype == k.dtype == v.dtype:
+        raise ValueError("native attention needs float32 or bfloat16 q, k, v of one dtype")
+    if not (q.device.type == k.device.type == v.device.type == "cpu"):
+        raise ValueError("native attention runs on CPU tensors")
+    if k.shape != v.shape or k.stride() != v.stride() or q.stride(2) != 1 or k.stride(3) != 1:
+        raise ValueError("native attention needs unit stride in head_dim and K, V of one layout")
+    if k.shape[1] != q.shape[1] or k.shape[3] != q.shape[2] or not supports(q.dtype, q.shape[2], k.shape[2]):
+        raise ValueError(f"native attention: q {tuple(q.shape)} does not fit the cache {tuple(k.shape)}")
 
 
 def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -136,8 +164,7 @@ def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torc
     All on CPU; lens must lie in 1..max_len (the caller's invariant, not checked here).
     """
     b, h, d = q.shape
-    if k.stride() != v.stride() or q.stride(2) != 1 or k.stride(3) != 1:
-        raise ValueError("decode_attention needs unit stride in head_dim and K, V of one layout")
+    _check_attention(q, k, v)
     if not (slots.is_contiguous() and lens.is_contiguous() and slots.dtype == lens.dtype == torch.int64):
         raise ValueError("slots and lens must be contiguous int64")
     out = torch.empty((b, h, d), dtype=q.dtype)
@@ -158,16 +185,16 @@ def prefill_attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: tor
     every row within the cache: the caller's invariant). Returns `[N, H, D]`.
     """
     n, h, d = q.shape
-    if k.stride() != v.stride() or q.stride(2) != 1 or k.stride(3) != 1:
-        raise ValueError("prefill_attention needs unit stride in head_dim and K, V of one layout")
+    _check_attention(q, k, v)
     for t in (slots, pasts, qlens):
         if not (t.is_contiguous() and t.dtype == torch.int64):
             raise ValueError("slots, pasts and qlens must be contiguous int64")
     out = torch.empty((n, h, d), dtype=q.dtype)
     fn = lib.prefill_attention_bf16 if q.dtype == torch.bfloat16 else lib.prefill_attention_f32
-    fn(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
-       k.stride(2), slots.data_ptr(), pasts.data_ptr(), qlens.data_ptr(), out.data_ptr(), out.stride(0),
-       out.stride(1), slots.shape[0], h, d, d ** -0.5, torch.get_num_threads())
+    if fn(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
+          k.stride(2), slots.data_ptr(), pasts.data_ptr(), qlens.data_ptr(), out.data_ptr(), out.stride(0),
+          out.stride(1), slots.shape[0], h, d, d ** -0.5, torch.get_num_threads()):
+        raise MemoryError("prefill_attention: no memory for its scratch buffers")
     return out
 
 

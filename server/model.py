@@ -500,6 +500,12 @@ class GPT2(nn.Module):
                 raise IndexError("a step's slots or positions are outside the KV cache")
             if nd:
                 native = (slot_ids[:nd], positions[:nd] + 1)
+            if meta.prefill_pasts is not None and n > nd:  # what prefill_attention indexes by
+                ends = meta.prefill_pasts + meta.prefill_qlens
+                if int(meta.prefill_qlens.sum()) != n - nd or int(meta.prefill_qlens.min()) < 1 or \
+                        int(meta.prefill_pasts.min()) < 0 or int(ends.max()) > cache.max_len or \
+                        int(meta.prefill_slots.min()) < 0 or int(meta.prefill_slots.max()) >= cache.kv[0].shape[1]:
+                    raise IndexError("a step's prefill rows do not match its tokens or the KV cache")
         for i, blk in enumerate(self.h):
             qkv = blk.attn.c_attn(blk.ln_1(x))[:n]  # [N, 3C]
             # keys and values of every token into the cache, in one write: [N, 2, H, D]

@@ -184,3 +184,38 @@ def test_prefill_attention_matches_causal_sdpa(dtype, token_major):
         assert worst < 1e-5
     else:
         assert worst <= 1.5 * worst_sdpa + 1e-6
+
+
+@needs_kernel
+def test_attention_wrappers_refuse_what_the_c_code_cannot_check():
+    cache = KVCache(n_layer=1, n_head=2, head_dim=16, max_len=8, num_slots=2, device="cpu", dtype=torch.float32)
+    cache._kv.zero_()
+    one = torch.tensor([0])
+    for q in (torch.zeros(1, 2, 16, dtype=torch.float16),  # a dtype the kernels do not have
+              torch.zeros(1, 2, 16, dtype=torch.bfloat16),  # not the cache's dtype
+              torch.zeros(1, 3, 16),  # more heads than the cache
+              torch.zeros(1, 2, 32)):  # another head size
+        with pytest.raises(ValueError):
+            cpu_kernels.decode_attention(LIB, q, cache.k[0], cache.v[0], one, torch.tensor([1]))
+        with pytest.raises(ValueError):
+            cpu_kernels.prefill_attention(LIB, q, cache.k[0], cache.v[0], one, torch.tensor([0]), torch.tensor([1]))
+    assert len(cpu_kernels._openmp_runtimes()) == 1  # loaded into torch's own OpenMP runtime
+
+
+def test_prefill_rows_that_do_not_match_the_step_are_refused(tiny_model_dir):
+    from server.model import GPT2, StepMeta
+
+    m = GPT2.from_pretrained(str(tiny_model_dir))
+    if not m.native_kernels:
+        pytest.skip("the native kernels cannot run here")
+    cache = KVCache(n_layer=m.spec.n_layer, n_head=m.spec.n_head, head_dim=m.spec.head_dim, max_len=16,
+                    num_slots=2, device="cpu", dtype=torch.float32)
+    cache._kv.zero_()
+    for pasts, qlens in (([0, 0], [1, 2]),  # 3 prefill tokens for a 2-token step
+                         ([0, 16], [1, 1])):  # the second row runs past the cache
+        meta = StepMeta(slot=torch.tensor([0, 1]), n_decode=0, prefill_slots=torch.tensor([0, 1]), prefill_q=2,
+                        prefill_len=16, prefill_dest=torch.tensor([0, 2]), prefill_mask=torch.zeros(2, 1, 2, 16),
+                        prefill_pasts=torch.tensor(pasts), prefill_qlens=torch.tensor(qlens))
+        with torch.inference_mode(), pytest.raises(IndexError):
+            m.forward_step(torch.tensor([1, 2]), torch.tensor([0, 15]), meta, cache)
+    assert not cache._kv.any()

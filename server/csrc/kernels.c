@@ -41,7 +41,7 @@ static inline void store_f32(float *p, __m512 x) { _mm512_storeu_ps(p, x); }
 
 /* exp(x) for x <= 0, within ~2 ulp (Cephes expf's range reduction and polynomial) */
 static inline __m512 exp_nonpos(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x); /* a NaN x stays NaN (max returns its 2nd operand) */
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -260,12 +260,15 @@ void write_kv(const char *src, int64_t s_i, int64_t s_kv, int64_t s_h, char *dst
         }                                                                                          \
     }
 
+/* Returns 0, or 1 when a scratch buffer could not be allocated (out is then incomplete). */
 #define PREFILL_ATTENTION(NAME, ONE, T)                                                            \
-    void NAME(const T *q, int64_t q_si, int64_t q_sh, const T *k, const T *v, int64_t sb,          \
+    int NAME(const T *q, int64_t q_si, int64_t q_sh, const T *k, const T *v, int64_t sb,          \
               int64_t sh, int64_t st, const int64_t *slots, const int64_t *pasts,                  \
               const int64_t *qlens, T *out, int64_t o_si, int64_t o_sh, int B, int H, int D,       \
               float scale, int threads) {                                                          \
         int64_t *starts = (int64_t *)malloc(sizeof(int64_t) * (B > 0 ? B : 1));                    \
+        int failed = starts == NULL;                                                               \
+        if (failed) return 1;                                                                      \
         int64_t acc = 0;                                                                           \
         for (int b = 0; b < B; b++) { starts[b] = acc; acc += qlens[b]; }                          \
         _Pragma("omp parallel for num_threads(threads) schedule(dynamic, 2) collapse(2)")          \
@@ -273,6 +276,11 @@ void write_kv(const char *src, int64_t s_i, int64_t s_kv, int64_t s_h, char *dst
             for (int h = 0; h < H; h++) {                                                          \
                 const int64_t len = pasts[b] + qlens[b], lpad = (len + 15) & ~(int64_t)15;         \
                 float *kt = (float *)aligned_alloc(64, (size_t)(lpad * D + len * D + lpad) * 4);  \
+                if (kt == NULL) {                                                                  \
+                    _Pragma("omp atomic write")                                                    \
+                    failed = 1;                                                                    \
+                    continue;                                                                      \
+                }                                                                                  \
                 const T *kp = k + slots[b] * sb + h * sh, *vp = v + slots[b] * sb + h * sh;        \
                 const T *qp = q + starts[b] * q_si + h * q_sh;                                     \
                 T *op = out + starts[b] * o_si + h * o_sh;                                         \
@@ -285,6 +293,7 @@ void write_kv(const char *src, int64_t s_i, int64_t s_kv, int64_t s_h, char *dst
             }                                                                                      \
         }                                                                                          \
         free(starts);                                                                              \
+        return failed;                                                                             \
     }
 
 static inline float f32_of_f32(float x) { return x; }
