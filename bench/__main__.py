@@ -24,7 +24,7 @@ import torch
 from bench import baselines as B
 from bench import engine_bench as E
 
-SCENARIOS = ("naive", "grouped", "engine", "http", "tasks", "latency")
+SCENARIOS = ("naive", "grouped", "engine", "http", "tasks", "kernels", "latency")
 
 
 def _csv(kind):
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     for d in a.dtype:
         model = etok = srv = None
         try:
-            if sc & {"engine", "tasks"}:
+            if sc & {"engine", "tasks", "kernels"}:
                 model, etok = E.load_engine_model(model_dir, d)
             if sc & {"http", "latency"}:
                 from bench import http_bench as H
@@ -212,6 +212,8 @@ def main(argv=None) -> int:
                     if len(ns) >= 2:
                         extra[f"tasks_ratio_{d}_{state}"] = {"tasks": [ns[0], ns[-1]], "ratio": statistics.median(ratios),
                                                              "pair_ratios": ratios}
+            if "kernels" in sc:
+                extra[f"kernels_{d}"] = _kernels_ab(a, model, etok, wl, kw, d, row)
             if "latency" in sc:
                 _log(f"latency {d}: {a.latency_requests} streamed requests at {a.rate} req/s (Poisson)")
                 extra[f"latency_{d}"] = H.run_http_latency(srv, wl, a.rate, a.latency_requests, a.seed)
@@ -234,6 +236,30 @@ def main(argv=None) -> int:
         a.out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
         _log(f"wrote {a.out}")
     return 0
+
+
+def _kernels_ab(a, model, etok, wl, kw, d, row) -> dict:
+    """The engine with the native CPU kernels and without (SDPA, torch ops), in back-to-back
+    pairs like `tasks`: the median of the pairs' ratios, and whether the tokens changed."""
+    if not model.set_native_kernels(True):
+        _log(f"kernels {d}: the native CPU kernels cannot run here; skipped")
+        return {"available": False}
+    tries: dict[bool, list[dict]] = {True: [], False: []}
+    ratios = []
+    try:
+        for rep in range(a.tasks_repeats):
+            for on in ((True, False) if rep % 2 == 0 else (False, True)):
+                _log(f"kernels {d}: engine with native kernels {'on' if on else 'off'}, try {rep + 1}/{a.tasks_repeats}")
+                model.set_native_kernels(on)
+                tries[on].append(E.run_engine(model, etok, wl, **kw))
+            on, off = tries[True][-1], tries[False][-1]
+            ratios.append((on["tokens"] / on["seconds"]) / (off["tokens"] / off["seconds"]))
+    finally:
+        model.set_native_kernels(True)
+    for on in (True, False):
+        row(f"engine, native kernels {'on' if on else 'off'}", d, wl.requests, _median_run(tries[on]))
+    same = statistics.mean(x == y for x, y in zip(tries[True][0]["outputs"], tries[False][0]["outputs"]))
+    return {"available": True, "ratio": statistics.median(ratios), "pair_ratios": ratios, "same_tokens": same}
 
 
 def _fmt(x, spec):
@@ -278,6 +304,11 @@ def _report(a, rows, extra, roof) -> str:
             pairs = ", ".join(f"{x:.2f}" for x in v.get("pair_ratios", []))
             lines.append(f"tasks {k[12:]}: {v['tasks'][1]} tasks / {v['tasks'][0]} task throughput = "
                          f"{v['ratio']:.2f} (median of back-to-back pairs: {pairs})")
+        if k.startswith("kernels_") and v.get("available"):
+            lines.append(f"kernels {k[8:]}: engine throughput with / without the native CPU kernels = "
+                         f"{v['ratio']:.2f} (median of back-to-back pairs: "
+                         + ", ".join(f"{x:.2f}" for x in v["pair_ratios"])
+                         + f"); requests with identical tokens: {100 * v['same_tokens']:.0f}%")
         if k.startswith("latency_"):
             lines.append(f"latency {k[8:]}: {v['requests']} streamed requests at {v['rate']:g} req/s: "
                          f"TTFT p50 {1e3 * v['ttft_p50']:.0f} ms, p99 {1e3 * v['ttft_p99']:.0f} ms; "

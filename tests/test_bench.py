@@ -31,7 +31,7 @@ def test_cpu_bench_smoke_engine_and_http_exact(tiny_model_dir, tmp_path):
 
     out = tmp_path / "bench.json"
     rc = main(["--model", str(tiny_model_dir), "--requests", "8", "--tasks", "2", "--naive-requests", "4",
-               "--clients", "4", "--max-num-seqs", "4", "--new-tokens", "6", "--scenarios", "naive,engine,http,tasks",
+               "--clients", "4", "--max-num-seqs", "4", "--new-tokens", "6", "--scenarios", "naive,engine,http,tasks,kernels",
                "--repeats", "2", "--tasks-compare", "1,2", "--tasks-repeats", "2", "--out", str(out)])
     res = json.loads(out.read_text())
     assert rc == 0
@@ -44,6 +44,11 @@ def test_cpu_bench_smoke_engine_and_http_exact(tiny_model_dir, tmp_path):
     for state in ("cold", "warm"):
         t = res["extra"][f"tasks_ratio_float32_{state}"]
         assert len(t["pair_ratios"]) == 2 and min(t["pair_ratios"]) <= t["ratio"] <= max(t["pair_ratios"])
+    k = res["extra"]["kernels_float32"]
+    if k["available"]:  # fp32: the native kernels change no token
+        assert k["same_tokens"] == 1.0 and len(k["pair_ratios"]) == 2
+        assert rows["engine, native kernels on"]["tokens"] == rows["engine, native kernels off"]["tokens"] == 8 * 6
+        assert "with / without the native CPU kernels" in res["table"]
 
 
 def test_step_profile_smoke_on_cpu(tmp_path):
