@@ -17,6 +17,15 @@ LIB = cpu_kernels.load()
 needs_kernel = pytest.mark.skipif(LIB is None, reason="the native kernel cannot run here (no AVX-512 or no C compiler)")
 
 
+def _random_cache(dtype, token_major, *, seed, heads, head_dim, max_len, slots, layers=1, std=1.0):
+    """A KV cache full of random values, and the generator (to draw the queries from)."""
+    g = torch.Generator().manual_seed(seed)
+    cache = KVCache(n_layer=layers, n_head=heads, head_dim=head_dim, max_len=max_len, num_slots=slots,
+                    device="cpu", dtype=dtype, token_major=token_major)
+    cache._kv.copy_(torch.randn(cache._kv.shape, generator=g) * std)
+    return cache, g
+
+
 def _reference(q, cache, layer, slots, lens):
     """Per row: float64 SDPA over its own slot's first `len` positions."""
     out = []
@@ -31,11 +40,8 @@ def _reference(q, cache, layer, slots, lens):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("token_major", [False, True], ids=["head-major", "token-major"])
 def test_decode_attention_matches_sdpa(dtype, token_major):
-    g = torch.Generator().manual_seed(0)
-    h, d, max_len = 4, 64, 300
-    cache = KVCache(n_layer=2, n_head=h, head_dim=d, max_len=max_len, num_slots=6, device="cpu",
-                    dtype=dtype, token_major=token_major)
-    cache._kv.copy_(torch.randn(cache._kv.shape, generator=g) * 2)
+    h, d = 4, 64
+    cache, g = _random_cache(dtype, token_major, seed=0, heads=h, head_dim=d, max_len=300, slots=6, layers=2, std=2)
     # rows out of slot order, lengths 1, not multiples of 16, and the whole slot; nothing
     # past a row's length may be read: fill the rest of its slot with NaN
     slots = torch.tensor([4, 0, 2, 5, 1])
@@ -155,11 +161,8 @@ def test_out_of_range_positions_are_refused_before_any_write(tiny_model_dir):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("token_major", [False, True], ids=["head-major", "token-major"])
 def test_prefill_attention_matches_causal_sdpa(dtype, token_major):
-    g = torch.Generator().manual_seed(3)
-    h, d, max_len = 3, 32, 200
-    cache = KVCache(n_layer=1, n_head=h, head_dim=d, max_len=max_len, num_slots=5, device="cpu",
-                    dtype=dtype, token_major=token_major)
-    cache._kv.copy_(torch.randn(cache._kv.shape, generator=g))
+    h, d = 3, 32
+    cache, g = _random_cache(dtype, token_major, seed=3, heads=h, head_dim=d, max_len=200, slots=5)
     # (slot, past, qlen): a fresh prompt, chunks continuing earlier ones, one token, a long one
     rows = [(3, 0, 7), (0, 20, 33), (4, 5, 1), (1, 0, 150), (2, 180, 20)]
     for slot, past, n in rows:
