@@ -192,20 +192,13 @@ def main(argv=None) -> int:
                 works = {n: wl.retasked(n, nv, a.seed + 1000 + n) for n in ns}
                 for warm in (False, True):
                     state = "warm" if warm else "cold"
-                    tries: dict[int, list[dict]] = {n: [] for n in ns}
-                    ratios = []
-                    # this machine's speed drifts by tens of percent within a minute: the task
-                    # counts run back to back in pairs (order alternating), and the reported
-                    # ratio is the median of the pairs' ratios, so drift between pairs cancels
-                    for rep in range(a.tasks_repeats):
-                        for n in (ns if rep % 2 == 0 else ns[::-1]):
-                            _log(f"tasks {d}: same {a.requests} requests over {n} task(s), {nv} virtual tokens "
-                                 f"each, {state} prefix cache, try {rep + 1}/{a.tasks_repeats}")
-                            r = E.run_engine(model, etok, works[n], warm_prefixes=warm, **kw)
-                            r["wl"] = works[n]
-                            tries[n].append(r)
-                        lo, hi = tries[ns[0]][-1], tries[ns[-1]][-1]
-                        ratios.append((hi["tokens"] / hi["seconds"]) / (lo["tokens"] / lo["seconds"]))
+
+                    def run_tasks(n, rep, warm=warm, state=state):
+                        _log(f"tasks {d}: same {a.requests} requests over {n} task(s), {nv} virtual tokens "
+                             f"each, {state} prefix cache, try {rep + 1}/{a.tasks_repeats}")
+                        return {**E.run_engine(model, etok, works[n], warm_prefixes=warm, **kw), "wl": works[n]}
+
+                    tries, ratios = _alternating_pairs(ns, run_tasks, a.tasks_repeats)
                     for n in ns:
                         r = _median_run(tries[n])
                         row(f"engine, {n} task{'s' if n != 1 else ''} ({nv} virt, {state})", d, r["wl"].requests, r)
@@ -238,22 +231,35 @@ def main(argv=None) -> int:
     return 0
 
 
+def _alternating_pairs(keys, run, repeats: int) -> tuple[dict, list[float]]:
+    """`run(key, rep)` for every key back to back, `repeats` times, the order reversed every
+    other time. This machine's speed drifts by tens of percent within a minute: a ratio of
+    two runs taken apart measures the drift, one of a back-to-back pair mostly cancels it.
+    Returns every run by key, and each repetition's tok/s ratio of the last key to the first."""
+    tries: dict = {k: [] for k in keys}
+    ratios = []
+    for rep in range(repeats):
+        for k in (keys if rep % 2 == 0 else keys[::-1]):
+            tries[k].append(run(k, rep))
+        first, last = tries[keys[0]][-1], tries[keys[-1]][-1]
+        ratios.append((last["tokens"] / last["seconds"]) / (first["tokens"] / first["seconds"]))
+    return tries, ratios
+
+
 def _kernels_ab(a, model, etok, wl, kw, d, row) -> dict:
     """The engine with the native CPU kernels and without (SDPA, torch ops), in back-to-back
     pairs like `tasks`: the median of the pairs' ratios, and whether the tokens changed."""
     if not model.set_native_kernels(True):
         _log(f"kernels {d}: the native CPU kernels cannot run here; skipped")
         return {"available": False}
-    tries: dict[bool, list[dict]] = {True: [], False: []}
-    ratios = []
+
+    def run(on, rep):
+        _log(f"kernels {d}: engine with native kernels {'on' if on else 'off'}, try {rep + 1}/{a.tasks_repeats}")
+        model.set_native_kernels(on)
+        return E.run_engine(model, etok, wl, **kw)
+
     try:
-        for rep in range(a.tasks_repeats):
-            for on in ((True, False) if rep % 2 == 0 else (False, True)):
-                _log(f"kernels {d}: engine with native kernels {'on' if on else 'off'}, try {rep + 1}/{a.tasks_repeats}")
-                model.set_native_kernels(on)
-                tries[on].append(E.run_engine(model, etok, wl, **kw))
-            on, off = tries[True][-1], tries[False][-1]
-            ratios.append((on["tokens"] / on["seconds"]) / (off["tokens"] / off["seconds"]))
+        tries, ratios = _alternating_pairs([False, True], run, a.tasks_repeats)  # ratio: on / off
     finally:
         model.set_native_kernels(True)
     for on in (True, False):

@@ -17,7 +17,7 @@ Two forwards:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -74,16 +74,45 @@ class StepMeta:
     decode_rows: int = 0  # number of leading cache slots covered (>= n_decode)
     decode_len: int = 0
     decode_slots: torch.Tensor | None = None  # [n_decode] long, None when == arange
-    decode_mask: torch.Tensor | None = None  # [decode_rows, 1, 1, decode_len] additive (0 / -inf)
+    decode_lens: torch.Tensor | None = None  # [decode_rows] long: keys attended, by slot (1 for idle slots)
+    # [decode_rows, 1, 1, decode_len] additive (0 / -inf); built from decode_lens when SDPA needs it
+    decode_mask: torch.Tensor | None = None
     # prefill rows
     prefill_slots: torch.Tensor | None = None  # [Bp] long
     prefill_start: int | None = None  # set when prefill_slots are consecutive
     prefill_q: int = 0  # padded query length
     prefill_len: int = 0  # keys attended (max past + q)
     prefill_dest: torch.Tensor | None = None  # [N - n_decode] long: index into Bp * prefill_q
-    prefill_mask: torch.Tensor | None = None  # [Bp, 1, prefill_q, prefill_len] additive (0 / -inf)
     prefill_pasts: torch.Tensor | None = None  # [Bp] long: cache positions before each row's tokens
     prefill_qlens: torch.Tensor | None = None  # [Bp] long: each row's tokens this step
+    # [Bp, 1, prefill_q, prefill_len] additive (0 / -inf); built from pasts/qlens when SDPA needs it
+    prefill_mask: torch.Tensor | None = None
+
+    # The masks are built on the step's device, once a step (on a GPU a few tiny kernels beat
+    # building them on the host and copying them over: ~30 ms of host CPU a 64-row prefill
+    # on a 16-core GPU host, where every small CPU op wakes all threads).
+    def decode_mask_for(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.decode_mask is None:
+            allowed = torch.arange(self.decode_len, device=self.decode_lens.device)[None, :] < self.decode_lens[:, None]
+            self.decode_mask = additive_mask(allowed.view(self.decode_rows, 1, 1, self.decode_len), dtype)
+        return self.decode_mask
+
+    def prefill_mask_for(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.prefill_mask is None:
+            dev = self.prefill_pasts.device
+            t = torch.arange(self.prefill_q, device=dev)[None, :, None]  # [1, Tq, 1]
+            j = torch.arange(self.prefill_len, device=dev)[None, None, :]  # [1, 1, S]
+            valid_q = t < self.prefill_qlens[:, None, None]
+            mask = (j <= self.prefill_pasts[:, None, None] + t) & valid_q
+            mask |= (~valid_q) & (j == 0)  # padded queries attend somewhere (no NaN), ignored
+            self.prefill_mask = additive_mask(mask.unsqueeze(1), dtype)
+        return self.prefill_mask
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean "may attend" -> additive 0/-inf mask, on `allowed`'s device (SDPA's CPU
+    kernel is faster with it)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 def bucket_rows(n: int) -> int:
@@ -236,9 +265,10 @@ class GPT2(nn.Module):
         self.set_native_kernels(True)
 
     def set_native_kernels(self, on: bool) -> bool:
-        """Use the native CPU kernels (`server.cpu_kernels`: decode rows' attention, bf16
-        greedy argmax) when `on` and they can run here (CPU, fp32/bf16, AVX-512, a C
-        compiler); else SDPA and torch reductions. Returns whether they are in use."""
+        """Use the native CPU kernels (`server.cpu_kernels`: decode and prefill attention,
+        the KV-cache write, the bf16 greedy argmax) when `on` and they can run here (CPU,
+        fp32/bf16, AVX-512, a C compiler); else SDPA and torch ops. Returns whether they are
+        in use."""
         w = self.wte.weight
         lib = None
         if on and w.device.type == "cpu" and cpu_kernels.supports(w.dtype, self.spec.head_dim, self.spec.n_positions):
@@ -490,28 +520,13 @@ class GPT2(nn.Module):
         x = _pad_rows(self.wte(ids) + self.wpe(positions), rows)  # [rows, C]
         a_pad = x.new_zeros(rows, s.n_embd) if rows > n else None
         c = s.n_embd
-        nd = meta.n_decode
-        # native decode attention: each decode row reads its own slot up to its own length
-        native = None
-        if self._native is not None:  # raw pointers below: check the bounds index_put_ would
-            slot_ids, positions = meta.slot.long().contiguous(), positions.long().contiguous()
-            if n and (int(positions.min()) < 0 or int(positions.max()) >= cache.max_len or
-                      int(slot_ids.min()) < 0 or int(slot_ids.max()) >= cache.kv[0].shape[1]):
-                raise IndexError("a step's slots or positions are outside the KV cache")
-            if nd:
-                native = (slot_ids[:nd], positions[:nd] + 1)
-            if meta.prefill_pasts is not None and n > nd:  # what prefill_attention indexes by
-                ends = meta.prefill_pasts + meta.prefill_qlens
-                if int(meta.prefill_qlens.sum()) != n - nd or int(meta.prefill_qlens.min()) < 1 or \
-                        int(meta.prefill_pasts.min()) < 0 or int(ends.max()) > cache.max_len or \
-                        int(meta.prefill_slots.min()) < 0 or int(meta.prefill_slots.max()) >= cache.kv[0].shape[1]:
-                    raise IndexError("a step's prefill rows do not match its tokens or the KV cache")
+        native = self._native_step(meta, positions, cache) if self._native is not None else None
         for i, blk in enumerate(self.h):
             qkv = blk.attn.c_attn(blk.ln_1(x))[:n]  # [N, 3C]
             # keys and values of every token into the cache, in one write: [N, 2, H, D]
             kv = qkv[:, c:].view(n, 2, s.n_head, s.head_dim)
-            if self._native is not None:
-                cpu_kernels.write_kv(self._native, cache.kv[i], kv, slot_ids, positions)
+            if native is not None:
+                cpu_kernels.write_kv(self._native, cache.kv[i], kv, native.slots, native.positions)
             else:
                 cache.kv[i][:, meta.slot, :, positions] = kv
             q = qkv[:, :c].view(n, s.n_head, s.head_dim)
@@ -523,23 +538,48 @@ class GPT2(nn.Module):
             x = x + blk.mlp_forward(x)
         return x[:n]
 
+    def _native_step(self, meta: StepMeta, positions: torch.Tensor, cache: "KVCache") -> "_NativeStep":
+        """A step's indices for the native kernels, after the bounds checks `index_put_` and
+        SDPA would make (the kernels take raw pointers); ~15 us (decode) to ~30 us (prefill)."""
+        n, nd, n_slots = positions.shape[0], meta.n_decode, cache.kv[0].shape[1]
+        slots, positions = meta.slot.long().contiguous(), positions.long().contiguous()
+        if n and (int(positions.min()) < 0 or int(positions.max()) >= cache.max_len or
+                  int(slots.min()) < 0 or int(slots.max()) >= n_slots):
+            raise IndexError("a step's slots or positions are outside the KV cache")
+        if meta.prefill_pasts is not None and n > nd:  # what prefill_attention indexes by
+            ends = meta.prefill_pasts + meta.prefill_qlens
+            if int(meta.prefill_qlens.sum()) != n - nd or int(meta.prefill_qlens.min()) < 1 or \
+                    int(meta.prefill_pasts.min()) < 0 or int(ends.max()) > cache.max_len or \
+                    int(meta.prefill_slots.min()) < 0 or int(meta.prefill_slots.max()) >= n_slots:
+                raise IndexError("a step's prefill rows do not match its tokens or the KV cache")
+        # a decode row attends to its own slot's keys 0..position
+        return _NativeStep(slots, positions, positions[:nd] + 1)
+
     def _attend(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: StepMeta,
-                native: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """`native`: (slots, key lengths) of the decode rows, for the native CPU kernel."""
+                native: "_NativeStep | None") -> torch.Tensor:
         nd = meta.n_decode
         if nd == q.shape[0]:
             return self._attend_decode(q, kc, vc, meta, native)
-        if self._native is not None and meta.prefill_pasts is not None:
+        if native is not None and meta.prefill_pasts is not None:
             pre = cpu_kernels.prefill_attention(self._native, q[nd:], kc, vc, meta.prefill_slots,
                                                 meta.prefill_pasts, meta.prefill_qlens)
         else:
             pre = _prefill_attention(q[nd:], kc, vc, meta)
         return pre if nd == 0 else torch.cat([self._attend_decode(q[:nd], kc, vc, meta, native), pre])
 
-    def _attend_decode(self, q, kc, vc, meta: StepMeta, native) -> torch.Tensor:
+    def _attend_decode(self, q, kc, vc, meta: StepMeta, native: "_NativeStep | None") -> torch.Tensor:
         if native is not None:
-            return cpu_kernels.decode_attention(self._native, q, kc, vc, *native)
+            return cpu_kernels.decode_attention(self._native, q, kc, vc, native.slots[:meta.n_decode],
+                                                native.decode_lens)
         return _decode_attention(q, kc, vc, meta)
+
+
+class _NativeStep(NamedTuple):
+    """A step's token slots and positions (contiguous int64) and its decode rows' key lengths."""
+
+    slots: torch.Tensor
+    positions: torch.Tensor
+    decode_lens: torch.Tensor
 
 
 def _decode_attention(q, kc, vc, meta: StepMeta) -> torch.Tensor:
@@ -552,7 +592,7 @@ def _decode_attention(q, kc, vc, meta: StepMeta) -> torch.Tensor:
     else:
         qf = q.new_zeros(rows, q.shape[1], 1, q.shape[2])
         qf[meta.decode_slots] = q.unsqueeze(2)
-    o = F.scaled_dot_product_attention(qf, k, v, attn_mask=meta.decode_mask)  # [rows, H, 1, D]
+    o = F.scaled_dot_product_attention(qf, k, v, attn_mask=meta.decode_mask_for(q.dtype))  # [rows, H, 1, D]
     o = o.squeeze(2)
     return o if meta.decode_slots is None else o[meta.decode_slots]
 
@@ -573,6 +613,6 @@ def _prefill_attention(q, kc, vc, meta: StepMeta) -> torch.Tensor:
         qp = q.new_zeros(bp * tq, nh, hd)
         qp[meta.prefill_dest] = q
         qp = qp.view(bp, tq, nh, hd)
-    o = F.scaled_dot_product_attention(qp.transpose(1, 2), k, v, attn_mask=meta.prefill_mask)
+    o = F.scaled_dot_product_attention(qp.transpose(1, 2), k, v, attn_mask=meta.prefill_mask_for(q.dtype))
     o = o.transpose(1, 2).reshape(bp * tq, nh, hd)  # [Bp*Tq, H, D]
     return o if bp * tq == q.shape[0] else o[meta.prefill_dest]

@@ -222,3 +222,49 @@ def test_prefill_rows_that_do_not_match_the_step_are_refused(tiny_model_dir):
         with torch.inference_mode(), pytest.raises(IndexError):
             m.forward_step(torch.tensor([1, 2]), torch.tensor([0, 15]), meta, cache)
     assert not cache._kv.any()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_nan_key_within_the_row_gives_nan_not_a_silent_average(dtype):
+    cache, g = _random_cache(dtype, False, seed=5, heads=2, head_dim=16, max_len=40, slots=2)
+    cache.k[0][1, 0, 7] = float("nan")  # slot 1, head 0, position 7
+    q = torch.randn(1, 2, 16, generator=g).to(dtype)
+    got = cpu_kernels.decode_attention(LIB, q, cache.k[0], cache.v[0], torch.tensor([1]), torch.tensor([20]))
+    assert got[0, 0].isnan().all() and torch.isfinite(got[0, 1]).all()
+    pre = cpu_kernels.prefill_attention(LIB, q, cache.k[0], cache.v[0], torch.tensor([1]), torch.tensor([19]),
+                                        torch.tensor([1]))
+    assert pre[0, 0].isnan().all() and torch.isfinite(pre[0, 1]).all()
+
+
+def test_load_refuses_a_second_openmp_runtime(monkeypatch, tmp_path):
+    monkeypatch.setenv("POLYPROMPT_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    monkeypatch.setattr(cpu_kernels, "_openmp_runtimes", lambda: {"/a/libgomp.so.1", "/b/libgomp-1a2b.so.1"})
+    assert cpu_kernels.load() is None
+
+
+def test_masks_are_built_only_by_the_sdpa_path(tiny_model_dir, monkeypatch):
+    """Steps carry key lengths, not masks: SDPA builds its masks once a step, the native
+    kernels never (a 64-row prefill mask costs ~1 ms to build)."""
+    from transformers import AutoTokenizer
+
+    from server.engine.engine import Engine, EngineConfig, Request
+    from server.engine.sampler import SamplingParams
+    from server.model import GPT2
+
+    m = GPT2.from_pretrained(str(tiny_model_dir))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    metas = []
+    real = m.forward_step
+    monkeypatch.setattr(m, "forward_step", lambda ids, pos, meta, cache: (metas.append(meta), real(ids, pos, meta, cache))[1])
+    for native in ([True, False] if m.native_kernels else [False]):
+        m.set_native_kernels(native)
+        metas.clear()
+        Engine(m, tok, EngineConfig(max_num_seqs=2)).generate(
+            [Request(f"r{i}", [5, 6, 7], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)) for i in range(2)])
+        assert any(x.n_decode for x in metas) and any(x.prefill_pasts is not None for x in metas)
+        built = [x.decode_mask is not None for x in metas if x.n_decode] + \
+            [x.prefill_mask is not None for x in metas if x.prefill_pasts is not None]
+        assert all(built) if not native else not any(built)

@@ -9,7 +9,7 @@ import torch
 
 from server.engine.kv_cache import KVCache
 from server.engine.scheduler import SeqState, StepPlan
-from server.model import StepMeta
+from server.model import StepMeta, additive_mask  # noqa: F401 - additive_mask: re-exported
 
 if TYPE_CHECKING:  # pragma: no cover
     from server.engine.engine import Request
@@ -29,10 +29,11 @@ def build_step(plan: StepPlan, requests: dict[str, "Request"], seqs: dict[str, S
     """Flatten the plan's rows; make every key position a row reads finite (`cache.prepare`).
 
     Every integer array of the step travels to the device in one copy (on a GPU, each
-    separate host-to-device copy is a synchronisation), and the masks are built there from
-    them.
+    separate host-to-device copy is a synchronisation). Attention masks are not built here:
+    the SDPA path builds them from these arrays when it needs them (`server.model`), the
+    native CPU kernels never do.
     """
-    device, dtype = cache.k[0].device, cache.k[0].dtype
+    device = cache.k[0].device
     ids: list[int] = []
     pos: list[int] = []
     slots: list[int] = []
@@ -99,23 +100,11 @@ def build_step(plan: StepPlan, requests: dict[str, "Request"], seqs: dict[str, S
     dev = _to_device(dict(ids=ids, pos=pos, slot=slots, sample_rows=sample_rows, **host), device)
     meta.slot = dev["slot"]
     if nd:
-        # the masks are built where they are used: on a GPU, a few tiny kernels beat building
-        # them on the host and copying them over (measured: ~30 ms of host CPU a 64-row
-        # prefill on a 16-core GPU host, where every small CPU op wakes all threads)
-        meta.decode_mask = additive_mask(
-            (torch.arange(meta.decode_len, device=device)[None, :] < dev["decode_lens"][:, None]).view(
-                meta.decode_rows, 1, 1, meta.decode_len), dtype)
+        meta.decode_lens = dev["decode_lens"]
         meta.decode_slots = dev.get("decode_slots")
     if plan.prefill:
-        t = torch.arange(meta.prefill_q, device=device)[None, :, None]  # [1, Tq, 1]
-        j = torch.arange(meta.prefill_len, device=device)[None, None, :]  # [1, 1, S]
-        past_t = dev["pasts"][:, None, None]
-        valid_q = t < dev["qlens"][:, None, None]
-        mask = (j <= past_t + t) & valid_q
-        mask |= (~valid_q) & (j == 0)  # padded queries attend somewhere (no NaN), ignored
         meta.prefill_slots = dev["prefill_slots"]
         meta.prefill_dest = dev["prefill_dest"]
-        meta.prefill_mask = additive_mask(mask.unsqueeze(1), dtype)  # [Bp, 1, Tq, S]
         meta.prefill_pasts, meta.prefill_qlens = dev["pasts"], dev["qlens"]
     return StepBatch(ids=dev["ids"], positions=dev["pos"], meta=meta, sample_rows=dev["sample_rows"],
                      sample_ids=sample_ids)
@@ -131,9 +120,3 @@ def _to_device(arrays: dict[str, list[int]], device: torch.device) -> dict[str, 
         out[name] = flat[i:i + len(a)]
         i += len(a)
     return out
-
-
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Boolean "may attend" -> additive 0/-inf mask, on `allowed`'s device (SDPA's CPU
-    kernel is faster with it)."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))

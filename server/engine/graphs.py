@@ -68,10 +68,7 @@ class StaticDecoder:
         `[4, b]`: ids, positions, slots written, key lengths. Returns logits and argmax."""
         ids, pos, wslot, lens = inputs.unbind(0)
         b = ids.shape[0]
-        allowed = torch.arange(s, device=inputs.device)[None, :] < lens[:, None]
-        mask = torch.zeros((), dtype=self.cache.k[0].dtype, device=inputs.device).masked_fill(
-            ~allowed, float("-inf")).view(b, 1, 1, s)
-        meta = StepMeta(slot=wslot, n_decode=b, decode_rows=b, decode_len=s, decode_mask=mask)
+        meta = StepMeta(slot=wslot, n_decode=b, decode_rows=b, decode_len=s, decode_lens=lens)
         logits = self.model.logits(self.model.forward_step(ids, pos, meta, self.cache))
         return logits, logits.argmax(-1)
 
