@@ -271,7 +271,8 @@ class GPT2(nn.Module):
         in use."""
         w = self.wte.weight
         lib = None
-        if on and w.device.type == "cpu" and cpu_kernels.supports(w.dtype, self.spec.head_dim, self.spec.n_positions):
+        if on and w.device.type == "cpu" and cpu_kernels.supports(
+                w.dtype, self.spec.head_dim, self.spec.n_positions, self.spec.n_head):
             lib = cpu_kernels.load()
         object.__setattr__(self, "_native", lib)
         return lib is not None

@@ -7,7 +7,8 @@
  * past its length is read, unlike a padded SDPA call with a mask), softmax in float32,
  * then the weighted sum of its values. K and V are read straight from the cache in
  * whatever memory order it has (strides in elements), in float32 or bfloat16 with float32
- * accumulation.
+ * accumulation. A row's heads are read position by position, prefetched a few positions
+ * ahead: decode attention is a stream through the cache, bound by memory bandwidth.
  * argmax_rows_bf16: torch.argmax over the last dim of bf16 logits, in one pass.
  *
  * Work is split over OpenMP threads: torch's own runtime, since the library is loaded into
@@ -61,67 +62,123 @@ static inline __m512 exp_nonpos(__m512 x) {
  * the accumulators stay in registers, and with D / 16 for any other head size. */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-/* One decode row and head: keys/values kp, vp at t * st, n of them, query qp. */
-#define DECODE_ONE(NAME, T, LOAD, STORE)                                                           \
-    ALWAYS_INLINE void NAME(const T *qp, const T *kp, const T *vp, int64_t st, int64_t n, T *op,   \
-                            float scale, float *s, const int nd) {                                 \
-        __m512 qv[MAX_HEAD_DIM / 16], ov[MAX_HEAD_DIM / 16];                                       \
-        for (int j = 0; j < nd; j++) qv[j] = _mm512_mul_ps(LOAD(qp + 16 * j), _mm512_set1_ps(scale)); \
-        float mx = -INFINITY;                                                                      \
+/* Software prefetch distance of the decode kernel, in positions. The cache is read at
+ * ~8 GB/s without it: a row's keys of one head are a short strided run (128 B a position in
+ * a token-major bf16 cache) that the hardware prefetcher picks up too late. */
+#define DECODE_PREFETCH 4
+
+ALWAYS_INLINE void prefetch_lines(const void *p, int bytes) {
+    for (int c = 0; c < bytes; c += 64) _mm_prefetch((const char *)p + c, _MM_HINT_T0);
+}
+
+/* One decode row, every head: keys/values of head h at position t are at kp, vp + h * sh +
+ * t * st, n positions; query head h at qp + h * q_sh. Positions are the outer loop (each
+ * position's heads are read together, prefetched DECODE_PREFETCH positions ahead), heads the
+ * inner one. Scratch: s (H * ls floats: scores, then softmax numerators), o (H * D floats:
+ * first the scaled query, then the value accumulators), inv (H floats). Per head the
+ * arithmetic and its order are exactly those of one (row, head) at a time. */
+#define DECODE_ROW(NAME, T, LOAD, STORE)                                                           \
+    ALWAYS_INLINE void NAME(const T *qp, int64_t q_sh, const T *kp, const T *vp, int64_t sh,       \
+                            int64_t st, int64_t n, T *op, int64_t o_sh, int H, float scale,        \
+                            float *s, int64_t ls, float *o, float *inv, const int nd) {            \
+        const int D = nd * 16, bytes = D * (int)sizeof(T);                                         \
+        float *qf = o;                                                                             \
+        for (int h = 0; h < H; h++)                                                                \
+            for (int j = 0; j < nd; j++)                                                           \
+                _mm512_store_ps(qf + h * D + 16 * j,                                               \
+                                _mm512_mul_ps(LOAD(qp + h * q_sh + 16 * j), _mm512_set1_ps(scale))); \
+        for (int64_t t = 0; t < n && t < DECODE_PREFETCH; t++)                                     \
+            for (int h = 0; h < H; h++) prefetch_lines(kp + t * st + h * sh, bytes);               \
         for (int64_t t = 0; t < n; t++) {                                                          \
             const T *kt = kp + t * st;                                                             \
-            __m512 acc = _mm512_mul_ps(qv[0], LOAD(kt));                                           \
-            for (int j = 1; j < nd; j++) acc = _mm512_fmadd_ps(qv[j], LOAD(kt + 16 * j), acc);     \
-            const float x = _mm512_reduce_add_ps(acc);                                             \
-            s[t] = x;                                                                              \
-            mx = x > mx ? x : mx;                                                                  \
+            for (int h = 0; h < H; h++) {                                                          \
+                const T *kh = kt + h * sh;                                                         \
+                const float *qh = qf + h * D;                                                      \
+                prefetch_lines(kh + DECODE_PREFETCH * st, bytes);                                  \
+                __m512 acc = _mm512_mul_ps(_mm512_load_ps(qh), LOAD(kh));                          \
+                for (int j = 1; j < nd; j++)                                                       \
+                    acc = _mm512_fmadd_ps(_mm512_load_ps(qh + 16 * j), LOAD(kh + 16 * j), acc);    \
+                s[h * ls + t] = _mm512_reduce_add_ps(acc);                                         \
+            }                                                                                      \
         }                                                                                          \
-        const __m512 m = _mm512_set1_ps(mx);                                                       \
-        __m512 sum = _mm512_setzero_ps();                                                          \
-        for (int64_t t = 0; t < n; t += 16) {                                                      \
-            const __mmask16 live = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);        \
-            __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t), m));           \
-            e = _mm512_maskz_mov_ps(live, e);                                                      \
-            _mm512_mask_storeu_ps(s + t, live, e);                                                 \
-            sum = _mm512_add_ps(sum, e);                                                           \
+        for (int64_t t = 0; t < n && t < DECODE_PREFETCH; t++)                                     \
+            for (int h = 0; h < H; h++) prefetch_lines(vp + t * st + h * sh, bytes);               \
+        for (int h = 0; h < H; h++) {                                                              \
+            float *sh_ = s + h * ls, mx = -INFINITY;                                               \
+            for (int64_t t = 0; t < n; t++) mx = sh_[t] > mx ? sh_[t] : mx;                        \
+            const __m512 m = _mm512_set1_ps(mx);                                                   \
+            __m512 sum = _mm512_setzero_ps();                                                      \
+            for (int64_t t = 0; t < n; t += 16) {                                                  \
+                const __mmask16 live = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);    \
+                __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sh_ + t), m));     \
+                e = _mm512_maskz_mov_ps(live, e);                                                  \
+                _mm512_mask_storeu_ps(sh_ + t, live, e);                                           \
+                sum = _mm512_add_ps(sum, e);                                                       \
+            }                                                                                      \
+            inv[h] = 1.0f / _mm512_reduce_add_ps(sum);                                             \
         }                                                                                          \
-        for (int j = 0; j < nd; j++) ov[j] = _mm512_setzero_ps();                                  \
+        for (int i = 0; i < H * D; i += 16) _mm512_store_ps(o + i, _mm512_setzero_ps());           \
         for (int64_t t = 0; t < n; t++) {                                                          \
-            const __m512 p = _mm512_set1_ps(s[t]);                                                 \
             const T *vt = vp + t * st;                                                             \
-            for (int j = 0; j < nd; j++) ov[j] = _mm512_fmadd_ps(p, LOAD(vt + 16 * j), ov[j]);     \
+            for (int h = 0; h < H; h++) {                                                          \
+                const __m512 p = _mm512_set1_ps(s[h * ls + t]);                                    \
+                const T *vh = vt + h * sh;                                                         \
+                float *oh = o + h * D;                                                             \
+                prefetch_lines(vh + DECODE_PREFETCH * st, bytes);                                  \
+                for (int j = 0; j < nd; j++)                                                       \
+                    _mm512_store_ps(oh + 16 * j, _mm512_fmadd_ps(p, LOAD(vh + 16 * j), _mm512_load_ps(oh + 16 * j))); \
+            }                                                                                      \
         }                                                                                          \
-        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));                       \
-        for (int j = 0; j < nd; j++) STORE(op + 16 * j, _mm512_mul_ps(ov[j], inv));                \
+        for (int h = 0; h < H; h++) {                                                              \
+            const __m512 iv = _mm512_set1_ps(inv[h]);                                              \
+            for (int j = 0; j < nd; j++)                                                           \
+                STORE(op + h * o_sh + 16 * j, _mm512_mul_ps(_mm512_load_ps(o + h * D + 16 * j), iv)); \
+        }                                                                                          \
     }
 
 /* q: [B, H, D] (strides q_sb, q_sh; unit stride in D); row b reads slot slots[b] of the
  * cache, keys/values at positions 0..lens[b]-1: element (slot, h, t, d) of K (and of V)
  * is at k[slot*sb + h*sh + t*st + d]; out: [B, H, D] (strides o_sb, o_sh). D % 16 == 0,
- * D <= MAX_HEAD_DIM, 1 <= lens[b] <= MAX_LEN (checked by the caller). */
-#define DECODE_ATTENTION(NAME, ONE, T)                                                             \
-    void NAME(const T *q, int64_t q_sb, int64_t q_sh, const T *k, const T *v, int64_t sb,          \
-              int64_t sh, int64_t st, const int64_t *slots, const int64_t *lens, T *out,          \
-              int64_t o_sb, int64_t o_sh, int B, int H, int D, float scale, int threads) {         \
-        _Pragma("omp parallel for num_threads(threads) schedule(static) collapse(2)")              \
-        for (int b = 0; b < B; b++) {                                                              \
-            for (int h = 0; h < H; h++) {                                                          \
-                float s[MAX_LEN + 16];                                                             \
-                const T *qp = q + b * q_sb + h * q_sh;                                             \
-                const T *kp = k + slots[b] * sb + h * sh, *vp = v + slots[b] * sb + h * sh;        \
-                T *op = out + b * o_sb + h * o_sh;                                                 \
-                if (D == 64)                                                                       \
-                    ONE(qp, kp, vp, st, lens[b], op, scale, s, 4);                                 \
-                else                                                                               \
-                    ONE(qp, kp, vp, st, lens[b], op, scale, s, D / 16);                            \
+ * D <= MAX_HEAD_DIM, H <= MAX_HEADS, 1 <= lens[b] <= MAX_LEN (checked by the caller).
+ * Rows are split over threads; each thread allocates its scratch once. Returns 1 when a
+ * scratch allocation failed (out is then incomplete), else 0. */
+#define MAX_HEADS 256
+#define DECODE_ATTENTION(NAME, ROW, T)                                                             \
+    int NAME(const T *q, int64_t q_sb, int64_t q_sh, const T *k, const T *v, int64_t sb,           \
+             int64_t sh, int64_t st, const int64_t *slots, const int64_t *lens, T *out,            \
+             int64_t o_sb, int64_t o_sh, int B, int H, int D, float scale, int threads) {          \
+        int64_t maxn = 1;                                                                          \
+        for (int b = 0; b < B; b++) maxn = lens[b] > maxn ? lens[b] : maxn;                        \
+        const int64_t ls = (maxn + 15) / 16 * 16;                                                  \
+        int failed = 0;                                                                            \
+        _Pragma("omp parallel num_threads(threads)")                                               \
+        {                                                                                          \
+            float *s = aligned_alloc(64, (size_t)H * ls * sizeof(float));                          \
+            float *o = aligned_alloc(64, ((size_t)H * D * sizeof(float) + 63) / 64 * 64);          \
+            float inv[MAX_HEADS];                                                                  \
+            if (!s || !o) {                                                                        \
+                _Pragma("omp atomic write")                                                        \
+                failed = 1;                                                                        \
             }                                                                                      \
+            _Pragma("omp for schedule(static)")                                                    \
+            for (int b = 0; b < B; b++) {                                                          \
+                if (!s || !o) continue;                                                            \
+                const T *kp = k + slots[b] * sb, *vp = v + slots[b] * sb;                          \
+                if (D == 64)                                                                       \
+                    ROW(q + b * q_sb, q_sh, kp, vp, sh, st, lens[b], out + b * o_sb, o_sh, H, scale, s, ls, o, inv, 4); \
+                else                                                                               \
+                    ROW(q + b * q_sb, q_sh, kp, vp, sh, st, lens[b], out + b * o_sb, o_sh, H, scale, s, ls, o, inv, D / 16); \
+            }                                                                                      \
+            free(s);                                                                               \
+            free(o);                                                                               \
         }                                                                                          \
+        return failed;                                                                             \
     }
 
-DECODE_ONE(decode_one_f32, float, load_f32, store_f32)
-DECODE_ONE(decode_one_bf16, uint16_t, load_bf16, store_bf16)
-DECODE_ATTENTION(decode_attention_f32, decode_one_f32, float)
-DECODE_ATTENTION(decode_attention_bf16, decode_one_bf16, uint16_t)
+DECODE_ROW(decode_row_f32, float, load_f32, store_f32)
+DECODE_ROW(decode_row_bf16, uint16_t, load_bf16, store_bf16)
+DECODE_ATTENTION(decode_attention_f32, decode_row_f32, float)
+DECODE_ATTENTION(decode_attention_bf16, decode_row_bf16, uint16_t)
 
 /* out[r] = torch.argmax(x[r, :V]): the first index of the row's maximum, a NaN counting as
  * the maximum (its first index wins). x: bf16 rows with stride rs (elements). */
