@@ -94,12 +94,15 @@ class KVCache:
 
     def write_prefix(self, slots: list[int], prefix: torch.Tensor) -> None:
         """Copy a task's prefix KV `[L, 2, H, n, D]` into positions 0..n-1 of each of
-        `slots`, in one op (rows of the same task admitted together share it)."""
+        `slots`. On CPU one strided copy per slot: ~4x faster than one advanced-indexing
+        write broadcast over the slots (4 vs 19 ms for 64 bf16 slots of 8-32 positions);
+        on GPU that one write is one kernel instead of one per slot."""
         n = prefix.shape[3]
         if not n or not slots:
             return
-        if len(slots) == 1:
-            self._kv[:, :, slots[0], :, :n] = prefix
+        if len(slots) == 1 or self._kv.device.type == "cpu":
+            for slot in slots:
+                self._kv[:, :, slot, :, :n] = prefix
         else:
             idx = torch.tensor(slots, device=self._kv.device)
             self._kv[:, :, idx, :, :n] = prefix.unsqueeze(2)  # broadcast over the slots
