@@ -39,13 +39,14 @@ def _reference(q, cache, layer, slots, lens):
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("token_major", [False, True], ids=["head-major", "token-major"])
-def test_decode_attention_matches_sdpa(dtype, token_major):
-    h, d = 4, 64
+@pytest.mark.parametrize("h, d", [(4, 64), (3, 32)], ids=["D64", "D32"])  # the D = 64 body and the generic one
+def test_decode_attention_matches_sdpa(dtype, token_major, h, d):
     cache, g = _random_cache(dtype, token_major, seed=0, heads=h, head_dim=d, max_len=300, slots=6, layers=2, std=2)
-    # rows out of slot order, lengths 1, not multiples of 16, and the whole slot; nothing
-    # past a row's length may be read: fill the rest of its slot with NaN
-    slots = torch.tensor([4, 0, 2, 5, 1])
-    lens = torch.tensor([1, 17, 40, 300, 129])
+    # rows out of slot order, lengths 1, shorter than the prefetch distance, not multiples
+    # of 16, and the whole slot; nothing past a row's length may be read: fill the rest of
+    # its slot with NaN
+    slots = torch.tensor([4, 0, 2, 5, 1, 3])
+    lens = torch.tensor([1, 17, 40, 300, 129, 3])
     for slot, n in zip(slots.tolist(), lens.tolist()):
         cache._kv[:, :, slot, :, n:] = float("nan")
     q = (torch.randn(len(slots), h, 3 * d, generator=g) * 2).to(dtype)[:, :, d:2 * d]  # strided, as in a step
