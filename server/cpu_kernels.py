@@ -40,7 +40,7 @@ log = logging.getLogger("polyprompt.kernels")
 SOURCE = Path(__file__).resolve().parent / "csrc" / "kernels.c"
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma",
          "-shared", "-fPIC"]
-MAX_HEAD_DIM = 256  # as in the C source
+MAX_HEAD_DIM = 256  # these three as in the C source
 MAX_HEADS = 256
 MAX_LEN = 8192
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "fma")
@@ -141,7 +141,7 @@ def load() -> ctypes.CDLL | None:
         return _lib
 
 
-def supports(dtype: torch.dtype, head_dim: int, max_len: int, n_head: int = 1) -> bool:
+def supports(dtype: torch.dtype, head_dim: int, max_len: int, n_head: int) -> bool:
     return dtype in (torch.float32, torch.bfloat16) and head_dim % 16 == 0 and \
         head_dim <= MAX_HEAD_DIM and max_len <= MAX_LEN and n_head <= MAX_HEADS
 

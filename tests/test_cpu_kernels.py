@@ -206,6 +206,19 @@ def test_attention_wrappers_refuse_what_the_c_code_cannot_check():
     assert len(cpu_kernels._openmp_runtimes()) == 1  # loaded into torch's own OpenMP runtime
 
 
+@needs_kernel
+def test_more_heads_than_the_decode_kernel_holds_are_refused():
+    # the decode kernel keeps one float per head on its stack (MAX_HEADS)
+    assert cpu_kernels.supports(torch.float32, 16, 8, cpu_kernels.MAX_HEADS)
+    assert not cpu_kernels.supports(torch.float32, 16, 8, cpu_kernels.MAX_HEADS + 1)
+    h = cpu_kernels.MAX_HEADS + 1
+    cache = KVCache(n_layer=1, n_head=h, head_dim=16, max_len=2, num_slots=1, device="cpu", dtype=torch.float32)
+    cache._kv.zero_()
+    with pytest.raises(ValueError):
+        cpu_kernels.decode_attention(LIB, torch.zeros(1, h, 16), cache.k[0], cache.v[0], torch.tensor([0]),
+                                     torch.tensor([1]))
+
+
 def test_prefill_rows_that_do_not_match_the_step_are_refused(tiny_model_dir):
     from server.model import GPT2, StepMeta
 

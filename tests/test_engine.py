@@ -32,7 +32,6 @@ def test_requests_joining_mid_decode_are_exact(setup, token_major, native):
     base, model, tok, prompts = setup
     if model.set_native_kernels(native) != native:
         pytest.skip("the native CPU attention kernel cannot run here (no AVX-512 or no C compiler)")
-    request_native = native
     eng = Engine(model, tok, EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, kv_token_major=token_major))
     assert eng.cache.token_major == token_major
     # torch.empty memory may hold NaN patterns: masked-out keys must never leak them
@@ -65,7 +64,7 @@ def test_requests_joining_mid_decode_are_exact(setup, token_major, native):
     assert eng.cache.num_free == eng.cache.num_slots  # every slot returned
     st = eng.prefixes.stats()
     assert st["hits"] >= 2 and st["in_use"] == 0
-    assert model.native_kernels == request_native
+    assert model.native_kernels == native
     model.set_native_kernels(True)  # the module's model is shared: back to the default
 
 

@@ -4,9 +4,8 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from server.engine.batch import additive_mask
 from server.engine.kv_cache import KVCache
-from server.model import GPT2, StepMeta
+from server.model import GPT2, StepMeta, additive_mask
 
 
 def test_dense_logits_match_hf(tiny_model_dir):

@@ -9,6 +9,8 @@
  * whatever memory order it has (strides in elements), in float32 or bfloat16 with float32
  * accumulation. A row's heads are read position by position, prefetched a few positions
  * ahead: decode attention is a stream through the cache, bound by memory bandwidth.
+ * prefill_attention_*: causal attention of prefill rows over their own slots (below).
+ * write_kv: a step's keys and values into the cache, a row copy per token.
  * argmax_rows_bf16: torch.argmax over the last dim of bf16 logits, in one pass.
  *
  * Work is split over OpenMP threads: torch's own runtime, since the library is loaded into
@@ -21,6 +23,7 @@
 #include <string.h>
 
 #define MAX_HEAD_DIM 256
+#define MAX_HEADS 256
 #define MAX_LEN 8192
 
 static inline __m512 load_bf16(const uint16_t *p) {
@@ -55,6 +58,25 @@ static inline __m512 exp_nonpos(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_scalef_ps(p, n);
+}
+
+/* The first min(left, 16) lanes */
+static inline __mmask16 live_lanes(int64_t left) {
+    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+}
+
+/* Softmax numerators in place: s[t] = exp(s[t] - mx) for t < n (16 lanes at a time);
+ * returns their sum. */
+static inline float exp_sum(float *s, int64_t n, float mx) {
+    const __m512 m = _mm512_set1_ps(mx);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; t += 16) {
+        const __mmask16 live = live_lanes(n - t);
+        const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t), m)));
+        _mm512_mask_storeu_ps(s + t, live, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    return _mm512_reduce_add_ps(sum);
 }
 
 /* Per (row, head) bodies take `nd` = D / 16 as an argument and are always inlined: the
@@ -106,16 +128,7 @@ ALWAYS_INLINE void prefetch_lines(const void *p, int bytes) {
         for (int h = 0; h < H; h++) {                                                              \
             float *sh_ = s + h * ls, mx = -INFINITY;                                               \
             for (int64_t t = 0; t < n; t++) mx = sh_[t] > mx ? sh_[t] : mx;                        \
-            const __m512 m = _mm512_set1_ps(mx);                                                   \
-            __m512 sum = _mm512_setzero_ps();                                                      \
-            for (int64_t t = 0; t < n; t += 16) {                                                  \
-                const __mmask16 live = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);    \
-                __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sh_ + t), m));     \
-                e = _mm512_maskz_mov_ps(live, e);                                                  \
-                _mm512_mask_storeu_ps(sh_ + t, live, e);                                           \
-                sum = _mm512_add_ps(sum, e);                                                       \
-            }                                                                                      \
-            inv[h] = 1.0f / _mm512_reduce_add_ps(sum);                                             \
+            inv[h] = 1.0f / exp_sum(sh_, n, mx);                                                   \
         }                                                                                          \
         for (int i = 0; i < H * D; i += 16) _mm512_store_ps(o + i, _mm512_setzero_ps());           \
         for (int64_t t = 0; t < n; t++) {                                                          \
@@ -142,7 +155,6 @@ ALWAYS_INLINE void prefetch_lines(const void *p, int bytes) {
  * D <= MAX_HEAD_DIM, H <= MAX_HEADS, 1 <= lens[b] <= MAX_LEN (checked by the caller).
  * Rows are split over threads; each thread allocates its scratch once. Returns 1 when a
  * scratch allocation failed (out is then incomplete), else 0. */
-#define MAX_HEADS 256
 #define DECODE_ATTENTION(NAME, ROW, T)                                                             \
     int NAME(const T *q, int64_t q_sb, int64_t q_sh, const T *k, const T *v, int64_t sb,           \
              int64_t sh, int64_t st, const int64_t *slots, const int64_t *lens, T *out,            \
@@ -201,7 +213,7 @@ void argmax_rows_bf16(const uint16_t *x, int64_t rs, int64_t V, int R, int64_t *
             idx = _mm512_add_epi32(idx, step);
         }
         if (v < V) {
-            const __mmask16 live = (__mmask16)((1u << (V - v)) - 1);
+            const __mmask16 live = live_lanes(V - v);
             __m512 y = _mm512_castsi512_ps(_mm512_slli_epi32(
                 _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p + v)), 16));
             y = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), y);
@@ -283,19 +295,11 @@ void write_kv(const char *src, int64_t s_i, int64_t s_kv, int64_t s_h, char *dst
                     a3 = _mm512_fmadd_ps(_mm512_set1_ps(qs[d + 3]), _mm512_loadu_ps(kc + (d + 3) * lpad), a3); \
                 }                                                                                  \
                 __m512 sc = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));           \
-                const __mmask16 live = n - t0 >= 16 ? 0xffff : (__mmask16)((1u << (n - t0)) - 1);  \
-                sc = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), sc);                    \
+                sc = _mm512_mask_blend_ps(live_lanes(n - t0), _mm512_set1_ps(-INFINITY), sc);      \
                 _mm512_storeu_ps(s + t0, sc);                                                      \
                 mx = _mm512_max_ps(mx, sc);                                                        \
             }                                                                                      \
-            const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));                             \
-            __m512 sum = _mm512_setzero_ps();                                                      \
-            for (int64_t t0 = 0; t0 < n; t0 += 16) {                                               \
-                const __mmask16 live = n - t0 >= 16 ? 0xffff : (__mmask16)((1u << (n - t0)) - 1);  \
-                __m512 e = _mm512_maskz_mov_ps(live, exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(s + t0), m))); \
-                _mm512_storeu_ps(s + t0, e);                                                       \
-                sum = _mm512_add_ps(sum, e);                                                       \
-            }                                                                                      \
+            const float total = exp_sum(s, n, _mm512_reduce_max_ps(mx));                           \
             __m512 o0[MAX_HEAD_DIM / 16], o1[MAX_HEAD_DIM / 16]; /* two chains: even, odd t */     \
             for (int j = 0; j < nd; j++) o0[j] = o1[j] = _mm512_setzero_ps();                      \
             int64_t t = 0;                                                                         \
@@ -311,7 +315,7 @@ void write_kv(const char *src, int64_t s_i, int64_t s_kv, int64_t s_h, char *dst
                 for (int j = 0; j < nd; j++)                                                       \
                     o0[j] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(vf + t * D + 16 * j), o0[j]);      \
             }                                                                                      \
-            const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));                   \
+            const __m512 inv = _mm512_set1_ps(1.0f / total);                                       \
             T *op = out + i * o_si;                                                                \
             for (int j = 0; j < nd; j++) STORE(op + 16 * j, _mm512_mul_ps(_mm512_add_ps(o0[j], o1[j]), inv)); \
         }                                                                                          \

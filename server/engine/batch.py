@@ -9,7 +9,7 @@ import torch
 
 from server.engine.kv_cache import KVCache
 from server.engine.scheduler import SeqState, StepPlan
-from server.model import StepMeta, additive_mask  # noqa: F401 - additive_mask: re-exported
+from server.model import StepMeta
 
 if TYPE_CHECKING:  # pragma: no cover
     from server.engine.engine import Request
