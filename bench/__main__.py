@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grouped-batch", type=int, default=64, help="largest HF batch in the grouped baseline")
     p.add_argument("--tasks-compare", type=_csv(int), default=[1, 64], help="task counts for the 'tasks' scenario")
     p.add_argument("--tasks-repeats", type=int, default=5,
-                   help="back-to-back pairs of task counts in 'tasks'; the ratio is the pairs' median")
+                   help="interleaved runs in 'tasks' and 'kernels'; the ratio is their median")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs of 'engine' and 'http' per dtype, alternating; the table shows the median run")
     p.add_argument("--rate", type=float, default=4.0, help="Poisson request rate (req/s) for 'latency'")
@@ -192,13 +192,17 @@ def main(argv=None) -> int:
                 works = {n: wl.retasked(n, nv, a.seed + 1000 + n) for n in ns}
                 for warm in (False, True):
                     state = "warm" if warm else "cold"
-
-                    def run_tasks(n, rep, warm=warm, state=state):
-                        _log(f"tasks {d}: same {a.requests} requests over {n} task(s), {nv} virtual tokens "
-                             f"each, {state} prefix cache, try {rep + 1}/{a.tasks_repeats}")
-                        return {**E.run_engine(model, etok, works[n], warm_prefixes=warm, **kw), "wl": works[n]}
-
-                    tries, ratios = _alternating_pairs(ns, run_tasks, a.tasks_repeats)
+                    tries: dict[int, list[dict]] = {n: [] for n in ns}
+                    ratios = []
+                    for rep in range(a.tasks_repeats):
+                        _log(f"tasks {d}: same {a.requests} requests over {' and '.join(map(str, ns))} tasks, "
+                             f"{nv} virtual tokens each, {state} prefix cache, steps interleaved, "
+                             f"try {rep + 1}/{a.tasks_repeats}")
+                        got = E.run_interleaved(model, etok, [works[n] for n in ns], warm_prefixes=warm, **kw)
+                        for n, r in zip(ns, got):
+                            tries[n].append({**r, "wl": works[n]})
+                        first, last = got[0], got[-1]
+                        ratios.append((last["tokens"] / last["seconds"]) / (first["tokens"] / first["seconds"]))
                     for n in ns:
                         r = _median_run(tries[n])
                         row(f"engine, {n} task{'s' if n != 1 else ''} ({nv} virt, {state})", d, r["wl"].requests, r)
@@ -231,35 +235,25 @@ def main(argv=None) -> int:
     return 0
 
 
-def _alternating_pairs(keys, run, repeats: int) -> tuple[dict, list[float]]:
-    """`run(key, rep)` for every key back to back, `repeats` times, the order reversed every
-    other time. This machine's speed drifts by tens of percent within a minute: a ratio of
-    two runs taken apart measures the drift, one of a back-to-back pair mostly cancels it.
-    Returns every run by key, and each repetition's tok/s ratio of the last key to the first."""
-    tries: dict = {k: [] for k in keys}
-    ratios = []
-    for rep in range(repeats):
-        for k in (keys if rep % 2 == 0 else keys[::-1]):
-            tries[k].append(run(k, rep))
-        first, last = tries[keys[0]][-1], tries[keys[-1]][-1]
-        ratios.append((last["tokens"] / last["seconds"]) / (first["tokens"] / first["seconds"]))
-    return tries, ratios
-
-
 def _kernels_ab(a, model, etok, wl, kw, d, row) -> dict:
-    """The engine with the native CPU kernels and without (SDPA, torch ops), in back-to-back
-    pairs like `tasks`: the median of the pairs' ratios, and whether the tokens changed."""
+    """The engine with the native CPU kernels and without (SDPA, torch ops): two engines on
+    the model, their steps interleaved (`run_interleaved`, the kernels switched before each
+    step), `--tasks-repeats` times; the median of the throughput ratios, and whether the
+    tokens changed."""
     if not model.set_native_kernels(True):
         _log(f"kernels {d}: the native CPU kernels cannot run here; skipped")
         return {"available": False}
-
-    def run(on, rep):
-        _log(f"kernels {d}: engine with native kernels {'on' if on else 'off'}, try {rep + 1}/{a.tasks_repeats}")
-        model.set_native_kernels(on)
-        return E.run_engine(model, etok, wl, **kw)
-
+    tries: dict[bool, list[dict]] = {True: [], False: []}
+    ratios = []
     try:
-        tries, ratios = _alternating_pairs([False, True], run, a.tasks_repeats)  # ratio: on / off
+        for rep in range(a.tasks_repeats):
+            _log(f"kernels {d}: engine with native kernels off and on, steps interleaved, "
+                 f"try {rep + 1}/{a.tasks_repeats}")
+            off, on = E.run_interleaved(model, etok, [wl, wl], before_step=[
+                lambda: model.set_native_kernels(False), lambda: model.set_native_kernels(True)], **kw)
+            tries[False].append(off)
+            tries[True].append(on)
+            ratios.append((on["tokens"] / on["seconds"]) / (off["tokens"] / off["seconds"]))
     finally:
         model.set_native_kernels(True)
     for on in (True, False):
@@ -309,10 +303,10 @@ def _report(a, rows, extra, roof) -> str:
         if k.startswith("tasks_ratio_"):
             pairs = ", ".join(f"{x:.2f}" for x in v.get("pair_ratios", []))
             lines.append(f"tasks {k[12:]}: {v['tasks'][1]} tasks / {v['tasks'][0]} task throughput = "
-                         f"{v['ratio']:.2f} (median of back-to-back pairs: {pairs})")
+                         f"{v['ratio']:.2f} (median of interleaved runs: {pairs})")
         if k.startswith("kernels_") and v.get("available"):
             lines.append(f"kernels {k[8:]}: engine throughput with / without the native CPU kernels = "
-                         f"{v['ratio']:.2f} (median of back-to-back pairs: "
+                         f"{v['ratio']:.2f} (median of interleaved runs: "
                          + ", ".join(f"{x:.2f}" for x in v["pair_ratios"])
                          + f"); requests with identical tokens: {100 * v['same_tokens']:.0f}%")
         if k.startswith("latency_"):

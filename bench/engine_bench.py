@@ -75,3 +75,70 @@ def run_engine(model, tokenizer, wl: Workload, *, max_num_seqs: int, max_num_bat
         del engine
         gc.collect()
     return result
+
+
+@torch.inference_mode()
+def run_interleaved(model, tokenizer, workloads: list[Workload], *, max_num_seqs: int,
+                    max_num_batched_tokens: int, warm_prefixes: bool = False,
+                    before_step: list | None = None, **config) -> list[dict]:
+    """One fresh engine per workload (set up as in `run_engine`: kernels built, an untimed
+    full-batch warm-up), all on the same model, stepped in turn: a step of each engine per
+    round, the order reversed every round, until every request is done. Each engine's
+    `seconds` is the sum of its own steps' wall times, so a speed change of the machine
+    lands on every engine's steps alike instead of on whichever whole run it fell in (this
+    machine's speed changes by 2-3x within seconds). The prefix cache starts cold (each
+    prefix computed inside the timed steps) unless `warm_prefixes`. `before_step[i]()`, if
+    given, runs (untimed) before each setup and step of engine `i`: A/B switches of the
+    shared model.
+    Returns one result per workload, as `run_engine`'s."""
+    from server.engine.engine import Engine, EngineConfig
+
+    cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, **config)
+    engines, finals, reqs = [], [], []
+    hooks = before_step or [lambda: None] * len(workloads)
+    for i, wl in enumerate(workloads):
+        hooks[i]()
+        eng = Engine(model, tokenizer, cfg)
+        eng.warm_kernels()
+        warm = Workload(wl.tasks, wl.requests[:max_num_seqs], wl.new_tokens, wl.meta)
+        eng.generate(_requests(warm, "warm", key_prefix="warmup:"))
+        if warm_prefixes:
+            for task, soft in wl.tasks.items():
+                eng.warm_prefix(task, soft)
+            while any(task not in eng.prefixes for task in wl.tasks):
+                eng.step()
+        done: dict = {}
+        batch = _requests(wl, f"run{i}")
+        for r in batch:
+            r.on_output = lambda out, done=done: done.__setitem__(out.req_id, out) if out.finished else None
+        engines.append(eng)
+        finals.append(done)
+        reqs.append(batch)
+    steps0 = [eng.stats["steps"] for eng in engines]
+    seconds = [0.0] * len(engines)
+    for eng, batch in zip(engines, reqs):
+        for r in batch:
+            eng.add_request(r)
+    rnd = 0
+    while True:
+        live = [i for i in range(len(engines)) if len(finals[i]) < len(reqs[i])]
+        if not live:
+            break
+        for i in (live if rnd % 2 == 0 else live[::-1]):
+            hooks[i]()
+            t = time.perf_counter()
+            engines[i].step()
+            seconds[i] += time.perf_counter() - t
+        rnd += 1
+    results = []
+    for i, eng in enumerate(engines):
+        outs = [finals[i][r.req_id] for r in reqs[i]]
+        finish: dict[str, int] = {}
+        for o in outs:
+            finish[o.finish_reason] = finish.get(o.finish_reason, 0) + 1
+        results.append({"outputs": [list(o.token_ids) for o in outs], "seconds": seconds[i],
+                        "steps": eng.stats["steps"] - steps0[i], "tokens": sum(len(o.token_ids) for o in outs),
+                        "finish_reasons": finish, "prefix_cache": eng.prefixes.stats()})
+    del engines
+    gc.collect()
+    return results

@@ -63,3 +63,26 @@ def test_step_profile_smoke_on_cpu(tmp_path):
         assert run["steps"] > 0 and 0 < run["model_call_ms"] <= run["step_ms"]
         assert run["prefill_cold_prefixes_ms"] > 0 and run["prefill_warm_prefixes_ms"] > 0
     assert (tmp_path / "trace_rows4_graphs.json").exists()
+
+
+def test_interleaved_engines_match_a_lone_engine(tiny_model_dir):
+    """`run_interleaved` (the `tasks` and `kernels` scenarios): engines sharing one model and
+    stepped in turn each produce exactly what one engine alone does, and each is timed over
+    its own steps only."""
+    from bench import baselines as B
+    from bench import engine_bench as E
+
+    model, tok = E.load_engine_model(tiny_model_dir, "float32")
+    _, wl = B.load_workload(tiny_model_dir, n_tasks=3, n_requests=10, prompt_len=12, new_tokens=7,
+                            virtual=(2, 9), seed=3)
+    other = wl.retasked(2, 5, seed=11)
+    kw = dict(max_num_seqs=4, max_num_batched_tokens=64)
+    alone = E.run_engine(model, tok, wl, **kw)
+    for warm in (False, True):
+        a, b, c = E.run_interleaved(model, tok, [wl, other, wl], warm_prefixes=warm, **kw)
+        assert a["outputs"] == c["outputs"] == alone["outputs"]
+        assert b["outputs"] == E.run_engine(model, tok, other, **kw)["outputs"]
+        for r in (a, b, c):
+            assert r["tokens"] == 10 * 7 and r["finish_reasons"] == {"length": 10} and r["seconds"] > 0
+        # more requests than slots: the engines run several waves, interleaved
+        assert a["steps"] >= 3 * 7
