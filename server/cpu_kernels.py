@@ -1,8 +1,9 @@
 """Native CPU kernels, compiled on first use with the machine's C compiler.
 
-Four kernels, in `csrc/kernels.c`: decode and prefill attention (`decode_attention`,
-`prefill_attention`), the argmax of bf16 logits (`argmax_rows`) and the KV-cache write
-of a step (`write_kv`). A bf16 64-row decode step on this project's 2-core reference CPU
+Five kernels, in `csrc/kernels.c`: decode and prefill attention (`decode_attention`,
+`prefill_attention`), the argmax of bf16 logits (`argmax_rows`), the KV-cache write
+of a step (`write_kv`), and where the compiler and CPU have AMX-BF16, the bf16 matmul of
+decode-sized steps (`linear_amx`, on weights packed by `pack_amx`). A bf16 64-row decode step on this project's 2-core reference CPU
 spent ~30 % of its time in SDPA's CPU kernel, which pads every row to the step's longest
 and masks it, and read the cache at ~8 GB/s; the native kernel reads each row's own keys
 only, straight from the cache, all heads of a position together with software prefetch
@@ -40,6 +41,7 @@ log = logging.getLogger("polyprompt.kernels")
 SOURCE = Path(__file__).resolve().parent / "csrc" / "kernels.c"
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma",
          "-shared", "-fPIC"]
+AMX_FLAGS = ["-mamx-tile", "-mamx-bf16"]  # tried first; a compiler without them builds the rest
 MAX_HEAD_DIM = 256  # these three as in the C source
 MAX_HEADS = 256
 MAX_LEN = 8192
@@ -48,6 +50,7 @@ CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "fma")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
+_amx: bool | None = None
 
 
 def _cpu_has_flags() -> bool:
@@ -68,17 +71,17 @@ def _cache_dir() -> Path:
     return Path(root) / "polyprompt" / "kernels"
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, flags: list[str]) -> Path:
     src = SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(src + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
     out = _cache_dir() / f"kernels-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
-        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp_out)],
+        proc = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp_out)],
                               capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-2000:]}")
@@ -113,10 +116,15 @@ def load() -> ctypes.CDLL | None:
         if compiler is None:
             log.warning("no C compiler found: decode attention uses SDPA (slower)")
             return None
-        try:
-            lib = ctypes.CDLL(str(_build(compiler)))
-        except Exception as e:  # noqa: BLE001 - any failure means: fall back
-            log.warning("could not build the native CPU kernels (%s); using SDPA", e)
+        lib = None
+        for flags in (FLAGS + AMX_FLAGS, FLAGS):
+            try:
+                lib = ctypes.CDLL(str(_build(compiler, flags)))
+                break
+            except Exception as e:  # noqa: BLE001 - any failure means: fall back
+                log.info("building the native CPU kernels with %s failed: %s", " ".join(flags), e)
+        if lib is None:
+            log.warning("could not build the native CPU kernels; using SDPA")
             return None
         if len(runtimes := _openmp_runtimes()) > 1:
             # torch bundles its libgomp under another name (some wheels do): ours pulled in a
@@ -137,8 +145,55 @@ def load() -> ctypes.CDLL | None:
             fn = getattr(lib, name)
             fn.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, p, p, p, i64, i64, i32, i32, i32, f32, i32]
             fn.restype = i32
+        if hasattr(lib, "linear_amx_bf16"):  # built with AMX support
+            lib.linear_amx_bf16.argtypes = [p, i64, i64, p, i64, p, p, i32, i32]
+            lib.linear_amx_bf16.restype = i32
+            lib.amx_init.restype = i32
         _lib = lib
         return _lib
+
+
+def amx(lib: ctypes.CDLL | None) -> bool:
+    """Whether `linear_amx` can run: the library was built with AMX and this CPU and kernel
+    let the process use AMX tiles (asked once, on first call)."""
+    global _amx
+    if lib is None or not hasattr(lib, "linear_amx_bf16"):
+        return False
+    with _lock:
+        if _amx is None:
+            _amx = bool(lib.amx_init())
+            log.info("AMX bf16 linear kernel: %s", "on" if _amx else "unavailable on this CPU")
+        return _amx
+
+
+def pack_amx(w: torch.Tensor) -> torch.Tensor:
+    """A linear weight `[N, K]` (bf16, K % 32 == 0) in `linear_amx`'s layout: 1 KB tiles
+    `[ceil(N/16), K/32, 16, 16, 2]`, tile (nb, kb) row r holding the pairs
+    `W[16 nb + n, 32 kb + 2r + (0, 1)]` for n = 0..15 (zero rows past N)."""
+    n, k = w.shape
+    if w.dtype != torch.bfloat16 or k % 32:
+        raise ValueError("pack_amx needs a bf16 [N, K] weight with K a multiple of 32")
+    n16 = -(-n // 16) * 16
+    w = torch.cat([w, w.new_zeros(n16 - n, k)]) if n16 != n else w
+    return w.reshape(n16 // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def linear_amx(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, n: int,
+               bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+    """`F.linear(x, W, bias)` (then tanh-GELU if `gelu`) for bf16 rows `x` `[M, K]`, W given
+    as `pack_amx(W)` with `n` outputs; float32 accumulation, one rounding to bf16 at the end.
+    Returns `[M, n]` bf16."""
+    m, k = x.shape
+    if x.dtype != torch.bfloat16 or packed.dtype != torch.bfloat16 or packed.shape[1] * 32 != k or \
+            packed.shape[0] * 16 < n or (bias is not None and (bias.dtype != torch.bfloat16 or bias.shape != (n,))):
+        raise ValueError("linear_amx: x, the packed weight and the bias do not match")
+    x = x.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    y = torch.empty((m, n), dtype=torch.bfloat16)
+    if lib.linear_amx_bf16(x.data_ptr(), m, k, packed.data_ptr(), n, None if bias is None else bias.data_ptr(),
+                           y.data_ptr(), int(gelu), torch.get_num_threads()):
+        raise MemoryError("linear_amx: no memory for its row padding")
+    return y
 
 
 def supports(dtype: torch.dtype, head_dim: int, max_len: int, n_head: int) -> bool:

@@ -182,6 +182,24 @@ class Linear(nn.Linear):
     """
 
     packed: torch.Tensor | None = None
+    # bf16 on CPU with AMX: the weight in `cpu_kernels.linear_amx`'s tile layout, for steps
+    # of at most AMX_MAX_ROWS rows (decode), and the kernel library; see `set_amx`
+    amx: torch.Tensor | None = None
+    _amx_packed: torch.Tensor | None = None
+    _lib = None
+    AMX_MAX_ROWS = 64  # past ~64-96 rows oneDNN is as fast (measured), and prefill is compute-bound
+
+    def set_amx(self, lib) -> bool:
+        """Run steps of up to AMX_MAX_ROWS rows on the native AMX kernel (`lib`: the loaded
+        kernels, with AMX) when this weight suits it (bf16, inputs a multiple of 32); `None`
+        turns it off. Returns whether it is on."""
+        w = self.weight.detach()
+        ok = lib is not None and w.dtype == torch.bfloat16 and w.device.type == "cpu" and self.in_features % 32 == 0
+        if ok and self._amx_packed is None:  # kept when turned off: switching back is free
+            self._amx_packed = cpu_kernels.pack_amx(w)
+        self.amx = self._amx_packed if ok else None
+        self._lib = lib if ok else None
+        return ok
 
     def pack(self, batch_hint: int) -> None:
         w = self.weight.detach()
@@ -189,6 +207,8 @@ class Linear(nn.Linear):
             w.device.type == "cpu" else None
 
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        if self.amx is not None and x.dim() == 2 and x.shape[0] <= self.AMX_MAX_ROWS:
+            return cpu_kernels.linear_amx(self._lib, x, self.amx, self.out_features, self.bias, gelu)
         if self.packed is None:
             y = F.linear(x, self.weight, self.bias)
             return F.gelu(y, approximate="tanh") if gelu else y
@@ -264,18 +284,31 @@ class GPT2(nn.Module):
             self.enable_greedy_screen(batch_hint)
         self.set_native_kernels(True)
 
-    def set_native_kernels(self, on: bool) -> bool:
+    def set_native_kernels(self, on: bool, amx: bool = True) -> bool:
         """Use the native CPU kernels (`server.cpu_kernels`: decode and prefill attention,
-        the KV-cache write, the bf16 greedy argmax) when `on` and they can run here (CPU,
-        fp32/bf16, AVX-512, a C compiler); else SDPA and torch ops. Returns whether they are
-        in use."""
+        the KV-cache write, the bf16 greedy argmax, and with `amx` the AMX matmul of bf16
+        decode steps) when `on` and they can run here (CPU, fp32/bf16, AVX-512, a C
+        compiler; AMX for the matmul); else SDPA and torch ops. Returns whether they are in use."""
         w = self.wte.weight
         lib = None
         if on and w.device.type == "cpu" and cpu_kernels.supports(
                 w.dtype, self.spec.head_dim, self.spec.n_positions, self.spec.n_head):
             lib = cpu_kernels.load()
         object.__setattr__(self, "_native", lib)
+        amx_lib = lib if amx and cpu_kernels.amx(lib) else None
+        for m in self._linears():
+            if m.amx is not None or amx_lib is not None:
+                m.set_amx(amx_lib)
         return lib is not None
+
+    def _linears(self) -> list["Linear"]:
+        """Every matmul of the serving forward: the blocks', the packed LM head, the screen."""
+        extra = [m for m in (self._head, self._screen) if m is not None]
+        return [m for m in self.modules() if isinstance(m, Linear)] + extra
+
+    @property
+    def amx_kernels(self) -> bool:
+        return any(m.amx is not None for m in self._linears())
 
     @property
     def native_kernels(self) -> bool:

@@ -282,3 +282,92 @@ def test_masks_are_built_only_by_the_sdpa_path(tiny_model_dir, monkeypatch):
         built = [x.decode_mask is not None for x in metas if x.n_decode] + \
             [x.prefill_mask is not None for x in metas if x.prefill_pasts is not None]
         assert all(built) if not native else not any(built)
+
+
+AMX = cpu_kernels.amx(LIB)
+needs_amx = pytest.mark.skipif(not AMX, reason="no AMX-BF16 here (or the kernels were built without it)")
+
+
+@needs_amx
+@pytest.mark.parametrize("n,k", [(384, 128), (50257, 64), (40, 96)], ids=["blocks", "vocab-tail", "small"])
+@pytest.mark.parametrize("m", [1, 13, 16, 64, 67, 130])
+def test_linear_amx_is_the_rounded_exact_matmul(n, k, m):
+    """bf16 x . W^T + b (and its tanh-GELU) against float64: within one rounding to bf16 of
+    the exact value (half a bf16 ulp, plus float32 accumulation); row counts that are not a
+    multiple of 16 or span several 64-row groups, output counts that are not a multiple of
+    16 (GPT-2's vocabulary)."""
+    g = torch.Generator().manual_seed(m * 7 + n)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    b = torch.randn(n, generator=g).to(torch.bfloat16)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    packed = cpu_kernels.pack_amx(w)
+    for bias in (b, None):
+        exact = x.double() @ w.double().t() + (0 if bias is None else bias.double())
+        for gelu in (False, True):
+            ref = F.gelu(exact, approximate="tanh") if gelu else exact
+            got = cpu_kernels.linear_amx(LIB, x, packed, n, bias, gelu)
+            assert got.shape == (m, n) and got.dtype == torch.bfloat16
+            assert ((got.double() - ref).abs() <= ref.abs() * 2**-8 * 1.01 + 1e-5 * k).all()
+            # nearly always exactly the correctly rounded value
+            assert (got == ref.to(torch.bfloat16)).double().mean() > 0.75
+
+
+@needs_amx
+def test_linear_amx_refuses_what_the_c_code_cannot_check():
+    w = torch.randn(48, 64).to(torch.bfloat16)
+    with pytest.raises(ValueError):
+        cpu_kernels.pack_amx(torch.randn(48, 40).to(torch.bfloat16))  # inputs not a multiple of 32
+    with pytest.raises(ValueError):
+        cpu_kernels.pack_amx(torch.randn(48, 64))  # float32
+    packed = cpu_kernels.pack_amx(w)
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    for bad in (dict(x=torch.randn(3, 64)), dict(x=torch.randn(3, 96).to(torch.bfloat16)),
+                dict(n=49), dict(bias=torch.zeros(47, dtype=torch.bfloat16)), dict(bias=torch.zeros(48))):
+        args = {"x": x, "n": 48, "bias": None, **bad}
+        with pytest.raises(ValueError):
+            cpu_kernels.linear_amx(LIB, args["x"], packed, args["n"], args["bias"])
+
+
+@needs_amx
+def test_bf16_model_runs_decode_sized_matmuls_on_amx(tiny_model_dir, monkeypatch):
+    """A bf16 model's matmuls of up to AMX_MAX_ROWS rows go to the AMX kernel (the blocks,
+    the LM head), larger ones to oneDNN; switching it off and on gives the same numbers as
+    oneDNN up to bf16 rounding, and an fp32 model keeps AMX for its bf16 screen only."""
+    from server.model import GPT2, Linear
+
+    model = GPT2.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
+    assert model.amx_kernels and all(m.amx is not None for m in model._linears())
+    calls = []
+    real = cpu_kernels.linear_amx
+    monkeypatch.setattr(cpu_kernels, "linear_amx", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
+    blk = model.h[0]
+    g = torch.Generator().manual_seed(0)
+    for rows in (5, Linear.AMX_MAX_ROWS, Linear.AMX_MAX_ROWS + 1):
+        x = (torch.randn(rows, model.spec.n_embd, generator=g)).to(torch.bfloat16)
+        calls.clear()
+        on = blk.mlp.c_fc(x, gelu=True)
+        assert calls == ([rows] if rows <= Linear.AMX_MAX_ROWS else [])
+        model.set_native_kernels(True, amx=False)
+        assert not model.amx_kernels
+        off = blk.mlp.c_fc(x, gelu=True)
+        model.set_native_kernels(True)
+        assert ((on.float() - off.float()).abs() <= off.float().abs() * 2**-7 + 2e-2).all()
+    h = torch.randn(9, model.spec.n_embd, generator=g).to(torch.bfloat16)
+    calls.clear()
+    model.greedy(h)
+    assert calls == [16]  # the head, rows padded to the bucket size
+    f32 = GPT2.from_pretrained(str(tiny_model_dir))
+    assert [m.amx is not None for m in f32._linears()] == [False] * (len(f32._linears()) - 1) + [True]
+
+
+def test_kernels_build_without_amx(tmp_path, monkeypatch):
+    """A compiler without AMX support still builds every other kernel."""
+    monkeypatch.setenv("POLYPROMPT_KERNEL_CACHE", str(tmp_path))
+    if LIB is None:
+        pytest.skip("the native kernels cannot run here")
+    import ctypes
+    import shutil
+
+    lib = ctypes.CDLL(str(cpu_kernels._build(shutil.which("cc") or shutil.which("gcc"), cpu_kernels.FLAGS)))
+    assert hasattr(lib, "decode_attention_bf16") and not hasattr(lib, "linear_amx_bf16")
+    assert not cpu_kernels.amx(lib)

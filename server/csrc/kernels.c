@@ -12,6 +12,8 @@
  * prefill_attention_*: causal attention of prefill rows over their own slots (below).
  * write_kv: a step's keys and values into the cache, a row copy per token.
  * argmax_rows_bf16: torch.argmax over the last dim of bf16 logits, in one pass.
+ * linear_amx_bf16: bf16 matmul (+ bias, tanh-GELU) of decode-sized steps on AMX tiles, built
+ * only with -mamx-tile -mamx-bf16 (at the end of the file).
  *
  * Work is split over OpenMP threads: torch's own runtime, since the library is loaded into
  * a process that already has libgomp.so.1, and the caller passes torch's thread count.
@@ -367,3 +369,119 @@ PREFILL_ONE(prefill_one_f32, float, load_f32, store_f32, f32_of_f32)
 PREFILL_ONE(prefill_one_bf16, uint16_t, load_bf16, store_bf16, f32_of_bf16)
 PREFILL_ATTENTION(prefill_attention_f32, prefill_one_f32, float)
 PREFILL_ATTENTION(prefill_attention_bf16, prefill_one_bf16, uint16_t)
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+/* ---------------------------------------------------------------------------------------
+ * linear_amx_bf16: y = x . W^T + bias (optionally tanh-GELU), bf16 in and out, float32
+ * accumulation on AMX tiles; for the few rows of a decode step.
+ *
+ * oneDNN runs a 64-row bf16 matmul at the rate AMX gives it, but it does not keep the
+ * weights streaming: at 64 rows each weight is used 64 times and a decode step reads all
+ * of them (170 MB for the 124M model's blocks), so this is a stream through the weights.
+ * Here each thread walks its own contiguous share of a pre-packed weight (one 1 KB B tile
+ * per 32 inputs x 16 outputs, in the order they are used) and prefetches AMX_PREFETCH
+ * bytes ahead; rows go in groups of up to 64 (four accumulator tiles), inputs 32 at a time.
+ *
+ * wp: W [N, K] packed by cpu_kernels.pack_amx: [ceil(N/16)][K/32][16][16][2] (zero rows
+ * past N): tile (nb, kb) row r holds W[nb*16 + n][kb*32 + 2r + {0,1}] for n = 0..15, the
+ * pair layout TDPBF16PS takes. x: [M, K] contiguous; y: [M, N] contiguous. K % 32 == 0
+ * (checked by the caller). Returns 1 when the row padding scratch could not be
+ * allocated, else 0.
+ * ------------------------------------------------------------------------------------- */
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX_PREFETCH 16384
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+/* 1 when AMX-BF16 is there and the kernel let this process use the tile state. */
+int amx_init(void) {
+    unsigned a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+    if (!((d >> 22) & 1) || !((d >> 24) & 1)) return 0; /* AMX-BF16, AMX-TILE */
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* tanh-approximation GELU (GPT-2's gelu_new) in float32 */
+static inline __m512 gelu_tanh(__m512 v) {
+    const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                   _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), v),
+                                                   _mm512_mul_ps(v, v), v));
+    const __m512 au = _mm512_abs_ps(u);
+    const __m512 e = exp_nonpos(_mm512_mul_ps(_mm512_set1_ps(-2.0f), au));
+    __m512 t = _mm512_div_ps(_mm512_sub_ps(_mm512_set1_ps(1.0f), e), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    t = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), _mm512_and_si512(
+        _mm512_castps_si512(u), _mm512_set1_epi32((int)0x80000000)))); /* tanh(u) = sign(u) tanh|u| */
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(_mm512_set1_ps(1.0f), t));
+}
+
+int linear_amx_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *wp, int64_t N,
+                    const uint16_t *bias, uint16_t *y, int gelu, int threads) {
+    const int64_t nblk = (N + 15) / 16, kblk = K / 32, Mp = (M + 15) / 16 * 16;
+    uint16_t *pad = NULL;
+    if (Mp != M) { /* tiles load 16 rows: give the last ones zero rows to read */
+        pad = aligned_alloc(64, (size_t)Mp * K * 2);
+        if (pad == NULL) return 1;
+        memcpy(pad, x, (size_t)M * K * 2);
+        memset(pad + M * K, 0, (size_t)(Mp - M) * K * 2);
+        x = pad;
+    }
+    _Pragma("omp parallel num_threads(threads)")
+    {
+        tile_config cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        for (int t = 0; t < 8; t++) { cfg.colsb[t] = 64; cfg.rows[t] = 16; } /* 0-3 C, 4-5 A, 6 B */
+        _tile_loadconfig(&cfg);
+        float acc[64 * 16] __attribute__((aligned(64)));
+        _Pragma("omp for schedule(static)")
+        for (int64_t nb = 0; nb < nblk; nb++) {
+            const char *w = (const char *)(wp + nb * kblk * 512);
+            const __mmask16 cols = live_lanes(N - nb * 16);
+            const __m512 bv = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                _mm256_maskz_loadu_epi16(cols, bias + nb * 16)), 16)) : _mm512_setzero_ps();
+            for (int64_t m0 = 0; m0 < Mp; m0 += 64) {
+                const int mb = (int)((Mp - m0) / 16 < 4 ? (Mp - m0) / 16 : 4);
+                const uint16_t *xm = x + m0 * K;
+                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                for (int64_t kb = 0; kb < kblk; kb++) {
+                    const char *bt = w + kb * 1024;
+                    if (m0 == 0) prefetch_lines(bt + AMX_PREFETCH, 1024);
+                    const uint16_t *xa = xm + kb * 32;
+                    _tile_loadd(6, bt, 64);
+                    _tile_loadd(4, xa, K * 2);
+                    _tile_dpbf16ps(0, 4, 6);
+                    if (mb > 1) { _tile_loadd(5, xa + 16 * K, K * 2); _tile_dpbf16ps(1, 5, 6); }
+                    if (mb > 2) { _tile_loadd(4, xa + 32 * K, K * 2); _tile_dpbf16ps(2, 4, 6); }
+                    if (mb > 3) { _tile_loadd(5, xa + 48 * K, K * 2); _tile_dpbf16ps(3, 5, 6); }
+                }
+                _tile_stored(0, acc, 64);
+                if (mb > 1) _tile_stored(1, acc + 256, 64);
+                if (mb > 2) _tile_stored(2, acc + 512, 64);
+                if (mb > 3) _tile_stored(3, acc + 768, 64);
+                for (int64_t m = m0; m < M && m < m0 + 64; m++) {
+                    __m512 r = _mm512_add_ps(_mm512_load_ps(acc + (m - m0) * 16), bv);
+                    if (gelu) r = gelu_tanh(r);
+                    uint16_t *yp = y + m * N + nb * 16;
+                    if (cols == 0xffff) store_bf16(yp, r);
+                    else { /* the last, partial block of outputs */
+                        uint16_t tmp[16];
+                        store_bf16(tmp, r);
+                        _mm256_mask_storeu_epi16(yp, cols, _mm256_loadu_si256((const __m256i *)tmp));
+                    }
+                }
+            }
+        }
+        _tile_release();
+    }
+    free(pad);
+    return 0;
+}
+#endif
