@@ -154,10 +154,12 @@ def load() -> ctypes.CDLL | None:
 
 
 def amx(lib: ctypes.CDLL | None) -> bool:
-    """Whether `linear_amx` can run: the library was built with AMX and this CPU and kernel
-    let the process use AMX tiles (asked once, on first call)."""
+    """Whether `linear_amx` can run: the library was built with AMX, this CPU and kernel
+    let the process use AMX tiles (asked once, on first call), and `POLYPROMPT_CPU_AMX` is
+    not 0 (it turns off this kernel only; oneDNN then runs every bf16 matmul)."""
     global _amx
-    if lib is None or not hasattr(lib, "linear_amx_bf16"):
+    if lib is None or not hasattr(lib, "linear_amx_bf16") or \
+            os.environ.get("POLYPROMPT_CPU_AMX", "1").lower() in ("0", "false", "no", "off"):
         return False
     with _lock:
         if _amx is None:

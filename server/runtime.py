@@ -83,8 +83,9 @@ class Runtime:
         ))
         t0 = time.perf_counter()
         if warmed := self.engine.warm_kernels():
-            log.info("built CPU matmul kernels for %d step sizes in %.1fs; attention: %s", warmed,
-                     time.perf_counter() - t0, "native CPU kernels" if self.model.native_kernels else "SDPA")
+            log.info("built CPU matmul kernels for %d step sizes in %.1fs; attention: %s; decode matmuls: %s",
+                     warmed, time.perf_counter() - t0, "native CPU kernels" if self.model.native_kernels else "SDPA",
+                     "native AMX kernel" if self.model.amx_kernels else "oneDNN")
         self.metrics = Metrics()
         self.engine.listeners.append(self.metrics.on_finish)
         self.tasks: dict[str, TaskInfo] = {}

@@ -371,3 +371,15 @@ def test_kernels_build_without_amx(tmp_path, monkeypatch):
     lib = ctypes.CDLL(str(cpu_kernels._build(shutil.which("cc") or shutil.which("gcc"), cpu_kernels.FLAGS)))
     assert hasattr(lib, "decode_attention_bf16") and not hasattr(lib, "linear_amx_bf16")
     assert not cpu_kernels.amx(lib)
+
+
+@needs_amx
+def test_amx_kernel_can_be_switched_off_alone(tmp_path):
+    """POLYPROMPT_CPU_AMX=0: the other native kernels stay on, bf16 matmuls go to oneDNN."""
+    code = ("from server import cpu_kernels; lib = cpu_kernels.load(); "
+            "print(lib is not None, cpu_kernels.amx(lib))")
+    for value, want in (("0", "True False"), ("1", "True True")):
+        env = {**os.environ, "POLYPROMPT_KERNEL_CACHE": str(tmp_path), "POLYPROMPT_CPU_AMX": value}
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == want
