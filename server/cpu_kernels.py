@@ -3,7 +3,8 @@
 Five kernels, in `csrc/kernels.c`: decode and prefill attention (`decode_attention`,
 `prefill_attention`), the argmax of bf16 logits (`argmax_rows`), the KV-cache write
 of a step (`write_kv`), and where the compiler and CPU have AMX-BF16, the bf16 matmul of
-decode-sized steps (`linear_amx`, on weights packed by `pack_amx`). A bf16 64-row decode step on this project's 2-core reference CPU
+decode-sized steps (`linear_amx`, on weights packed by `pack_amx`; README, CPU speed, has
+why and how much). A bf16 64-row decode step on this project's 2-core reference CPU
 spent ~30 % of its time in SDPA's CPU kernel, which pads every row to the step's longest
 and masks it, and read the cache at ~8 GB/s; the native kernel reads each row's own keys
 only, straight from the cache, all heads of a position together with software prefetch

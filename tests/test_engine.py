@@ -28,8 +28,9 @@ def _greedy(n, max_tokens):
 
 @pytest.mark.parametrize("native", [False, True], ids=["sdpa", "native-attention"])
 @pytest.mark.parametrize("token_major", [False, True], ids=["head-major", "token-major"])
-def test_requests_joining_mid_decode_are_exact(setup, token_major, native):
+def test_requests_joining_mid_decode_are_exact(setup, token_major, native, request):
     base, model, tok, prompts = setup
+    request.addfinalizer(lambda: model.set_native_kernels(True))  # the module's model is shared
     if model.set_native_kernels(native) != native:
         pytest.skip("the native CPU attention kernel cannot run here (no AVX-512 or no C compiler)")
     eng = Engine(model, tok, EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, kv_token_major=token_major))
@@ -65,7 +66,6 @@ def test_requests_joining_mid_decode_are_exact(setup, token_major, native):
     st = eng.prefixes.stats()
     assert st["hits"] >= 2 and st["in_use"] == 0
     assert model.native_kernels == native
-    model.set_native_kernels(True)  # the module's model is shared: back to the default
 
 
 def test_version_change_mid_run(setup):
