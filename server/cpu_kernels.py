@@ -72,19 +72,28 @@ def _cache_dir() -> Path:
     return Path(root) / "polyprompt" / "kernels"
 
 
-def _build(compiler: str, flags: list[str]) -> Path:
+def _build(compiler: str, flags: list[str], remember_failure: bool = False) -> Path:
+    """The library built from SOURCE with `flags`, cached by source, flags and compiler.
+    `remember_failure`: a compiler error (not a timeout) is recorded beside the cache, and
+    the same build is not tried again (the optional AMX build, on compilers without AMX:
+    otherwise every process start would pay for the failing compile)."""
     src = SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(src + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
     out = _cache_dir() / f"kernels-{key}.so"
+    failed = out.with_suffix(".failed")
     if out.exists():
         return out
+    if remember_failure and failed.exists():
+        raise RuntimeError(f"{compiler} failed before (see {failed})")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
         proc = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp_out)],
                               capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
+            if remember_failure:
+                failed.write_text(proc.stderr[-4000:])
             raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-2000:]}")
         os.replace(tmp_out, out)  # atomic: concurrent builders agree on the file
     return out
@@ -118,9 +127,9 @@ def load() -> ctypes.CDLL | None:
             log.warning("no C compiler found: decode attention uses SDPA (slower)")
             return None
         lib = None
-        for flags in (FLAGS + AMX_FLAGS, FLAGS):
+        for flags, optional in ((FLAGS + AMX_FLAGS, True), (FLAGS, False)):
             try:
-                lib = ctypes.CDLL(str(_build(compiler, flags)))
+                lib = ctypes.CDLL(str(_build(compiler, flags, remember_failure=optional)))
                 break
             except Exception as e:  # noqa: BLE001 - any failure means: fall back
                 log.info("building the native CPU kernels with %s failed: %s", " ".join(flags), e)

@@ -383,3 +383,28 @@ def test_amx_kernel_can_be_switched_off_alone(tmp_path):
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == want
+
+
+def test_a_compiler_without_amx_is_asked_once(tmp_path):
+    """A compiler that rejects the AMX flags: the kernels are built without them, and the
+    next process neither retries the AMX build nor rebuilds the rest."""
+    if LIB is None:
+        pytest.skip("the native kernels cannot run here")
+    import shutil
+
+    real = shutil.which("cc") or shutil.which("gcc")
+    log = tmp_path / "calls.log"
+    wrapper = tmp_path / "cc-no-amx"
+    wrapper.write_text(f"""#!/bin/sh
+echo "$@" >> {log}
+for a in "$@"; do case "$a" in -mamx*) echo "unknown option $a" >&2; exit 1;; esac; done
+exec {real} "$@"
+""")
+    wrapper.chmod(0o755)
+    cache = tmp_path / "cache"
+    assert _load_in_subprocess(cache, CC=str(wrapper)) == "True"
+    builds = [line for line in log.read_text().splitlines() if "kernels.c" in line]
+    assert len(builds) == 2 and "-mamx-tile" in builds[0] and "-mamx-tile" not in builds[1]
+    assert len(list(cache.rglob("*.failed"))) == 1 and len(list(cache.rglob("*.so"))) == 1
+    assert _load_in_subprocess(cache, CC=str(wrapper)) == "True"
+    assert len([line for line in log.read_text().splitlines() if "kernels.c" in line]) == 2  # nothing compiled
