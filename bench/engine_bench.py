@@ -31,18 +31,46 @@ def _requests(wl: Workload, tag: str, key_prefix: str = ""):
                     soft_prompt=wl.tasks[task]) for i, (task, ids) in enumerate(wl.requests)]
 
 
+def _fresh_engine(model, tokenizer, wl: Workload, cfg):
+    """An engine as a server has it after a while: CPU matmul kernels built (as `polyprompt
+    serve` does at startup), then an untimed warm-up under other prefix keys (one full batch,
+    `max_num_seqs` requests: it touches the KV cache's pages once)."""
+    from server.engine.engine import Engine
+
+    engine = Engine(model, tokenizer, cfg)
+    engine.warm_kernels()
+    warm = Workload(wl.tasks, wl.requests[:cfg.max_num_seqs], wl.new_tokens, wl.meta)
+    engine.generate(_requests(warm, "warm", key_prefix="warmup:"))
+    return engine
+
+
+def _warm_prefixes(engine, wl: Workload, key_prefix: str) -> None:
+    """Every task's prefix KV computed ahead (a server's steady state), untimed."""
+    for task, soft in wl.tasks.items():
+        engine.warm_prefix(key_prefix + task, soft)
+    while any(key_prefix + task not in engine.prefixes for task in wl.tasks):
+        engine.step()
+
+
+def _result(outs, seconds: float, steps: int, engine) -> dict:
+    finish: dict[str, int] = {}
+    for o in outs:
+        finish[o.finish_reason] = finish.get(o.finish_reason, 0) + 1
+    return {"outputs": [list(o.token_ids) for o in outs], "seconds": seconds, "steps": steps,
+            "tokens": sum(len(o.token_ids) for o in outs), "finish_reasons": finish,
+            "prefix_cache": engine.prefixes.stats()}
+
+
 @torch.inference_mode()
 def run_engine(model, tokenizer, wl: Workload, *, max_num_seqs: int, max_num_batched_tokens: int,
                warm_prefixes: bool = False, engine=None, tag: str = "run", **config) -> dict:
-    """A fresh engine, an untimed warm-up under other prefix keys (one full batch,
-    `max_num_seqs` requests: it touches the KV cache's pages once, as any server has long done), then all of
-    `wl.requests` through `Engine.generate`. The prefix cache starts cold (each task's
-    prefix computed inside the timed run, as on a server's first requests) unless
-    `warm_prefixes` (steady state: every task served before). `engine` reuses an engine
-    (its captured CUDA graphs) instead: give each run its own `tag`, which keys its prefixes
-    (cold again); `config` are further `EngineConfig` fields.
-    Returns outputs, seconds, stats."""
-    from server.engine.engine import Engine, EngineConfig
+    """A fresh engine (`_fresh_engine`), then all of `wl.requests` through `Engine.generate`.
+    The prefix cache starts cold (each task's prefix computed inside the timed run, as on a
+    server's first requests) unless `warm_prefixes` (steady state: every task served
+    before). `engine` reuses an engine (its captured CUDA graphs) instead: give each run its
+    own `tag`, which keys its prefixes (cold again); `config` are further `EngineConfig`
+    fields. Returns outputs, seconds, stats."""
+    from server.engine.engine import EngineConfig
 
     need = max(wl.num_virtual(t) + len(ids) for t, ids in wl.requests) + wl.new_tokens
     cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, **config)
@@ -50,27 +78,14 @@ def run_engine(model, tokenizer, wl: Workload, *, max_num_seqs: int, max_num_bat
         raise ValueError(f"requests need {need} positions > {model.spec.n_positions}")
     fresh = engine is None
     if fresh:
-        engine = Engine(model, tokenizer, cfg)
-        engine.warm_kernels()  # as `polyprompt serve` does at startup
-        warm = Workload(wl.tasks, wl.requests[:max_num_seqs], wl.new_tokens, wl.meta)
-        engine.generate(_requests(warm, "warm", key_prefix="warmup:"))
+        engine = _fresh_engine(model, tokenizer, wl, cfg)
     kp = "" if tag == "run" else f"{tag}:"
     if warm_prefixes:
-        for task, soft in wl.tasks.items():
-            engine.warm_prefix(kp + task, soft)
-        while any(kp + task not in engine.prefixes for task in wl.tasks):
-            engine.step()
+        _warm_prefixes(engine, wl, kp)
     reqs = _requests(wl, tag, key_prefix=kp)
     steps0, t0 = engine.stats["steps"], time.perf_counter()
     outs = engine.generate(reqs)
-    seconds = time.perf_counter() - t0
-    steps = engine.stats["steps"] - steps0
-    finish = {}
-    for o in outs:
-        finish[o.finish_reason] = finish.get(o.finish_reason, 0) + 1
-    result = {"outputs": [list(o.token_ids) for o in outs], "seconds": seconds, "steps": steps,
-              "tokens": sum(len(o.token_ids) for o in outs), "finish_reasons": finish,
-              "prefix_cache": engine.prefixes.stats()}
+    result = _result(outs, time.perf_counter() - t0, engine.stats["steps"] - steps0, engine)
     if fresh:
         del engine
         gc.collect()
@@ -81,32 +96,25 @@ def run_engine(model, tokenizer, wl: Workload, *, max_num_seqs: int, max_num_bat
 def run_interleaved(model, tokenizer, workloads: list[Workload], *, max_num_seqs: int,
                     max_num_batched_tokens: int, warm_prefixes: bool = False,
                     before_step: list | None = None, **config) -> list[dict]:
-    """One fresh engine per workload (set up as in `run_engine`: kernels built, an untimed
-    full-batch warm-up), all on the same model, stepped in turn: a step of each engine per
-    round, the order reversed every round, until every request is done. Each engine's
-    `seconds` is the sum of its own steps' wall times, so a speed change of the machine
-    lands on every engine's steps alike instead of on whichever whole run it fell in (this
-    machine's speed changes by 2-3x within seconds). The prefix cache starts cold (each
-    prefix computed inside the timed steps) unless `warm_prefixes`. `before_step[i]()`, if
-    given, runs (untimed) before each setup and step of engine `i`: A/B switches of the
-    shared model.
+    """One fresh engine per workload (`_fresh_engine`), all on the same model, stepped in
+    turn: a step of each engine per round, the order reversed every round, until every
+    request is done. Each engine's `seconds` is the sum of its own steps' wall times, so a
+    speed change of the machine lands on every engine's steps alike instead of on whichever
+    whole run it fell in (this machine's speed changes by 2-3x within seconds). The prefix
+    cache starts cold (each prefix computed inside the timed steps) unless `warm_prefixes`.
+    `before_step[i]()`, if given, runs (untimed) before each setup and step of engine `i`:
+    A/B switches of the shared model.
     Returns one result per workload, as `run_engine`'s."""
-    from server.engine.engine import Engine, EngineConfig
+    from server.engine.engine import EngineConfig
 
     cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, **config)
-    engines, finals, reqs = [], [], []
     hooks = before_step or [lambda: None] * len(workloads)
+    engines, finals, reqs = [], [], []
     for i, wl in enumerate(workloads):
         hooks[i]()
-        eng = Engine(model, tokenizer, cfg)
-        eng.warm_kernels()
-        warm = Workload(wl.tasks, wl.requests[:max_num_seqs], wl.new_tokens, wl.meta)
-        eng.generate(_requests(warm, "warm", key_prefix="warmup:"))
+        eng = _fresh_engine(model, tokenizer, wl, cfg)
         if warm_prefixes:
-            for task, soft in wl.tasks.items():
-                eng.warm_prefix(task, soft)
-            while any(task not in eng.prefixes for task in wl.tasks):
-                eng.step()
+            _warm_prefixes(eng, wl, "")
         done: dict = {}
         batch = _requests(wl, f"run{i}")
         for r in batch:
@@ -120,25 +128,15 @@ def run_interleaved(model, tokenizer, workloads: list[Workload], *, max_num_seqs
         for r in batch:
             eng.add_request(r)
     rnd = 0
-    while True:
-        live = [i for i in range(len(engines)) if len(finals[i]) < len(reqs[i])]
-        if not live:
-            break
+    while live := [i for i in range(len(engines)) if len(finals[i]) < len(reqs[i])]:
         for i in (live if rnd % 2 == 0 else live[::-1]):
             hooks[i]()
             t = time.perf_counter()
             engines[i].step()
             seconds[i] += time.perf_counter() - t
         rnd += 1
-    results = []
-    for i, eng in enumerate(engines):
-        outs = [finals[i][r.req_id] for r in reqs[i]]
-        finish: dict[str, int] = {}
-        for o in outs:
-            finish[o.finish_reason] = finish.get(o.finish_reason, 0) + 1
-        results.append({"outputs": [list(o.token_ids) for o in outs], "seconds": seconds[i],
-                        "steps": eng.stats["steps"] - steps0[i], "tokens": sum(len(o.token_ids) for o in outs),
-                        "finish_reasons": finish, "prefix_cache": eng.prefixes.stats()})
+    results = [_result([finals[i][r.req_id] for r in reqs[i]], seconds[i], eng.stats["steps"] - steps0[i], eng)
+               for i, eng in enumerate(engines)]
     del engines
     gc.collect()
     return results

@@ -15,9 +15,10 @@ instead of an advanced-indexing `index_put_`; prefill attention reads each row's
 once, unpadded, with no mask or gather. README, Performance, has the measurements
 (in-process and inside a server).
 
-The library is built with `cc` and `FLAGS` (~1 s) into a cache folder keyed by the
-source, the flags and the compiler's version, and loaded with ctypes (no torch headers,
-no build step at install). Where there is no compiler, no AVX-512, or
+The library is built with `cc` and `FLAGS` + `AMX_FLAGS` (~1 s; with `FLAGS` alone where
+the compiler refuses the AMX flags, which is then remembered) into a cache folder keyed by
+the source, the flags and the compiler's version, and loaded with ctypes (no torch
+headers, no build step at install). Where there is no compiler, no AVX-512, or
 `POLYPROMPT_CPU_KERNELS=0`, `load()` returns None and the model keeps using SDPA: the
 kernel is a speed-up, never a requirement.
 """
@@ -64,6 +65,10 @@ def _cpu_has_flags() -> bool:
             have = set(line.split(":", 1)[1].split())
             return all(f in have for f in CPU_FLAGS)
     return False
+
+
+def _switched_off(var: str) -> bool:
+    return os.environ.get(var, "1").lower() in ("0", "false", "no", "off")
 
 
 def _cache_dir() -> Path:
@@ -116,7 +121,7 @@ def load() -> ctypes.CDLL | None:
         if _tried:
             return _lib
         _tried = True
-        if os.environ.get("POLYPROMPT_CPU_KERNELS", "1").lower() in ("0", "false", "no", "off"):
+        if _switched_off("POLYPROMPT_CPU_KERNELS"):
             log.info("native CPU kernels disabled (POLYPROMPT_CPU_KERNELS=0)")
             return None
         if sys.platform != "linux" or not _cpu_has_flags():
@@ -168,8 +173,7 @@ def amx(lib: ctypes.CDLL | None) -> bool:
     let the process use AMX tiles (asked once, on first call), and `POLYPROMPT_CPU_AMX` is
     not 0 (it turns off this kernel only; oneDNN then runs every bf16 matmul)."""
     global _amx
-    if lib is None or not hasattr(lib, "linear_amx_bf16") or \
-            os.environ.get("POLYPROMPT_CPU_AMX", "1").lower() in ("0", "false", "no", "off"):
+    if lib is None or not hasattr(lib, "linear_amx_bf16") or _switched_off("POLYPROMPT_CPU_AMX"):
         return False
     with _lock:
         if _amx is None:

@@ -182,12 +182,17 @@ class Linear(nn.Linear):
     """
 
     packed: torch.Tensor | None = None
-    # bf16 on CPU with AMX: the weight in `cpu_kernels.linear_amx`'s tile layout, for steps
-    # of at most AMX_MAX_ROWS rows (decode), and the kernel library; see `set_amx`
-    amx: torch.Tensor | None = None
+    # bf16 on CPU with AMX (see `set_amx`): the kernel library while steps of at most
+    # AMX_MAX_ROWS rows (decode) run on `cpu_kernels.linear_amx`, and the weight in its tile
+    # layout (kept when switched off: switching back is free)
+    _amx_lib = None
     _amx_packed: torch.Tensor | None = None
-    _lib = None
     AMX_MAX_ROWS = 64  # past ~64-96 rows oneDNN is as fast (measured), and prefill is compute-bound
+
+    @property
+    def amx(self) -> torch.Tensor | None:
+        """The packed weight the AMX kernel runs on, None while it is off."""
+        return self._amx_packed if self._amx_lib is not None else None
 
     def set_amx(self, lib) -> bool:
         """Run steps of up to AMX_MAX_ROWS rows on the native AMX kernel (`lib`: the loaded
@@ -195,10 +200,9 @@ class Linear(nn.Linear):
         turns it off. Returns whether it is on."""
         w = self.weight.detach()
         ok = lib is not None and w.dtype == torch.bfloat16 and w.device.type == "cpu" and self.in_features % 32 == 0
-        if ok and self._amx_packed is None:  # kept when turned off: switching back is free
+        if ok and self._amx_packed is None:
             self._amx_packed = cpu_kernels.pack_amx(w)
-        self.amx = self._amx_packed if ok else None
-        self._lib = lib if ok else None
+        self._amx_lib = lib if ok else None
         return ok
 
     def pack(self, batch_hint: int) -> None:
@@ -207,8 +211,8 @@ class Linear(nn.Linear):
             w.device.type == "cpu" else None
 
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
-        if self.amx is not None and x.dim() == 2 and x.shape[0] <= self.AMX_MAX_ROWS:
-            return cpu_kernels.linear_amx(self._lib, x, self.amx, self.out_features, self.bias, gelu)
+        if self._amx_lib is not None and x.dim() == 2 and x.shape[0] <= self.AMX_MAX_ROWS:
+            return cpu_kernels.linear_amx(self._amx_lib, x, self._amx_packed, self.out_features, self.bias, gelu)
         if self.packed is None:
             y = F.linear(x, self.weight, self.bias)
             return F.gelu(y, approximate="tanh") if gelu else y
@@ -297,8 +301,7 @@ class GPT2(nn.Module):
         object.__setattr__(self, "_native", lib)
         amx_lib = lib if amx and cpu_kernels.amx(lib) else None
         for m in self._linears():
-            if m.amx is not None or amx_lib is not None:
-                m.set_amx(amx_lib)
+            m.set_amx(amx_lib)
         return lib is not None
 
     def _linears(self) -> list["Linear"]:

@@ -77,8 +77,8 @@ def test_decode_attention_rejects_mismatched_layouts():
                                      torch.tensor([1]))
 
 
-def _load_in_subprocess(tmp_path, **env) -> str:
-    code = "from server import cpu_kernels; print(cpu_kernels.load() is not None)"
+def _load_in_subprocess(tmp_path, code="from server import cpu_kernels; print(cpu_kernels.load() is not None)",
+                        **env) -> str:
     run_env = {**os.environ, "POLYPROMPT_KERNEL_CACHE": str(tmp_path), **env}
     proc = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -379,10 +379,7 @@ def test_amx_kernel_can_be_switched_off_alone(tmp_path):
     code = ("from server import cpu_kernels; lib = cpu_kernels.load(); "
             "print(lib is not None, cpu_kernels.amx(lib))")
     for value, want in (("0", "True False"), ("1", "True True")):
-        env = {**os.environ, "POLYPROMPT_KERNEL_CACHE": str(tmp_path), "POLYPROMPT_CPU_AMX": value}
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.strip() == want
+        assert _load_in_subprocess(tmp_path, code, POLYPROMPT_CPU_AMX=value) == want
 
 
 def test_a_compiler_without_amx_is_asked_once(tmp_path):

@@ -32,6 +32,11 @@ static inline __m512 load_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
+/* the lanes of `live` from p (nothing else is read), the others 0 */
+static inline __m512 load_bf16_masked(const uint16_t *p, __mmask16 live) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p)), 16));
+}
+
 /* float32 -> bfloat16, round to nearest even (as PyTorch's .to(bfloat16)); NaN stays NaN */
 static inline void store_bf16(uint16_t *p, __m512 x) {
     __m512i u = _mm512_castps_si512(x);
@@ -216,9 +221,7 @@ void argmax_rows_bf16(const uint16_t *x, int64_t rs, int64_t V, int R, int64_t *
         }
         if (v < V) {
             const __mmask16 live = live_lanes(V - v);
-            __m512 y = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p + v)), 16));
-            y = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), y);
+            const __m512 y = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), load_bf16_masked(p + v, live));
             const __mmask16 gt = _mm512_cmp_ps_mask(y, best, _CMP_GT_OQ);
             nan |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
             best = _mm512_mask_mov_ps(best, gt, y);
@@ -445,8 +448,7 @@ int linear_amx_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *wp,
         for (int64_t nb = 0; nb < nblk; nb++) {
             const char *w = (const char *)(wp + nb * kblk * 512);
             const __mmask16 cols = live_lanes(N - nb * 16);
-            const __m512 bv = bias ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                _mm256_maskz_loadu_epi16(cols, bias + nb * 16)), 16)) : _mm512_setzero_ps();
+            const __m512 bv = bias ? load_bf16_masked(bias + nb * 16, cols) : _mm512_setzero_ps();
             for (int64_t m0 = 0; m0 < Mp; m0 += 64) {
                 const int mb = (int)((Mp - m0) / 16 < 4 ? (Mp - m0) / 16 : 4);
                 const uint16_t *xm = x + m0 * K;
