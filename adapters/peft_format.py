@@ -9,8 +9,11 @@ accepted; pickled files are refused and nothing is ever passed to `torch.load`.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +27,15 @@ CONFIG_NAME = "adapter_config.json"
 PICKLED_NAME = "adapter_model.bin"
 MAX_PROMPT_BYTES = 64 * 1024 * 1024
 MAX_CONFIG_BYTES = 1024 * 1024
+MAX_HEADER_BYTES = 1024 * 1024  # one tensor's header is ~100 bytes; this bounds the checks below
+MAX_JSON_DEPTH = 64
 MAX_VIRTUAL_TOKENS = 1024
-FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+DTYPE_SIZES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+FLOAT_DTYPES = set(DTYPE_SIZES)
+
+_ESCAPE = re.compile(r"\\.", re.S)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class AdapterError(ValueError):
@@ -36,6 +46,77 @@ def _mib(n: int) -> str:
     return f"{n / (1024 * 1024):.1f} MiB" if n >= 1024 * 1024 else f"{n} bytes"
 
 
+def _show(value: Any, limit: int = 60) -> str:
+    """repr() for messages: escapes lone surrogates (an error body must be encodable too), cut short."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+# -- JSON that can be stored and served back ------------------------------------
+def _too_deep(what: str) -> AdapterError:
+    return AdapterError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
+
+
+def _check_depth(text: str, what: str) -> None:
+    """Refuse nesting over MAX_JSON_DEPTH before parsing, by counting the brackets outside
+    strings in a loop: json.loads itself would recurse (RecursionError at ~1000 levels)."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return
+    outside = "".join(_ESCAPE.sub("", text).split('"')[::2])  # the text outside strings, in linear time
+    depth = 0
+    for ch in _NOT_BRACKET.sub("", outside):
+        depth += 1 if ch in "[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise _too_deep(what)
+
+
+def _check_values(value: Any, what: str) -> None:
+    """Refuse what a JSON response cannot carry: strings (keys too) that are not UTF-8 encodable
+    (lone surrogates, which the JSON escape `\\ud800` can produce) and infinite floats (`1e400`)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, str):
+            if not v.isascii() and _SURROGATE.search(v):
+                raise AdapterError(f"{what} holds a string with a lone surrogate ({_show(v)}), "
+                                   "which is not valid Unicode; text must be encodable as UTF-8")
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise AdapterError(f"{what} holds a number too large for a float; numbers must be finite")
+
+
+def _load_json(data: bytes, what: str) -> Any:
+    """json.loads for untrusted bytes: every way it can fail is an AdapterError, and what it
+    returns can be stored and served back (bounded depth, finite numbers, UTF-8 text)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise AdapterError(f"{what} is not UTF-8 text: {e}") from None
+    _check_depth(text, what)
+
+    def constant(name: str) -> Any:
+        raise AdapterError(f"{what} holds {name}, which is not a JSON number; numbers must be finite")
+
+    try:
+        value = json.loads(text, parse_constant=constant)
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{what} is not valid JSON: {e}") from None
+    except AdapterError:
+        raise
+    except RecursionError:  # last resort: _check_depth already refuses anything this deep
+        raise _too_deep(what) from None
+    except ValueError:  # int("1" * 5000): over sys.get_int_max_str_digits()
+        raise AdapterError(
+            f"{what} holds an integer with more than {sys.get_int_max_str_digits()} digits") from None
+    _check_values(value, what)
+    return value
+
+
+# -- safetensors ----------------------------------------------------------------
 def _check_magic(data: bytes) -> int:
     """Refuse non-safetensors bytes; returns the header length."""
     if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:4] == b"PK\x03\x04":
@@ -49,29 +130,70 @@ def _check_magic(data: bytes) -> int:
     (n,) = struct.unpack("<Q", data[:8])
     if n < 2 or n > len(data) - 8 or data[8:9] != b"{":
         raise AdapterError("not a safetensors file (bad header); upload adapter_model.safetensors")
+    if n > MAX_HEADER_BYTES:
+        raise AdapterError(f"safetensors header is {_mib(n)}, over the {_mib(MAX_HEADER_BYTES)} limit")
     return n
 
 
-def _header(data: bytes) -> dict[str, Any]:
+def _header(data: bytes) -> tuple[dict[str, Any], int]:
+    """The header (without `__metadata__`) and how many data bytes follow it."""
     n = _check_magic(data)
-    try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"not a safetensors file (unreadable header: {e})") from None
+    header = _load_json(data[8 : 8 + n], "the safetensors header")
     if not isinstance(header, dict):
         raise AdapterError("not a safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
-    return header
+    return header, len(data) - 8 - n
+
+
+def _is_count(v: Any) -> bool:
+    return type(v) is int and v >= 0  # not bool, float or str
+
+
+def _prompt_entry(header: dict[str, Any]) -> tuple[int, int, dict[str, Any]]:
+    """(rows, hidden, header entry) of the prompt tensor, its shape checked."""
+    if PROMPT_KEY not in header:
+        keys = sorted(header)
+        found = [k if len(k) <= 40 else k[:37] + "..." for k in keys[:10]] + (["..."] if len(keys) > 10 else [])
+        raise AdapterError(f"no {PROMPT_KEY!r} tensor in the file; keys found: {', '.join(found) or '(none)'}")
+    info = header[PROMPT_KEY]
+    if not isinstance(info, dict):
+        raise AdapterError(f"{PROMPT_KEY}'s header entry is {_show(info)}; "
+                           "expected an object with dtype, shape and data_offsets")
+    shape = info.get("shape")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise AdapterError(f"{PROMPT_KEY} has shape {_show(shape)}; expected a list of non-negative "
+                           "integers [num_virtual_tokens, hidden]")
+    if len(shape) != 2:
+        raise AdapterError(
+            f"{PROMPT_KEY} must be 2-D [num_virtual_tokens, hidden], got shape {shape} ({len(shape)}-D)"
+        )
+    return shape[0], shape[1], info
+
+
+def _check_offsets(info: dict[str, Any], rows: int, hidden: int, payload: int) -> None:
+    dtype, offsets = info["dtype"], info.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise AdapterError(f"{PROMPT_KEY} has data_offsets {_show(offsets)}; "
+                           "expected [begin, end], two non-negative integers")
+    size = rows * hidden * DTYPE_SIZES[dtype]
+    begin, end = offsets
+    if end - begin != size or end > payload:
+        raise AdapterError(f"{PROMPT_KEY} has data_offsets {_show(offsets)}, but a {dtype} [{rows}, {hidden}] "
+                           f"tensor takes {size} bytes and the file has {payload} bytes of data")
+
+
+def prompt_shape(data: bytes) -> tuple[int, int]:
+    """(num_virtual_tokens, hidden) from a safetensors file's header; the file's first
+    8 + header-length bytes are enough. Raises AdapterError."""
+    rows, hidden, _ = _prompt_entry(_header(data)[0])
+    return rows, hidden
 
 
 def parse_adapter_config(data: bytes) -> dict[str, Any]:
     """Parse `adapter_config.json`; it must be a PROMPT_TUNING config."""
     if len(data) > MAX_CONFIG_BYTES:
         raise AdapterError(f"{CONFIG_NAME} is {_mib(len(data))}, over the {_mib(MAX_CONFIG_BYTES)} limit")
-    try:
-        cfg = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{CONFIG_NAME} is not valid JSON: {e}") from None
+    cfg = _load_json(bytes(data), CONFIG_NAME)
     if not isinstance(cfg, dict):
         raise AdapterError(f"{CONFIG_NAME} must be a JSON object")
     _check_config(cfg)
@@ -79,25 +201,25 @@ def parse_adapter_config(data: bytes) -> dict[str, Any]:
 
 
 def _check_config(cfg: dict[str, Any], rows: int | None = None, hidden: int | None = None) -> None:
-    peft_type = str(cfg.get("peft_type", "")).upper()
-    if peft_type != "PROMPT_TUNING":
+    peft_type = cfg.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type.upper() != "PROMPT_TUNING":
         raise AdapterError(
-            f"adapter peft_type is {cfg.get('peft_type')!r}; only PROMPT_TUNING adapters are supported"
+            f"adapter peft_type is {_show(peft_type)}; only PROMPT_TUNING adapters are supported"
         )
     task_type = cfg.get("task_type")
     if task_type not in (None, "CAUSAL_LM"):
-        raise AdapterError(f"adapter task_type is {task_type!r}; only CAUSAL_LM is supported")
+        raise AdapterError(f"adapter task_type is {_show(task_type)}; only CAUSAL_LM is supported")
     subs = cfg.get("num_transformer_submodules") or 1
     if subs != 1:
-        raise AdapterError(f"num_transformer_submodules is {subs}; decoder-only models need 1")
+        raise AdapterError(f"num_transformer_submodules is {_show(subs)}; decoder-only models need 1")
     nvt = cfg.get("num_virtual_tokens")
     if rows is not None and nvt is not None and nvt != rows:
         raise AdapterError(
-            f"{CONFIG_NAME} says num_virtual_tokens={nvt} but {PROMPT_KEY} has {rows} rows"
+            f"{CONFIG_NAME} says num_virtual_tokens={_show(nvt)} but {PROMPT_KEY} has {rows} rows"
         )
     dim = cfg.get("token_dim")
     if hidden is not None and dim is not None and dim != hidden:
-        raise AdapterError(f"{CONFIG_NAME} says token_dim={dim} but {PROMPT_KEY} is {hidden} wide")
+        raise AdapterError(f"{CONFIG_NAME} says token_dim={_show(dim)} but {PROMPT_KEY} is {hidden} wide")
 
 
 def parse_prompt_safetensors(
@@ -109,26 +231,18 @@ def parse_prompt_safetensors(
     data = bytes(data)
     if len(data) > MAX_PROMPT_BYTES:
         raise AdapterError(f"prompt file is {_mib(len(data))}, over the {_mib(MAX_PROMPT_BYTES)} limit")
-    header = _header(data)
-    if PROMPT_KEY not in header:
-        found = sorted(header) or ["(none)"]
-        raise AdapterError(f"no {PROMPT_KEY!r} tensor in the file; keys found: {', '.join(found)}")
-    info = header[PROMPT_KEY]
-    shape = list(info.get("shape", [])) if isinstance(info, dict) else []
-    dtype = info.get("dtype") if isinstance(info, dict) else None
-    if len(shape) != 2:
-        raise AdapterError(
-            f"{PROMPT_KEY} must be 2-D [num_virtual_tokens, hidden], got shape {shape} ({len(shape)}-D)"
-        )
-    rows, hidden = int(shape[0]), int(shape[1])
+    header, payload = _header(data)
+    rows, hidden, info = _prompt_entry(header)
     if hidden != expected_hidden:
         raise AdapterError(f"{PROMPT_KEY} hidden size {hidden} != model's {expected_hidden}")
     if rows == 0:
         raise AdapterError(f"{PROMPT_KEY} has 0 rows; a prompt needs at least one virtual token")
     if rows > MAX_VIRTUAL_TOKENS:
         raise AdapterError(f"{PROMPT_KEY} has {rows} rows, more than the {MAX_VIRTUAL_TOKENS} maximum")
-    if dtype not in FLOAT_DTYPES:
-        raise AdapterError(f"{PROMPT_KEY} has dtype {dtype}; expected a float dtype (F32, F16, BF16, F64)")
+    dtype = info.get("dtype")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise AdapterError(f"{PROMPT_KEY} has dtype {_show(dtype)}; expected a float dtype (F32, F16, BF16, F64)")
+    _check_offsets(info, rows, hidden, payload)
     if config is not None:
         _check_config(config, rows=rows, hidden=hidden)
     try:

@@ -3,6 +3,7 @@
     python -m bench --size tiny --requests 16 --tasks 4 --naive-requests 4   # smoke run
     python -m bench                                                         # the full 124M run
     python -m bench --dtype float32,bfloat16 --out bench/out/results.json
+    python -m bench --scenarios overload                                    # ~5 min, not in the default run
 
 See bench/README.md for what each scenario measures.
 """
@@ -25,6 +26,7 @@ from bench import baselines as B
 from bench import engine_bench as E
 
 SCENARIOS = ("naive", "grouped", "engine", "http", "tasks", "kernels", "latency")
+EXTRA_SCENARIOS = ("overload",)  # minutes long: only when named in --scenarios
 
 
 def _csv(kind):
@@ -34,7 +36,8 @@ def _csv(kind):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--scenarios", type=_csv(str), default=list(SCENARIOS), help="comma list of " + ",".join(SCENARIOS))
+    p.add_argument("--scenarios", type=_csv(str), default=list(SCENARIOS),
+                   help="comma list of " + ",".join(SCENARIOS + EXTRA_SCENARIOS) + " (overload only when named)")
     p.add_argument("--size", choices=["small", "tiny"], default="small", help="random GPT-2: 124M shape or tiny")
     p.add_argument("--model", type=Path, default=None, help="use this GPT-2 folder instead of bench/out/model-SIZE")
     p.add_argument("--dtype", type=_csv(str), default=["float32"], help="engine/HTTP dtypes, e.g. float32,bfloat16")
@@ -55,14 +58,26 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="runs of 'engine' and 'http' per dtype, alternating; the table shows the median run")
     p.add_argument("--rate", type=float, default=4.0, help="Poisson request rate (req/s) for 'latency'")
     p.add_argument("--latency-requests", type=int, default=64)
+    o = p.add_argument_group("overload", "the 'overload' scenario (bench/overload.py)")
+    o.add_argument("--overload-seconds", type=float, default=180.0, help="open-loop overload phase length")
+    o.add_argument("--overload-factor", type=float, default=1.5, help="arrival rate as a multiple of capacity")
+    o.add_argument("--overload-abandon", type=float, default=0.1,
+                   help="share of clients that give up after a short random timeout")
+    o.add_argument("--max-queue-wait", type=float, default=5.0,
+                   help="polyprompt serve --max-queue-wait for 'overload' (0: no bound)")
+    o.add_argument("--overload-max-queue", type=int, default=1024, help="polyprompt serve --max-queue for 'overload'")
+    o.add_argument("--capacity-seconds", type=float, default=40.0, help="closed-loop capacity phase length")
+    o.add_argument("--capacity-clients", type=int, default=0, help="capacity phase clients (0: 2 x --max-num-seqs)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads here and OMP_NUM_THREADS for the server (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
     a = p.parse_args(argv)
-    bad = [s for s in a.scenarios if s not in SCENARIOS]
+    bad = [s for s in a.scenarios if s not in SCENARIOS + EXTRA_SCENARIOS]
     if bad:
-        p.error(f"unknown scenario(s) {bad}; choose from {','.join(SCENARIOS)}")
+        p.error(f"unknown scenario(s) {bad}; choose from {','.join(SCENARIOS + EXTRA_SCENARIOS)}")
+    if not 0 <= a.overload_abandon <= 1 or a.overload_factor <= 0 or a.overload_seconds <= 0:
+        p.error("--overload-abandon takes 0..1, --overload-factor and --overload-seconds a positive number")
     bad = [d for d in a.dtype if d not in E.DTYPES]
     if bad:
         p.error(f"unknown dtype(s) {bad}; choose from {','.join(E.DTYPES)}")
@@ -219,6 +234,14 @@ def main(argv=None) -> int:
                 srv.__exit__(None, None, None)
             del model
             gc.collect()
+        if "overload" in sc:  # its own server, once the others are gone
+            from bench import overload as O
+
+            extra[f"overload_{d}"] = O.run_overload(
+                model_dir, wl, dtype=d, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+                threads=a.threads, seconds=a.overload_seconds, factor=a.overload_factor, abandon=a.overload_abandon,
+                max_queue_wait=a.max_queue_wait, max_queue=a.overload_max_queue, capacity_seconds=a.capacity_seconds,
+                capacity_clients=a.capacity_clients, seed=a.seed, log=_log)
     report = _report(a, rows, extra, roof)
     print(report)
     if a.out:
@@ -285,17 +308,18 @@ def _report(a, rows, extra, roof) -> str:
                       + ("" if r["common_prefix"] is None or r["exact"] == 1 else
                          f" ({r['common_prefix']:.1f}/{a.new_tokens})")])
     w = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(head)]
-    lines.append("  ".join(h.ljust(w[i]) if i < 2 else h.rjust(w[i]) for i, h in enumerate(head)))
-    lines.append("  ".join("-" * x for x in w))
-    for t in table:
-        lines.append("  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(t)))
-    lines.append("")
-    lines.append("x naive: tok/s over the naive baseline's (float32, measured on its first "
-                 f"{a.naive_requests} requests); * = against the float32 naive.")
-    lines.append("% roof: achieved FLOP/s (2 x non-embedding params per virtual+prompt+fed-back token, "
-                 "2 x C x V per generated token) / the same-dtype matmul roofline.")
-    lines.append("exact: share of the naive subset's requests whose greedy tokens equal the naive baseline's "
-                 "(in brackets: mean leading tokens equal).")
+    if table:  # none when only 'overload' ran
+        lines.append("  ".join(h.ljust(w[i]) if i < 2 else h.rjust(w[i]) for i, h in enumerate(head)))
+        lines.append("  ".join("-" * x for x in w))
+        for t in table:
+            lines.append("  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(t)))
+        lines.append("")
+        lines.append("x naive: tok/s over the naive baseline's (float32, measured on its first "
+                     f"{a.naive_requests} requests); * = against the float32 naive.")
+        lines.append("% roof: achieved FLOP/s (2 x non-embedding params per virtual+prompt+fed-back token, "
+                     "2 x C x V per generated token) / the same-dtype matmul roofline.")
+        lines.append("exact: share of the naive subset's requests whose greedy tokens equal the naive baseline's "
+                     "(in brackets: mean leading tokens equal).")
     for k, v in extra.items():
         if k.startswith("runs_"):
             lines.append(f"{k[5:].replace('_', ' ')}: tok/s of each run, in order: "
@@ -309,6 +333,10 @@ def _report(a, rows, extra, roof) -> str:
                          f"{v['ratio']:.2f} (median of interleaved runs: "
                          + ", ".join(f"{x:.2f}" for x in v["pair_ratios"])
                          + f"); requests with identical tokens: {100 * v['same_tokens']:.0f}%")
+        if k.startswith("overload_"):
+            from bench import overload as O
+
+            lines += O.report_lines(f"overload {k[9:]}", v)
         if k.startswith("latency_"):
             lines.append(f"latency {k[8:]}: {v['requests']} streamed requests at {v['rate']:g} req/s: "
                          f"TTFT p50 {1e3 * v['ttft_p50']:.0f} ms, p99 {1e3 * v['ttft_p99']:.0f} ms; "

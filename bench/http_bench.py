@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import httpx
 from safetensors.torch import save as st_save
@@ -39,8 +40,10 @@ class Server:
     """`polyprompt serve` with a temp data dir; a context manager."""
 
     def __init__(self, model_dir: Path, *, dtype: str, max_batch_size: int, max_num_batched_tokens: int,
-                 threads: int = 0, startup_timeout: float = 300.0):
+                 threads: int = 0, startup_timeout: float = 300.0, max_queue: int = 100000,
+                 extra_args: Sequence[str] = ()):
         self.model_dir, self.dtype = model_dir, dtype
+        self.max_queue, self.extra_args = max_queue, list(extra_args)
         self.max_batch_size, self.max_num_batched_tokens = max_batch_size, max_num_batched_tokens
         self.startup_timeout = startup_timeout
         self.threads = threads
@@ -56,7 +59,7 @@ class Server:
                 "--host", HOST, "--port", str(self.port), "--device", "cpu", "--dtype", self.dtype,
                 "--max-batch-size", str(self.max_batch_size),
                 "--max-num-batched-tokens", str(self.max_num_batched_tokens),
-                "--max-queue", "100000", "--log-level", "warning"]
+                "--max-queue", str(self.max_queue), "--log-level", "warning", *self.extra_args]
         env = {k: v for k, v in os.environ.items() if not k.startswith("POLYPROMPT_")}  # no keys, no db
         if self.threads > 0:
             env["OMP_NUM_THREADS"] = str(self.threads)
@@ -150,16 +153,26 @@ class Connection:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
 
     async def post_json(self, path: str, obj: dict) -> tuple[int, bytes]:
+        status, _, data = await self.request("POST", path, obj)
+        return status, data
+
+    async def request(self, method: str, path: str, obj: dict | None = None) -> tuple[int, dict[str, str], bytes]:
+        """One request (a JSON body when `obj` is given); (status, headers with lower-case
+        names, body). The connection stays open unless the server said `Connection: close`."""
         await self.connect()
-        body = json.dumps(obj).encode()
-        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
-        self.writer.write(head + body)
+        body = b"" if obj is None else json.dumps(obj).encode()
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+        if obj is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        self.writer.write((head + "\r\n").encode() + body)
         status = int((await self.reader.readline()).split()[1])
+        headers: dict[str, str] = {}
         length, chunked, close = None, False, False
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
             key, _, value = line.decode("latin-1").partition(":")
-            key, value = key.strip().lower(), value.strip().lower()
+            key, value = key.strip().lower(), value.strip()
+            headers[key] = value
+            value = value.lower()
             if key == "content-length":
                 length = int(value)
             elif key == "transfer-encoding":
@@ -179,7 +192,7 @@ class Connection:
             data, close = await self.reader.read(), True
         if close:
             await self.aclose()
-        return status, data
+        return status, headers, data
 
     async def aclose(self) -> None:
         if self.writer is not None:

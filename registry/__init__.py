@@ -82,6 +82,17 @@ def alembic_config(db_url: str | None = None):  # -> alembic.config.Config
     return cfg
 
 
+def _prompt_shape(embeddings: Any) -> tuple[int, int]:
+    """(n, hidden) of a prompt tensor; raises InvalidPrompt unless it is 2-D with n >= 1."""
+    if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2:
+        shape = tuple(getattr(embeddings, "shape", ()))
+        raise InvalidPrompt(f"embeddings must be a 2-D tensor [n, hidden], got shape {shape}")
+    n, hidden = (int(d) for d in embeddings.shape)
+    if n < 1:
+        raise InvalidPrompt("a prompt needs at least one virtual token")
+    return n, hidden
+
+
 class Registry:
     """Thread-safe facade: one Engine; every method is its own session/transaction.
 
@@ -161,11 +172,31 @@ class Registry:
         name: str,
         *,
         description: str = "",
-        num_virtual_tokens: int,
-        hidden_size: int,
+        num_virtual_tokens: int | None = None,
+        hidden_size: int | None = None,
         base_model: str,
+        embeddings: torch.Tensor | None = None,
+        source: str = "create",
+        meta: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Create a task without versions; raises TaskExists / InvalidName."""
+        """Create a task; with `embeddings` [n, hidden] also its active version 1, atomically:
+        the prompt file is written first, then one transaction inserts both rows, so nobody
+        (not even a crash in between) ever sees the task without a prompt. Without
+        `embeddings` the task has no versions yet. Raises TaskExists / InvalidName / InvalidPrompt."""
+        file: tuple[str, str] | None = None
+        if embeddings is not None:
+            n, hidden = _prompt_shape(embeddings)
+            if num_virtual_tokens not in (None, n) or hidden_size not in (None, hidden):
+                raise InvalidPrompt(f"embeddings are [{n}, {hidden}] but num_virtual_tokens={num_virtual_tokens}, "
+                                    f"hidden_size={hidden_size} were asked for")
+            num_virtual_tokens, hidden_size = n, hidden
+            store.validate_name(name)
+            with self._session() as s:  # fail fast before writing a file (the insert checks again)
+                if store.task_exists(s, name=name):
+                    raise TaskExists(f"task {name!r} already exists")
+            file = write_prompt_file(self.data_dir, embeddings)
+        elif num_virtual_tokens is None or hidden_size is None:
+            raise InvalidPrompt("a task without embeddings needs num_virtual_tokens and hidden_size")
         with self._session() as s, s.begin():
             task = store.create_task(
                 s,
@@ -175,6 +206,17 @@ class Registry:
                 hidden_size=hidden_size,
                 base_model=base_model,
             )
+            if file is not None:
+                store.insert_version(
+                    s,
+                    task=task,
+                    sha256=file[0],
+                    path=file[1],
+                    num_virtual_tokens=num_virtual_tokens,
+                    hidden_size=hidden_size,
+                    source=source,
+                    meta=meta,
+                )
             return store.task_to_dict(task)
 
     def delete_task(self, name: str) -> None:
@@ -193,12 +235,7 @@ class Registry:
         base_model: str | None = None,
     ) -> dict[str, Any]:
         """Store `embeddings` [n, hidden] as the task's next version (file first, then row)."""
-        if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2:
-            shape = tuple(getattr(embeddings, "shape", ()))
-            raise InvalidPrompt(f"embeddings must be a 2-D tensor [n, hidden], got shape {shape}")
-        n, hidden = (int(d) for d in embeddings.shape)
-        if n < 1:
-            raise InvalidPrompt("a prompt needs at least one virtual token")
+        n, hidden = _prompt_shape(embeddings)
         with self._session() as s:  # fail fast before writing a file
             task = store.get_task(s, name=name)
             if task.hidden_size != hidden:

@@ -7,6 +7,7 @@ deadlocks), on PostgreSQL the row lock serialises mutations.
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime, timezone
 from typing import Any
@@ -19,6 +20,10 @@ from .models import PromptVersion, RegistryState, Task, utcnow
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 STATE_ID = 1
+# stored JSON deeper than this is cut on the way out: room for what the parsers accept (64 levels)
+# plus the response around it, well under pydantic-core's serializer limit (~255)
+MAX_SERVED_DEPTH = 128
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def validate_name(name: str) -> str:
@@ -60,6 +65,11 @@ def get_task(session: Session, *, name: str) -> Task:
     return task
 
 
+def task_exists(session: Session, *, name: str) -> bool:
+    """Whether a task called `name` exists (one indexed lookup, nothing loaded)."""
+    return session.scalar(select(Task.id).where(Task.name == name)) is not None
+
+
 def list_tasks(session: Session) -> list[Task]:
     """All tasks ordered by name, versions eagerly loaded (one query)."""
     stmt = select(Task).options(joinedload(Task.versions)).order_by(Task.name)
@@ -90,7 +100,7 @@ def create_task(
     if num_virtual_tokens < 1 or hidden_size < 1:
         raise InvalidPrompt("num_virtual_tokens and hidden_size must be positive")
     bump_generation(session)
-    if session.scalar(select(Task.id).where(Task.name == name)) is not None:
+    if task_exists(session, name=name):
         raise TaskExists(f"task {name!r} already exists")
     now = utcnow()
     task = Task(
@@ -148,9 +158,39 @@ def add_version(
     """Add version max+1 of task `name`. The first version is always activated."""
     bump_generation(session)
     task = get_task(session, name=name)
+    return insert_version(
+        session,
+        task=task,
+        sha256=sha256,
+        path=path,
+        num_virtual_tokens=num_virtual_tokens,
+        hidden_size=hidden_size,
+        source=source,
+        meta=meta,
+        activate=activate,
+        base_model=base_model,
+    )
+
+
+def insert_version(
+    session: Session,
+    *,
+    task: Task,
+    sha256: str,
+    path: str,
+    num_virtual_tokens: int,
+    hidden_size: int,
+    source: str,
+    meta: dict[str, Any] | None = None,
+    activate: bool = True,
+    base_model: str | None = None,
+) -> PromptVersion:
+    """Add version max+1 of `task` *without* bumping the generation: the building block of a
+    mutation that already bumped it in this transaction (add_version; a task created with its
+    first version). The first version is always activated."""
     if hidden_size != task.hidden_size:
         raise InvalidPrompt(
-            f"hidden size {hidden_size} != task {name!r}'s {task.hidden_size}"
+            f"hidden size {hidden_size} != task {task.name!r}'s {task.hidden_size}"
         )
     if num_virtual_tokens < 1:
         raise InvalidPrompt("a prompt needs at least one virtual token")
@@ -199,8 +239,42 @@ def _iso(dt: datetime | None) -> str | None:
     return dt.isoformat()
 
 
+def _text(s: str) -> str:
+    """`s` with lone surrogates (which no UTF-8 encoder accepts) replaced by U+FFFD."""
+    return s if s.isascii() else _SURROGATE.sub("\ufffd", s)
+
+
+def servable(value: Any) -> Any:
+    """A copy of a stored JSON value that any JSON response can carry: lone surrogates become
+    U+FFFD, non-finite floats None, containers nested deeper than MAX_SERVED_DEPTH None.
+    Today's parsers refuse all three, but an older build stored them, and one such value must
+    not make every listing fail. Iterative, so no depth can make it recurse."""
+    root = [value]
+    stack: list[tuple[Any, Any, int]] = [(root, 0, 0)]
+    while stack:
+        parent, key, depth = stack.pop()
+        v = parent[key]
+        if isinstance(v, str):
+            parent[key] = _text(v)
+        elif isinstance(v, float) and not math.isfinite(v):
+            parent[key] = None
+        elif isinstance(v, (dict, list, tuple)):
+            if depth >= MAX_SERVED_DEPTH:
+                parent[key] = None
+                continue
+            if isinstance(v, dict):
+                new: Any = {_text(str(k)): item for k, item in v.items()}
+                keys: Any = list(new)
+            else:
+                new, keys = list(v), range(len(v))
+            parent[key] = new
+            stack.extend((new, k, depth + 1) for k in keys)
+    return root[0]
+
+
 def version_to_dict(pv: PromptVersion) -> dict[str, Any]:
-    """Plain-dict view of a version."""
+    """Plain-dict view of a version, its meta made servable (text columns cannot hold lone
+    surrogates, the database drivers refuse to write them; JSON can, as `\\ud800` escapes)."""
     return {
         "version": pv.version,
         "num_virtual_tokens": pv.num_virtual_tokens,
@@ -210,7 +284,7 @@ def version_to_dict(pv: PromptVersion) -> dict[str, Any]:
         "path": pv.path,
         "is_active": bool(pv.is_active),
         "source": pv.source,
-        "meta": dict(pv.meta or {}),
+        "meta": servable(pv.meta) if isinstance(pv.meta, dict) else {},
         "created_at": _iso(pv.created_at),
     }
 

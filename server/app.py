@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api import openai, system, tasks
 from server.errors import APIError, error_body
+from server.lifecycle import DrainGate, Lifecycle
 from server.runtime import Runtime
 from server.settings import Settings
 
 log = logging.getLogger("polyprompt.http")
+SWAGGER_DIR = Path(__file__).parent / "static" / "swagger"  # swagger-ui-dist 5.35.0 from npm; LICENSE beside it
 
 
 class BodyTooLarge(APIError):
@@ -67,6 +72,21 @@ class BodyLimit:
         await self.app(scope, counted, guarded)
 
 
+def _add_docs(app: FastAPI) -> None:
+    """/docs from the Swagger UI files shipped in the package, so it works offline (FastAPI's default
+    loads them from a CDN); no validator badge, which would send the schema's URL to swagger.io."""
+    app.mount("/static/swagger", StaticFiles(directory=SWAGGER_DIR), name="swagger")
+
+    @app.get("/docs", include_in_schema=False)
+    async def _docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - API docs",
+                                   swagger_js_url=f"{root}/static/swagger/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{root}/static/swagger/swagger-ui.css",
+                                   swagger_favicon_url=f"{root}/static/swagger/favicon-32x32.png",
+                                   swagger_ui_parameters={"validatorUrl": None})
+
+
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -80,12 +100,18 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         finally:
             rt.stop()
 
-    app = FastAPI(title="polyprompt", version="0.1.0", lifespan=lifespan)
+    # no slash redirects: a 307 built from the Host header, answered before auth, is a plain 404 instead;
+    # /docs is served from package files (_add_docs); no /redoc (one offline docs page is enough)
+    app = FastAPI(title="polyprompt", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
+                  docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.include_router(system.router)
     app.include_router(openai.router)
     app.include_router(tasks.router)
+    _add_docs(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.state.lifecycle = Lifecycle()
+    app.add_middleware(DrainGate, lifecycle=app.state.lifecycle)  # outermost: counts every request in flight
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):

@@ -21,6 +21,8 @@ _SERVE_FLAGS = {
     "--dtype": (str, "auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16"),
     "--max-batch-size": (int, "running sequences at once (KV-cache slots)"),
     "--max-queue": (int, "waiting requests before 503"),
+    "--max-queue-wait": (float, "seconds: a request whose expected queue wait is longer gets 503 at once; 0 = off"),
+    "--drain-timeout": (float, "seconds after SIGTERM for accepted requests to finish before they are ended"),
     "--max-num-batched-tokens": (int, "tokens per forward pass (prefill chunk budget)"),
     "--kv-cache-gb": (float, "KV-cache memory budget"),
     "--prefix-cache-mb": (float, "prefix-KV cache memory cap"),
@@ -51,23 +53,34 @@ def _serve(argv: list[str]) -> int:
     runtime = Runtime(settings)  # migrations + model load before we listen
     app = create_app(settings, runtime)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                           log_level=settings.log_level.lower(), timeout_graceful_shutdown=10))
-    if not settings.engine_main_thread:
-        server.run()
-        return 0
-    # The engine loop owns the main thread (its matmuls ran ~15% faster there than on a
-    # secondary thread in our CPU measurements); HTTP runs on another thread.
-    runtime.engine_on_caller_thread = True
+                                           log_level=settings.log_level.lower(), timeout_graceful_shutdown=5))
+    # HTTP runs on its own thread (uvicorn installs no signal handlers there); the main thread
+    # runs the engine loop (its matmuls ran ~15% faster there than on a secondary thread in our
+    # CPU measurements) or, with --engine-thread, just waits. SIGTERM/SIGINT drain: refuse new
+    # requests, let accepted ones finish within --drain-timeout, end the rest, exit 0; a second
+    # signal stops waiting.
+    runtime.engine_on_caller_thread = settings.engine_main_thread
     http = threading.Thread(target=server.run, name="polyprompt-http", daemon=True)
+    lifecycle = app.state.lifecycle
+
+    def _drain_then_exit():
+        lifecycle.drain(runtime.engine, settings.drain_timeout)
+        server.should_exit = True
 
     def _stop(*_):
-        server.should_exit = True
+        if lifecycle.draining.is_set():
+            lifecycle.force()
+            return
+        lifecycle.draining.set()  # at once: the drain thread may start a moment later
+        threading.Thread(target=_drain_then_exit, name="polyprompt-drain", daemon=True).start()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     http.start()
-    runtime.engine.run(until=lambda: not http.is_alive())
-    http.join(15)
+    if settings.engine_main_thread:
+        runtime.engine.run(until=lambda: not http.is_alive())
+    while http.is_alive():
+        http.join(0.2)
     return 0 if server.started else 1  # e.g. the port was taken
 
 

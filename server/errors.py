@@ -42,5 +42,27 @@ class Overloaded(APIError):
     status, type, code = 503, "server_error", "overloaded"
 
 
+class ShuttingDown(APIError):
+    """SIGTERM: new requests are refused, and those still running at the drain timeout end."""
+    status, type, code = 503, "server_error", "shutting_down"
+
+
+class EngineFailure(APIError):
+    """The engine failed on this request's row (the batch it shared is unaffected)."""
+    status, type, code = 500, "server_error", "engine_error"
+
+
+class RequestTimeout(APIError):
+    """The request's own `timeout` passed (queued or running)."""
+    status, type, code = 504, "server_error", "timeout"
+
+
+class ClientGone(APIError):
+    """The client disconnected; nobody reads the answer (499, as nginx logs it)."""
+    status, type, code = 499, "invalid_request_error", "client_closed_request"
+
+
 def error_body(message: str, type_: str, code: str | None) -> dict:
+    # a message quoting client text must still encode as UTF-8 (lone surrogates escaped)
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": type_, "code": code}}

@@ -26,6 +26,7 @@ from server.settings import Settings
 
 log = logging.getLogger("polyprompt.runtime")
 
+PROBE_CHARS_PER_TOKEN = 8  # a long prompt is first tokenized this many characters per token of room
 WARM_LIMIT = 256  # versions warmed at startup and per registry change (a bulk import warms lazily beyond)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -71,10 +72,14 @@ class Runtime:
 
         self.tokenizer = AutoTokenizer.from_pretrained(settings.model)
         self._encoder = self.tokenizer.backend_tokenizer
+        # the most characters one token can stand for: a text of L characters is at least
+        # L / max_token_chars tokens (byte-level BPE: a token's string is one char per byte)
+        self.max_token_chars = max(1, max(map(len, self._encoder.get_vocab())))
         self.engine = Engine(self.model, self.tokenizer, EngineConfig(
             max_num_seqs=settings.max_batch_size,
             max_num_batched_tokens=settings.max_num_batched_tokens,
             max_queue=settings.max_queue,
+            max_queue_wait_s=settings.max_queue_wait or None,
             kv_cache_bytes=int(settings.kv_cache_gb * (1 << 30)),
             prefix_cache_bytes=int(settings.prefix_cache_mb * (1 << 20)),
             static_decode=None if settings.cuda_graphs else False,  # None: CUDA graphs on GPU only
@@ -186,6 +191,25 @@ class Runtime:
 
     def encode(self, text: str) -> list[int]:
         return self._encoder.encode(text, add_special_tokens=False).ids
+
+    def encode_bounded(self, text: str, room: int) -> list[int] | int:
+        """`text`'s ids if it may fit in `room` tokens; else a lower bound (> room) on its token
+        count, found from its length or from a probe of its start, never tokenizing more than
+        `room * max_token_chars` characters (a 60 MB prompt is refused in microseconds)."""
+        if len(text) > room * self.max_token_chars:
+            return -(-len(text) // self.max_token_chars)
+        probe_chars = (room + 2) * PROBE_CHARS_PER_TOKEN
+        pre = self._encoder.pre_tokenizer
+        if len(text) > probe_chars and pre is not None:
+            probe = text[:probe_chars]
+            words = pre.pre_tokenize_str(probe)
+            if len(words) > 2:  # the probe's last two pre-tokens may end differently in the whole text
+                cut = words[-2][1][0]
+                lower = sum(1 for _, end in self._encoder.encode(probe, add_special_tokens=False).offsets
+                            if end <= cut)
+                if lower > room:
+                    return lower
+        return self.encode(text)
 
     def memory_report(self) -> dict:
         n = [t.num_virtual_tokens for t in self.tasks.values()] or [0]

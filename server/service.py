@@ -1,11 +1,18 @@
-"""From validated bodies to engine requests and back, shared by /v1/completions and /v1/generate."""
+"""From validated bodies to engine requests and back, shared by /v1/completions and /v1/generate.
+
+Work is refused before it is done: the item count is checked against the queue before any
+item is built, a prompt's length is bounded before it is tokenized, and the building and
+tokenizing run off the event loop (`prepare`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import anyio
 import torch
@@ -13,8 +20,11 @@ import torch
 from server.engine.engine import QueueFull, Request
 from server.engine.output import RequestOutput
 from server.engine.sampler import SamplingParams
-from server.errors import APIError, NotFound, Overloaded
+from server.errors import APIError, ClientGone, EngineFailure, NotFound, Overloaded, RequestTimeout, ShuttingDown
 from server.runtime import Runtime
+
+# An item: (task or model name, prompt, a builder of its SamplingParams, its timeout in seconds)
+Item = tuple[str, "str | list[int]", Callable[[], SamplingParams], "float | None"]
 
 
 @dataclass
@@ -24,6 +34,7 @@ class Prepared:
     params: SamplingParams
     prefix_key: str = ""
     soft_prompt: torch.Tensor | None = None
+    timeout: float | None = None
 
 
 def _resolve(rt: Runtime, name: str):
@@ -39,9 +50,23 @@ def _resolve(rt: Runtime, name: str):
     return info
 
 
-def _tokenize(rt: Runtime, prompt: str | list[int]) -> list[int]:
+def _too_long(n_tokens: int, n_virt: int, max_tokens: int, ctx: int, *, at_least: bool = False) -> APIError:
+    total = n_tokens + n_virt + max_tokens
+    over = total - ctx
+    qual = "at least " if at_least else ""
+    return APIError(
+        f"prompt is {qual}{n_tokens} tokens + {n_virt} virtual + {max_tokens} max_tokens = {qual}{total} > "
+        f"{ctx} context; shorten the prompt by {qual}{over} tokens or lower max_tokens",
+        code="context_length_exceeded")
+
+
+def _tokenize(rt: Runtime, prompt: str | list[int], room: int) -> list[int] | int:
+    """The prompt's ids, or (when it is sure not to fit in `room` tokens) a lower bound on its
+    token count, found without tokenizing all of it (`Runtime.encode_bounded`)."""
     if isinstance(prompt, str):
-        return rt.encode(prompt)
+        return rt.encode_bounded(prompt, room)
+    if len(prompt) > room:
+        return len(prompt)
     vocab = rt.model.spec.vocab_size
     bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
@@ -49,34 +74,68 @@ def _tokenize(rt: Runtime, prompt: str | list[int]) -> list[int]:
     return list(prompt)
 
 
-async def prepare(rt: Runtime, items: list[tuple[str, str | list[int], SamplingParams]]) -> list[Prepared]:
-    """Resolve tasks, tokenize (off the event loop) and check every request fits the context."""
-    infos = [_resolve(rt, name) for name, _, _ in items]
+def check_count(rt: Runtime, count: int) -> None:
+    """Refuse a request of `count` items before building any: over the queue's size it can
+    never be served (400); over what the queue has room for now, or over the queue-wait
+    bound, it is a 503 with Retry-After."""
+    limit = rt.engine.config.max_queue
+    if count > max(1, limit):  # one item is never too many: an empty queue's answer is the 503 below
+        raise APIError(f"this request has {count} completions (prompts x n); at most {limit} fit the server's "
+                       "queue: split it into smaller requests", code="too_many_items")
+    try:
+        rt.engine.check_admission(count)
+    except QueueFull as e:
+        raise Overloaded(f"{e}; retry later", headers={"Retry-After": str(math.ceil(e.retry_after))}) from None
+
+
+async def prepare(rt: Runtime, items: list[Item]) -> list[Prepared]:
+    """Resolve tasks, build and tokenize (off the event loop), check every item fits the context."""
+    check_count(rt, len(items))
+    infos = {name: _resolve(rt, name) for name in {it[0] for it in items}}
 
     def work() -> list[Prepared]:
         out = []
-        tokenized: dict[str | tuple[int, ...], list[int]] = {}  # n > 1 repeats each prompt
-        for (name, prompt, params), info in zip(items, infos):
-            key = prompt if isinstance(prompt, str) else tuple(prompt)
+        tokenized: dict[tuple, list[int]] = {}  # n > 1 repeats each prompt
+        ctx = rt.engine.max_len
+        for name, prompt, make_params, timeout in items:
+            params = make_params()
+            info = infos[name]
+            soft = rt.load_prompt(info.sha256) if info is not None else None  # cached by sha256
+            n_virt = 0 if soft is None else int(soft.shape[0])
+            room = max(0, ctx - n_virt - params.max_tokens)
+            key = (prompt if isinstance(prompt, str) else tuple(prompt), room)
             if key not in tokenized:
-                tokenized[key] = _tokenize(rt, prompt)
+                got = _tokenize(rt, prompt, room)
+                if isinstance(got, int):
+                    raise _too_long(got, n_virt, params.max_tokens, ctx, at_least=isinstance(prompt, str))
+                tokenized[key] = got
             ids = list(tokenized[key])
             if not ids:
                 raise APIError("the prompt is empty: send at least one token")
-            soft = rt.load_prompt(info.sha256) if info is not None else None  # cached by sha256
-            n_virt = 0 if soft is None else int(soft.shape[0])
-            total = len(ids) + n_virt + params.max_tokens
-            ctx = rt.engine.max_len
-            if total > ctx:
-                over = total - ctx
-                raise APIError(
-                    f"prompt is {len(ids)} tokens + {n_virt} virtual + {params.max_tokens} max_tokens = "
-                    f"{total} > {ctx} context; shorten the prompt by {over} tokens or lower max_tokens",
-                    code="context_length_exceeded")
-            out.append(Prepared(name, ids, params, info.sha256 if info else "", soft))
+            if len(ids) > room:
+                raise _too_long(len(ids), n_virt, params.max_tokens, ctx)
+            out.append(Prepared(name, ids, params, info.sha256 if info else "", soft, timeout))
         return out
 
     return await anyio.to_thread.run_sync(work)
+
+
+def _error_for(reason: str) -> APIError | None:
+    """The error a request that ended from outside gives its client."""
+    if reason == "error":
+        return EngineFailure("the server failed while computing this request (other requests are unaffected); "
+                             "retry it, and report it if it keeps failing")
+    if reason == "queue_timeout":
+        return Overloaded("the request waited longer than the server's queue-wait bound (--max-queue-wait); "
+                          "retry later", headers={"Retry-After": "1"}, code="queue_timeout")
+    if reason == "timeout":
+        return RequestTimeout("the request's own timeout passed before it finished")
+    if reason == "shutdown":
+        return ShuttingDown("the server shut down before this request finished; retry it",
+                            headers={"Retry-After": "1"})
+    if reason == "abort":
+        return ClientGone("the client left")
+    return None
 
 
 class Submission:
@@ -91,18 +150,22 @@ class Submission:
         base = uuid.uuid4().hex
         self.ids = [f"{base}-{i}" for i in range(len(prepared))]
         self.pending = set(range(len(prepared)))
+        check_count(rt, len(prepared))  # the queue may have filled while this one was tokenized
         submitted = 0
+        now = time.monotonic()
         try:
             for i, p in enumerate(prepared):
                 def cb(out: RequestOutput, i=i):
-                    loop.call_soon_threadsafe(self.queue.put_nowait, (i, out))
+                    loop.call_soon_threadsafe(self.queue.put_nowait, (i, out))  # raises once the loop closed
 
                 req = Request(self.ids[i], p.prompt_ids, p.params, task=p.task, prefix_key=p.prefix_key,
-                              soft_prompt=p.soft_prompt, on_output=cb, stream=stream)
+                              soft_prompt=p.soft_prompt, on_output=cb, stream=stream, arrival=now,
+                              deadline=None if p.timeout is None else now + p.timeout)
                 try:
                     rt.engine.add_request(req)
                 except QueueFull as e:
-                    raise Overloaded(f"{e}; retry later", headers={"Retry-After": "1"}) from None
+                    raise Overloaded(f"{e}; retry later",
+                                     headers={"Retry-After": str(math.ceil(e.retry_after))}) from None
                 except ValueError as e:
                     raise APIError(str(e)) from None
                 submitted += 1
@@ -117,9 +180,9 @@ class Submission:
                 i, out = await self.queue.get()
                 if out.finished:
                     self.pending.discard(i)
-                    if out.finish_reason == "error":
-                        raise APIError("the engine failed while running this request", status=500,
-                                       code="engine_error")
+                    err = _error_for(out.finish_reason or "")
+                    if err is not None:
+                        raise err
                 yield i, out
         finally:
             self.close()
@@ -132,10 +195,37 @@ class Submission:
         self.pending.clear()
 
 
-async def run(rt: Runtime, prepared: list[Prepared], *, stream: bool = False) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Submit all, yield `(index, output)` as they come; aborts the rest if the caller leaves."""
-    async for item in Submission(rt, prepared, stream=stream).outputs():
-        yield item
+async def collect(request, submission: Submission) -> list[RequestOutput]:
+    """The final output of every item, in order, for a non-streaming answer. While waiting,
+    the connection is watched: a client that leaves (closed the socket, timed out) has its
+    items aborted at the engine's next step, queued or running, instead of running on."""
+    finals: list[RequestOutput | None] = [None] * len(submission.ids)
+    gone = False
+    error: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        async def watch() -> None:
+            nonlocal gone
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    gone = True
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(watch)
+        try:
+            async for i, out in submission.outputs():
+                finals[i] = out
+        except Exception as e:  # raised after the group, not wrapped in an ExceptionGroup
+            error = e
+        finally:
+            tg.cancel_scope.cancel()
+    if gone:
+        submission.close()
+        raise ClientGone("the client left before the answer was ready")
+    if error is not None:
+        raise error
+    return finals  # type: ignore[return-value]
 
 
 def logprobs_json(rt: Runtime, out_logprobs, text_offset: int = 0) -> dict | None:

@@ -17,6 +17,8 @@ class Settings(BaseSettings):
     dtype: str = "auto"  # auto (float16 on CUDA, float32 on CPU) | float32 | float16 | bfloat16
     max_batch_size: int = 64  # running sequences (KV-cache slots)
     max_queue: int = 1024  # waiting requests before 503
+    max_queue_wait: float = 30.0  # seconds: 503 at once when the expected queue wait is longer; 0 = off
+    drain_timeout: float = 30.0  # seconds after SIGTERM for running requests to finish
     max_num_batched_tokens: int = 2048  # tokens per forward pass (prefill chunking budget)
     kv_cache_gb: float = 6.0  # memory budget of the KV cache
     prefix_cache_mb: float = 1024.0  # memory cap of the per-task prefix-KV cache

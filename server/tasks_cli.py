@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.peft_format import AdapterError, read_adapter_folder, write_adapter_folder
-from registry import RegistryError, TaskNotFound
+from registry import RegistryError, TaskExists, TaskNotFound
 from registry.cli_common import add_registry_args, open_registry
 from registry.paths import model_id_for
 
@@ -68,25 +68,25 @@ def gpt2_defaults(hidden: int) -> tuple[int, int]:
 
 
 def _peek_hidden(folder: Path) -> int:
-    """The width of the folder's prompt tensor, from the safetensors header (no load)."""
-    from adapters.peft_format import WEIGHTS_NAME, _header
+    """The width of the folder's prompt tensor, from the safetensors header (no load);
+    0 where it cannot be read (read_adapter_folder then explains what is wrong)."""
+    from adapters.peft_format import MAX_HEADER_BYTES, WEIGHTS_NAME, prompt_shape
 
     path = folder / WEIGHTS_NAME
     if not path.is_file():
-        return 0  # read_adapter_folder will explain what is wrong
+        return 0
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             return 0
         n = int.from_bytes(head, "little")
-        if n > 16 * 1024 * 1024:
+        if n > MAX_HEADER_BYTES:
             return 0
         data = head + f.read(n)
     try:
-        shape = _header(data).get("prompt_embeddings", {}).get("shape", [])
-    except (AdapterError, AttributeError):
+        return prompt_shape(data)[1]
+    except AdapterError:
         return 0
-    return int(shape[-1]) if len(shape) == 2 else 0
 
 
 # -- commands -------------------------------------------------------------------
@@ -146,20 +146,19 @@ def cmd_import(args: argparse.Namespace) -> Any:
         shape = model_shape(args.model)
         expected = shape[0] if shape else _peek_hidden(folder)
     tensor, cfg = read_adapter_folder(folder, expected_hidden=expected)
+    meta = {k: cfg[k] for k in ("base_model_name_or_path", "peft_version", "prompt_tuning_init") if cfg.get(k)}
     created = False
     if task is None:
-        reg.create_task(
-            args.name,
-            description=args.description,
-            num_virtual_tokens=int(tensor.shape[0]),
-            hidden_size=int(tensor.shape[1]),
-            base_model=base_model,
+        try:  # the task and its version 1 in one transaction: never a task without a prompt
+            task = reg.create_task(args.name, description=args.description, base_model=base_model,
+                                   embeddings=tensor, source="import", meta=meta)
+            version, created = task["versions"][0], True
+        except TaskExists:  # created meanwhile by someone else: add a version to it
+            pass
+    if not created:
+        version = reg.add_version(
+            args.name, tensor, source="import", meta=meta, activate=not args.no_activate, base_model=base_model
         )
-        created = True
-    meta = {k: cfg[k] for k in ("base_model_name_or_path", "peft_version", "prompt_tuning_init") if cfg.get(k)}
-    version = reg.add_version(
-        args.name, tensor, source="import", meta=meta, activate=not args.no_activate, base_model=base_model
-    )
     if args.json:
         return {"task": reg.get_task(args.name), "version": version, "created": created}
     what = "created task and imported" if created else "imported"

@@ -463,7 +463,7 @@ def test_stream_left_before_it_started_aborts_its_requests(client, base_id):
 
     async def go():
         params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
-        sub = service.Submission(rt, await service.prepare(rt, [(base_id, "hello", params)]), stream=True)
+        sub = service.Submission(rt, await service.prepare(rt, [(base_id, "hello", lambda: params, None)]), stream=True)
         sub.close()
         while True:  # the engine answers the abort on this loop
             _, out = await asyncio.wait_for(sub.queue.get(), 30)

@@ -86,3 +86,31 @@ def test_interleaved_engines_match_a_lone_engine(tiny_model_dir):
             assert r["tokens"] == 10 * 7 and r["finish_reasons"] == {"length": 10} and r["seconds"] > 0
         # more requests than slots: the engines run several waves, interleaved
         assert a["steps"] >= 3 * 7
+
+
+def test_overload_scenario_smoke(tiny_model_dir, tmp_path):
+    """`--scenarios overload` end to end on the tiny model, a few seconds of it: capacity
+    measured, then open-loop arrivals above it with some clients abandoning; every request
+    sent is accounted for exactly once. No timing is asserted (shared 2-core machine)."""
+    from bench.__main__ import main
+
+    out = tmp_path / "bench.json"
+    rc = main(["--model", str(tiny_model_dir), "--scenarios", "overload", "--requests", "8", "--tasks", "2",
+               "--max-num-seqs", "4", "--new-tokens", "6", "--capacity-seconds", "2", "--overload-seconds", "3",
+               "--overload-abandon", "0.3", "--max-queue-wait", "0.5", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert rc == 0
+    r = res["extra"]["overload_float32"]
+    cap, ov = r["capacity"], r["overload"]
+    assert cap["req_s"] > 0 and cap["ok"] > 0 and cap["service_time_s"] > 0
+    assert ov["sent"] > 0 and ov["ok"] > 0
+    assert ov["sent"] == (ov["ok"] + ov["503"] + sum(ov["other"].values()) + ov["abandoned"]
+                          + sum(ov["client_errors"].values()))
+    assert ov["503"] == ov["503_with_retry_after"] + ov["503_without_retry_after"]
+    for key in ("latency_ok_p50", "latency_ok_p99", "goodput_req_s", "goodput_tok_s", "achieved_send_req_s"):
+        assert ov[key] is not None, key
+    assert r["goodput_share"] >= 0 and r["server_alive"]
+    for key in ("rss_before", "rss_after_capacity", "rss_after_overload"):
+        assert r[key]["rss_mib"] > 0, key
+    assert set(r["checks"]) >= {"p99_within_bound", "goodput_at_least_90pct", "no_5xx_but_503"}
+    assert "overload float32:" in res["table"] and "abandoned" in res["table"]

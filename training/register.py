@@ -70,12 +70,12 @@ class LocalTarget:
         except TaskNotFound:
             if not self.create:
                 raise _missing_task(self.name, self.where) from None
-            try:
-                self.registry.create_task(self.name, description=self.description,
-                                          num_virtual_tokens=int(prompt.shape[0]),
-                                          hidden_size=int(prompt.shape[1]), base_model=self.model_id)
+            try:  # the task and this prompt as its version 1, in one transaction
+                task = self.registry.create_task(self.name, description=self.description, base_model=self.model_id,
+                                                 embeddings=prompt, source="train", meta=meta)
+                return {"task": self.name, "version": task["active_version"], "sha256": task["sha256"]}
             except TaskExists:
-                pass  # created concurrently
+                pass  # created concurrently: this prompt becomes its next version
         v = self.registry.add_version(self.name, prompt, source="train", meta=meta, base_model=self.model_id)
         return {"task": self.name, "version": v["version"], "sha256": v["sha256"]}
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from functools import partial
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from server import service
 from server.api.deps import RuntimeDep, User
+from server.api.responses import BATCH, GENERATION
 from server.api.schemas import CompletionRequest, GenerateRequest
 from server.errors import APIError
 
@@ -33,12 +35,14 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-@router.post("/v1/completions")
-async def completions(body: CompletionRequest, rt: RuntimeDep):
+@router.post("/v1/completions", responses=GENERATION)
+async def completions(body: CompletionRequest, rt: RuntimeDep, request: Request):
     if (msg := body.unsupported()) is not None:
         raise APIError(msg)
     prompts = _prompts(body.prompt)
-    items = [(body.model, p, body.sampling_params(seed_offset=j)) for p in prompts for j in range(body.n)]
+    service.check_count(rt, len(prompts) * body.n)  # before building a single item
+    items = [(body.model, p, partial(body.sampling_params, seed_offset=j), body.timeout)
+             for p in prompts for j in range(body.n)]
     prepared = await service.prepare(rt, items)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     prompt_tokens = sum(len(prepared[i * body.n].prompt_ids) for i in range(len(prompts)))
@@ -48,7 +52,8 @@ async def completions(body: CompletionRequest, rt: RuntimeDep):
                                  media_type="text/event-stream", background=BackgroundTask(submission.close))
     choices: list[dict | None] = [None] * len(prepared)
     completion_tokens = 0
-    async for i, out in service.run(rt, prepared):
+    finals = await service.collect(request, service.Submission(rt, prepared))
+    for i, out in enumerate(finals):
         completion_tokens += len(out.token_ids)
         choice = {"index": i, "text": out.text, "logprobs": service.logprobs_json(rt, out.logprobs if
                   body.logprobs is not None else None), "finish_reason": out.finish_reason}
@@ -85,12 +90,13 @@ async def _stream(body: CompletionRequest, submission: "service.Submission", cid
     yield "data: [DONE]\n\n"
 
 
-@router.post("/v1/generate")
-async def generate(body: GenerateRequest, rt: RuntimeDep) -> dict:
-    items = [(r.task, r.prompt, r.sampling_params()) for r in body.requests]
+@router.post("/v1/generate", responses=BATCH)
+async def generate(body: GenerateRequest, rt: RuntimeDep, request: Request) -> dict:
+    items = [(r.task, r.prompt, r.sampling_params, r.timeout) for r in body.requests]
     prepared = await service.prepare(rt, items)
     results: list[dict | None] = [None] * len(prepared)
-    async for i, out in service.run(rt, prepared):
+    finals = await service.collect(request, service.Submission(rt, prepared))
+    for i, out in enumerate(finals):
         n_prompt = len(prepared[i].prompt_ids)
         results[i] = {"task": body.requests[i].task, "text": out.text, "token_ids": out.token_ids,
                       "finish_reason": out.finish_reason, "usage": _usage(n_prompt, len(out.token_ids))}

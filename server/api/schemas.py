@@ -2,41 +2,60 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from server.engine.sampler import SamplingParams
+from server.engine.sampler import SamplingParams, reduce_seed
 
 TASK_NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
-PromptInput = str | list[str] | list[int] | list[list[int]]
+
+
+def _utf8(v: str) -> str:
+    """Refuse strings that cannot be encoded as UTF-8 (lone surrogates such as "\\ud800"
+    in the JSON): nothing we cannot tokenize, store or send back gets in."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text contains an unpaired surrogate at character {e.start}; send valid UTF-8") from None
+    return v
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+PromptInput = Text | list[Text] | list[int] | list[list[int]]
+
+# Strict types (a JSON `true` is not the integer 1, "16" is not 16); no NaN or Infinity.
+_STRICT = ConfigDict(strict=True, allow_inf_nan=False)
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", **_STRICT)
 
     max_tokens: int | None = Field(16, ge=1)
-    temperature: float | None = Field(1.0, ge=0.0, le=100.0)
-    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    temperature: float | None = Field(1.0, ge=0.0, le=100.0)  # below 1e-5: greedy (see SamplingParams)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)  # a tiny top_p keeps the top token only
     top_k: int | None = Field(0, ge=-1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = None  # any integer; reduced modulo 2**64 (the generator's seed space)
+    stop: Text | list[Text] | None = None
     ignore_eos: bool = False
-    repetition_penalty: float | None = Field(1.0, gt=0.0)
+    repetition_penalty: float | None = Field(1.0, ge=1e-3, le=1e3)  # the range float32 logits take safely
     logprobs: int | None = Field(None, ge=0, le=20)
     stop_on_repetition: bool = False
     return_token_ids: bool = False
+    timeout: float | None = Field(None, gt=0.0, le=86400.0)  # seconds from arrival; extension
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, v):
         if isinstance(v, list) and len(v) > 16:
             raise ValueError("at most 16 stop strings")
+        if isinstance(v, list) and any(len(s) > 1024 for s in v) or isinstance(v, str) and len(v) > 1024:
+            raise ValueError("a stop string is at most 1024 characters")
         return v
 
     def sampling_params(self, seed_offset: int = 0) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        seed = None if self.seed is None else self.seed + seed_offset
+        seed = None if self.seed is None else reduce_seed(self.seed + seed_offset)
         return SamplingParams(
             max_tokens=16 if self.max_tokens is None else self.max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -82,23 +101,27 @@ class CompletionRequest(SamplingFields):
 
 class GenerateItem(SamplingFields):
     task: str
-    prompt: str | list[int]
+    prompt: Text | list[int]
 
 
 class GenerateRequest(BaseModel):
+    model_config = _STRICT
+
     requests: list[GenerateItem] = Field(min_length=1, max_length=4096)
 
 
 class TaskCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **_STRICT)
 
     name: str = Field(pattern=TASK_NAME)
-    description: str = Field("", max_length=4096)
+    description: Text = Field("", max_length=4096)
     num_virtual_tokens: int = Field(20, ge=1, le=512)
     init: Literal["random", "text", "vocab"] = "random"
-    init_text: str | None = Field(None, max_length=20000)
-    seed: int | None = None
+    init_text: Text | None = Field(None, max_length=20000)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
 
 
 class TaskActivate(BaseModel):
-    version: int = Field(ge=1)
+    model_config = _STRICT
+
+    version: int = Field(ge=1, lt=2**63)

@@ -8,12 +8,13 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
 from server.api.deps import RuntimeDep, User
+from server.api.responses import PLAIN_SYSTEM, SYSTEM, USER
 
 router = APIRouter()
 _STARTED = int(time.time())
 
 
-@router.get("/health")
+@router.get("/health", responses=SYSTEM)
 def health(rt: RuntimeDep) -> dict:
     return {
         "status": "ok", "model": rt.model_id, "device": str(rt.device),
@@ -23,7 +24,7 @@ def health(rt: RuntimeDep) -> dict:
     }
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@router.get("/metrics", response_class=PlainTextResponse, responses=PLAIN_SYSTEM)
 def metrics(rt: RuntimeDep) -> str:
     mem = rt.memory_report()
     pc = mem["prefix_cache"]
@@ -37,7 +38,7 @@ def metrics(rt: RuntimeDep) -> str:
     )
 
 
-@router.get("/v1/models", dependencies=[User])
+@router.get("/v1/models", dependencies=[User], responses=USER)
 def models(rt: RuntimeDep) -> dict:
     data = [{"id": rt.model_id, "object": "model", "created": _STARTED, "owned_by": "polyprompt",
              "root": rt.model_id, "parent": None}]

@@ -10,6 +10,8 @@ from adapters.peft_format import CONFIG_NAME, PICKLED_NAME, WEIGHTS_NAME, Adapte
     parse_adapter_config, parse_prompt_safetensors
 from registry.errors import InvalidName, InvalidPrompt, TaskExists, TaskNotFound, VersionNotFound
 from server.api.deps import Admin, RuntimeDep, User
+from server.api.responses import ADMIN_ACTIVATE, ADMIN_CREATE, ADMIN_TASK, ADMIN_UPLOAD, UPLOAD_BODY, USER, \
+    USER_TASK
 from server.api.schemas import TaskActivate, TaskCreate
 from server.errors import APIError, Conflict, NotFound
 
@@ -28,7 +30,7 @@ def _version(name: str, version: dict) -> dict:
     return {**version, "task": name, "object": "prompt_version"}
 
 
-@router.post("/v1/tasks", status_code=201, dependencies=[Admin])
+@router.post("/v1/tasks", status_code=201, dependencies=[Admin], responses=ADMIN_CREATE)
 async def create_task(body: TaskCreate, rt: RuntimeDep) -> dict:
     if body.name == rt.model_id:
         raise Conflict(f"{body.name!r} is the base model's id; pick another task name")
@@ -39,16 +41,10 @@ async def create_task(body: TaskCreate, rt: RuntimeDep) -> dict:
         wte = rt.model.wte.weight.detach().float().cpu()
         prompt = initial_prompt(init=body.init, num_virtual_tokens=body.num_virtual_tokens, wte=wte,
                                 tokenizer=rt.tokenizer, init_text=body.init_text, seed=body.seed)
-        rt.registry.create_task(body.name, description=body.description,
-                                num_virtual_tokens=body.num_virtual_tokens,
-                                hidden_size=rt.model.spec.n_embd, base_model=rt.model_id)
-        try:
-            rt.registry.add_version(body.name, prompt, source=f"init:{body.init}",
-                                    meta={"init": body.init, "init_text": body.init_text})
-        except Exception:
-            rt.registry.delete_task(body.name)
-            raise
-        return rt.registry.get_task(body.name)
+        # one transaction for the task and its version 1: no one ever sees it without a prompt
+        return rt.registry.create_task(body.name, description=body.description, base_model=rt.model_id,
+                                       embeddings=prompt, source=f"init:{body.init}",
+                                       meta={"init": body.init, "init_text": body.init_text})
 
     try:
         return _public(await _change(rt, body.name, work))
@@ -60,13 +56,13 @@ async def create_task(body: TaskCreate, rt: RuntimeDep) -> dict:
         raise APIError(str(e)) from None
 
 
-@router.get("/v1/tasks", dependencies=[User])
+@router.get("/v1/tasks", dependencies=[User], responses=USER)
 async def list_tasks(rt: RuntimeDep) -> dict:
     tasks = await anyio.to_thread.run_sync(rt.registry.list_tasks)
     return {"object": "list", "data": [_public(t) for t in tasks]}
 
 
-@router.get("/v1/tasks/{name}", dependencies=[User])
+@router.get("/v1/tasks/{name}", dependencies=[User], responses=USER_TASK)
 async def get_task(name: str, rt: RuntimeDep) -> dict:
     try:
         return _public(await anyio.to_thread.run_sync(rt.registry.get_task, name))
@@ -88,13 +84,14 @@ async def _change(rt, name: str, fn):
         raise _not_found(name) from None
 
 
-@router.delete("/v1/tasks/{name}", status_code=204, dependencies=[Admin])
+@router.delete("/v1/tasks/{name}", status_code=204, dependencies=[Admin], responses=ADMIN_TASK)
 async def delete_task(name: str, rt: RuntimeDep) -> Response:
     await _change(rt, name, lambda: rt.registry.delete_task(name))
     return Response(status_code=204)
 
 
-@router.post("/v1/tasks/{name}/prompt", status_code=201, dependencies=[Admin])
+@router.post("/v1/tasks/{name}/prompt", status_code=201, dependencies=[Admin], responses=ADMIN_UPLOAD,
+             openapi_extra=UPLOAD_BODY)
 async def upload_prompt(name: str, request: Request, rt: RuntimeDep) -> dict:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(f"send a multipart form with a file field named {WEIGHTS_NAME!r}")
@@ -124,7 +121,7 @@ async def upload_prompt(name: str, request: Request, rt: RuntimeDep) -> dict:
         raise APIError(f"invalid adapter: {e}", code="invalid_adapter") from None
 
 
-@router.post("/v1/tasks/{name}/activate", dependencies=[Admin])
+@router.post("/v1/tasks/{name}/activate", dependencies=[Admin], responses=ADMIN_ACTIVATE)
 async def activate(name: str, body: TaskActivate, rt: RuntimeDep) -> dict:
     try:
         return await _change(rt, name, lambda: _version(name, rt.registry.activate_version(name, body.version)))

@@ -7,11 +7,11 @@ nor SQLAlchemy, so it runs alone on a GPU box (see `bench/`).
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -21,70 +21,21 @@ from server.engine.batch import build_step
 from server.engine.graphs import StaticDecoder
 from server.engine.kv_cache import KVCache, slot_bytes
 from server.engine.output import Detokenizer, RequestOutput, detect_loop
-from server.engine.sampler import RowSampling, SamplingParams, TokenLogprob, sample
+from server.engine.request import EngineConfig, QueueFull, Request
+from server.engine.sampler import RowSampling, SamplingParams, TokenLogprob, reduce_seed, sample
 from server.engine.scheduler import Scheduler, SeqState, StepPlan
 from server.model import GPT2
 
+__all__ = ["Engine", "EngineConfig", "QueueFull", "Request"]
+
+SLOT_TIME_ALPHA = 0.05  # weight of each finished request in the slot-holding-time average
+
 log = logging.getLogger("polyprompt.engine")
-
-
-class QueueFull(RuntimeError):
-    pass
 
 
 def _plain_greedy(p: SamplingParams) -> bool:
     """Greedy with nothing else asked of the logits: the argmax is the whole answer."""
     return p.greedy and p.logprobs is None and p.repetition_penalty == 1.0
-
-
-@dataclass
-class EngineConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_queue: int = 4096
-    kv_cache_bytes: int = 6 << 30
-    prefix_cache_bytes: int = 1 << 30
-    max_model_len: int | None = None  # default: the model's n_positions
-    # An idle engine that just got a request waits until arrivals pause for this long
-    # (at most `admission_max_wait_s`) so that a burst prefills together in one step
-    # instead of trickling in: a lone request waits one window, a burst ends its wait
-    # as soon as it stops growing.
-    admission_window_s: float = 0.01
-    admission_max_wait_s: float = 0.2
-    # decode-only steps at padded static shapes, captured as CUDA graphs on GPU.
-    # None = on for CUDA, off for CPU (where eager dynamic shapes are cheaper).
-    static_decode: bool | None = None
-    # KV-cache memory order (see `KVCache`); None = token-major for 2-byte dtypes on CPU
-    kv_token_major: bool | None = None
-
-
-@dataclass
-class Request:
-    req_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    task: str = ""  # for metrics and logs
-    prefix_key: str = ""  # the prompt version's sha256; "" = no soft prompt
-    soft_prompt: torch.Tensor | None = None  # [n, C] float32 (CPU), needed on a cache miss
-    on_output: Callable[[RequestOutput], None] | None = None
-    stream: bool = False
-    arrival: float = field(default_factory=time.monotonic)
-    # engine state
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    slot: int = -1
-    sampling: RowSampling | None = None
-    detok: Detokenizer | None = None
-    first_token_time: float | None = None
-
-    @property
-    def num_virtual(self) -> int:
-        return 0 if self.soft_prompt is None else int(self.soft_prompt.shape[0])
-
-    @property
-    def prefix_len(self) -> int:
-        """Cache positions before the prompt: the soft prompt's virtual tokens."""
-        return self.num_virtual
 
 
 class Engine:
@@ -111,12 +62,15 @@ class Engine:
         self.static = StaticDecoder(model, self.cache, capture=True) if static else None
         self.requests: dict[str, Request] = {}
         self._inbox: deque[Request] = deque()
-        self._aborts: deque[str] = deque()
+        self._aborts: deque[tuple[str, str]] = deque()  # (req_id, finish reason)
+        self._abort_all: str | None = None  # a reason: end every request (shutdown)
+        self._deadlines: list[tuple[float, str]] = []  # heap of per-request timeouts (engine thread)
         self._warm: deque[tuple[str, torch.Tensor]] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.stats = {"steps": 0, "generated_tokens": 0, "prompt_tokens": 0, "finished": 0}
+        self.slot_seconds: float | None = None  # moving average of how long a request holds a slot
+        self.stats = {"steps": 0, "generated_tokens": 0, "prompt_tokens": 0, "finished": 0, "row_failures": 0}
         self.listeners: list[Callable[[Request, RequestOutput], None]] = []
 
     # ------------------------------------------------------------------ intake (any thread)
@@ -126,18 +80,48 @@ class Engine:
             raise ValueError(f"request needs {need} positions > context {self.max_len}")
         if not req.prompt_ids:
             raise ValueError("the prompt is empty")
-        if len(self._inbox) + self.scheduler.num_waiting >= self.config.max_queue:
-            raise QueueFull(f"the queue is full ({self.config.max_queue} waiting)")
+        self.check_admission(1)
         self._inbox.append(req)
         self._wake.set()
+
+    def check_admission(self, count: int) -> None:
+        """Raise QueueFull if `count` more requests would overfill the queue or wait longer
+        than `max_queue_wait_s` (refused at once, before any of them is built or queued)."""
+        waiting = self.num_waiting
+        if waiting + count > self.config.max_queue:
+            raise QueueFull(f"the queue is full ({waiting} of {self.config.max_queue} waiting, "
+                            f"this request adds {count})")
+        bound = self.config.max_queue_wait_s
+        if bound is not None:
+            wait = self.expected_wait(count)
+            if wait > bound:
+                raise QueueFull(f"the expected queue wait is {wait:.1f}s, over the {bound:g}s bound",
+                                retry_after=min(60.0, max(1.0, wait - bound)))
+
+    def expected_wait(self, count: int = 1) -> float:
+        """Seconds the last of `count` new requests would wait for a slot: the requests ahead
+        of it beyond the free slots, each slot freeing once per measured `slot_seconds`.
+        0 until a request has finished (nothing measured yet)."""
+        held = self.slot_seconds
+        if held is None:
+            return 0.0
+        slots = self.cache.num_slots
+        backlog = self.num_waiting + count - (slots - self.scheduler.num_running)
+        return 0.0 if backlog <= 0 else backlog * held / slots
 
     def warm_prefix(self, key: str, soft_prompt: torch.Tensor) -> None:
         """Compute a prompt version's prefix KV ahead of its first request (engine thread)."""
         self._warm.append((key, soft_prompt))
         self._wake.set()
 
-    def abort(self, req_id: str) -> None:
-        self._aborts.append(req_id)
+    def abort(self, req_id: str, reason: str = "abort") -> None:
+        """End a request wherever it is (queued or running) at the next step."""
+        self._aborts.append((req_id, reason))
+        self._wake.set()
+
+    def abort_all(self, reason: str = "shutdown") -> None:
+        """End every request, queued or running, at the next step (drain timeout)."""
+        self._abort_all = reason
         self._wake.set()
 
     @property
@@ -147,6 +131,9 @@ class Engine:
     @property
     def num_running(self) -> int:
         return self.scheduler.num_running
+
+    def has_work(self) -> bool:
+        return bool(self._inbox or self.scheduler.has_work())
 
     # ------------------------------------------------------------------ loop
     def start(self) -> None:
@@ -169,7 +156,7 @@ class Engine:
         while not self._stop.is_set():
             if until():
                 return
-            if not (self._inbox or self._aborts or self._warm or self.scheduler.has_work()):
+            if not (self._inbox or self._aborts or self._abort_all or self._warm or self.scheduler.has_work()):
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
@@ -177,8 +164,8 @@ class Engine:
                 self._await_burst()
             try:
                 self.step()
-            except Exception:  # keep serving: fail what was running, carry on
-                log.exception("engine step failed; failing the running requests")
+            except Exception:  # outside any row (rows are contained in `step`): fail what runs
+                log.exception("engine step failed outside a row; failing the running requests")
                 for rid in list(self.scheduler.running):
                     self._retire(rid, "error")
 
@@ -213,48 +200,102 @@ class Engine:
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
     def step(self) -> None:
+        """schedule -> admit -> execute -> update. A row that fails (its admission, its part
+        of the forward pass, its sampling or its output) is retired alone with "error"."""
         self._drain()
         if self._warm:
             self._warm_some(64)
         plan = self.scheduler.schedule()
         if not plan:
             return
-        admitted = [self.requests[rid] for rid in plan.admitted]
-        fresh = self._compute_prefixes({r.prefix_key: r.soft_prompt for r in admitted if r.soft_prompt is not None},
-                                       for_request=True)
-        share: dict[str, tuple[torch.Tensor, list[int]]] = {}  # by prefix: one copy into all its new slots
-        for req in admitted:
-            prefix = self._admit(req, fresh)
-            if prefix is not None:
-                share.setdefault(req.prefix_key, (prefix, []))[1].append(req.slot)
-        for prefix, slots in share.values():
-            self.cache.write_prefix(slots, prefix)
-        if self.static is not None and not plan.prefill:
-            sample_ids = plan.decode
-            sampled_reqs = [self.requests[rid] for rid in sample_ids]
-            greedy = all(_plain_greedy(r.params) for r in sampled_reqs)
-            tokens, logits = self.static.decode(
-                [r.slot for r in sampled_reqs],
-                [r.output_ids[-1] if r.output_ids else r.prompt_ids[-1] for r in sampled_reqs],
-                [r.prefix_len + self.scheduler.running[r.req_id].num_computed for r in sampled_reqs],
-                greedy=greedy)
-            tokens, lps = (tokens, [None] * len(tokens)) if greedy else \
-                sample(logits, [r.sampling for r in sampled_reqs])
-        else:
-            batch = build_step(plan, self.requests, self.scheduler.running, self.cache)
-            hidden = self.model.forward_step(batch.ids, batch.positions, batch.meta, self.cache)
-            sample_ids = batch.sample_ids
-            sampled_reqs = [self.requests[rid] for rid in sample_ids]
-            tokens, lps = self._pick(hidden[batch.sample_rows], [r.sampling for r in sampled_reqs]) \
-                if sampled_reqs else ([], [])
+        failed = self._admit_all(plan)
+        plan = plan.only(set(plan.rows()) - failed)
+        sampled, tokens, lps = self._execute(plan, failed) if plan else ([], [], [])
         finished = set()
-        for req, tok, lp in zip(sampled_reqs, tokens, lps):
-            if self._append(req, tok, lp):
-                finished.add(req.req_id)
-        self.scheduler.on_step_done(plan, set(sample_ids), finished)
-        for rid in finished:
+        for req, tok, lp in zip(sampled, tokens, lps):
+            try:
+                if tok is None:
+                    raise RuntimeError("sampling failed")
+                if self._append(req, tok, lp):
+                    finished.add(req.req_id)
+            except Exception:
+                log.exception("request %s failed in its update; retiring it", req.req_id)
+                failed.add(req.req_id)
+        self.scheduler.on_step_done(plan.only(set(plan.rows()) - failed),
+                                    {r.req_id for r in sampled} - failed, finished - failed)
+        for rid in finished - failed:
             self._release(self.requests.pop(rid))
+        for rid in failed:
+            self.stats["row_failures"] += 1
+            self._retire(rid, "error")
         self.stats["steps"] += 1
+
+    def _execute(self, plan: StepPlan, failed: set[str]) -> tuple[list[Request], list, list]:
+        """One forward pass over the plan's rows and their next tokens. If it raises, the rows
+        are re-run in halves down to single rows; a row that fails alone joins `failed`. Each
+        row reads and writes only its own slot, so a re-run computes exactly the same."""
+        try:
+            return self._forward(plan)
+        except Exception:
+            rows = plan.rows()
+            if len(rows) == 1:
+                log.exception("request %s failed in the forward pass; retiring it", rows[0])
+                failed.add(rows[0])
+                return [], [], []
+            log.warning("a step of %d rows failed; re-running it in halves to find the row", len(rows))
+            out: tuple[list, list, list] = ([], [], [])
+            for half in plan.halves():
+                for acc, part in zip(out, self._execute(half, failed)):
+                    acc.extend(part)
+            return out
+
+    def _forward(self, plan: StepPlan) -> tuple[list[Request], list, list]:
+        if self.static is not None and not plan.prefill:
+            sampled = [self.requests[rid] for rid in plan.decode]
+            greedy = all(_plain_greedy(r.params) for r in sampled)
+            tokens, logits = self.static.decode(
+                [r.slot for r in sampled],
+                [r.output_ids[-1] if r.output_ids else r.prompt_ids[-1] for r in sampled],
+                [r.prefix_len + self.scheduler.running[r.req_id].num_computed for r in sampled],
+                greedy=greedy)
+            tokens, lps = (tokens, [None] * len(tokens)) if greedy else sample(logits, [r.sampling for r in sampled])
+            return sampled, tokens, lps
+        batch = build_step(plan, self.requests, self.scheduler.running, self.cache)
+        hidden = self.model.forward_step(batch.ids, batch.positions, batch.meta, self.cache)
+        sampled = [self.requests[rid] for rid in batch.sample_ids]
+        if not sampled:
+            return [], [], []
+        tokens, lps = self._pick(hidden[batch.sample_rows], [r.sampling for r in sampled])
+        return sampled, tokens, lps
+
+    def _admit_all(self, plan: StepPlan) -> set[str]:
+        """Slots, sampling state and prefix KV for the plan's new rows (one prefix write per
+        task, broadcast over its new slots); returns the ids whose admission failed."""
+        failed: set[str] = set()
+        admitted = [self.requests[rid] for rid in plan.admitted]
+        try:
+            fresh = self._compute_prefixes({r.prefix_key: r.soft_prompt for r in admitted
+                                            if r.soft_prompt is not None}, for_request=True)
+        except Exception:  # each request computes its own below, contained to it
+            log.exception("batched prefix computation failed; computing prefixes one by one")
+            fresh = {}
+        share: dict[str, tuple[torch.Tensor, list[Request]]] = {}  # by prefix: one copy into all its slots
+        for req in admitted:
+            try:
+                prefix = self._admit(req, fresh)
+            except Exception:
+                log.exception("admitting request %s failed; retiring it", req.req_id)
+                failed.add(req.req_id)
+                continue
+            if prefix is not None:
+                share.setdefault(req.prefix_key, (prefix, []))[1].append(req)
+        for prefix, reqs in share.values():
+            try:
+                self.cache.write_prefix([r.slot for r in reqs], prefix)
+            except Exception:
+                log.exception("writing a prefix into %d slots failed; retiring those requests", len(reqs))
+                failed.update(r.req_id for r in reqs)
+        return failed
 
     def _pick(self, hidden: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], list]:
         """Next tokens from final hidden states `[R, C]`. Plain greedy rows (no logprobs, no
@@ -283,24 +324,44 @@ class Engine:
             req = self._inbox.popleft()
             self.requests[req.req_id] = req
             self.scheduler.add(SeqState(req.req_id, len(req.prompt_ids), req.params.max_tokens))
+            if req.deadline is not None:
+                heapq.heappush(self._deadlines, (req.deadline, req.req_id))
+        if self._abort_all is not None:
+            reason, self._abort_all = self._abort_all, None
+            for rid in list(self.requests):
+                self._retire(rid, reason)
         while self._aborts:
-            self._retire(self._aborts.popleft(), "abort")
+            self._retire(*self._aborts.popleft())
+        self._expire(time.monotonic())
+
+    def _expire(self, now: float) -> None:
+        """End requests past their own timeout, and queued ones past the queue-wait bound
+        (the estimate at intake was wrong): the queue's head is its oldest request."""
+        while self._deadlines and self._deadlines[0][0] <= now:
+            self._retire(heapq.heappop(self._deadlines)[1], "timeout")
+        bound = self.config.max_queue_wait_s
+        waiting = self.scheduler.waiting
+        while bound is not None and waiting and self.requests[waiting[0].req_id].arrival + bound < now:
+            self._retire(waiting[0].req_id, "queue_timeout")
 
     def _retire(self, rid: str, reason: str) -> None:
-        """End a request from outside the normal finish (abort, failed step): tell its
-        caller, drop it from the scheduler, free its slot and prefix reference."""
+        """End a request from outside the normal finish (abort, timeout, failed row, shutdown):
+        tell its caller, drop it from the scheduler, free its slot and prefix reference."""
         req = self.requests.get(rid)
         if req is not None and self.scheduler.abort(rid) is not None:
-            self._finish(req, reason)
             self.requests.pop(rid)
             self._release(req)
+            self._finish(req, reason)
 
     def _warm_some(self, limit: int) -> None:
         batch = {}
         while self._warm and len(batch) < limit:
             key, soft = self._warm.popleft()
             batch[key] = soft
-        self._compute_prefixes(batch)
+        try:
+            self._compute_prefixes(batch)
+        except Exception:  # a warm-up is an optimisation: the first request computes it instead
+            log.exception("computing %d prefixes ahead of their requests failed", len(batch))
 
     def _compute_prefixes(self, prompts: dict[str, torch.Tensor], *,
                           for_request: bool = False) -> dict[str, torch.Tensor]:
@@ -319,16 +380,18 @@ class Engine:
         """Give a new request its slot and sampling state; returns its prefix KV (held
         until `_release`) for the caller to copy into the slot, None without a soft prompt."""
         req.slot = self.cache.allocate()
+        req.admitted_time = time.monotonic()
         self.cache.prepare(req.slot, req.prefix_len + len(req.prompt_ids) + req.params.max_tokens)
         prefix = None
         if req.soft_prompt is not None:
             key, sp = req.prefix_key, req.soft_prompt
             prefix = self.prefixes.acquire(
                 key, lambda: fresh[key] if key in fresh else self.model.prefix_kv(sp))
+            req.holds_prefix = True
         gen = None
         if not req.params.greedy:
             gen = torch.Generator(device=self.device)
-            gen.manual_seed(req.params.seed if req.params.seed is not None
+            gen.manual_seed(reduce_seed(req.params.seed) if req.params.seed is not None
                             else int(torch.randint(0, 2**62, ()).item()))
         seen = set(req.prompt_ids) if req.params.repetition_penalty != 1.0 else set()
         req.sampling = RowSampling(req.params, gen, seen)
@@ -337,11 +400,19 @@ class Engine:
         return prefix
 
     def _release(self, req: Request) -> None:
+        """Free the slot and prefix reference, and fold the time the slot was held into
+        `slot_seconds` (what `expected_wait` divides the queue by)."""
         if req.slot >= 0:
             self.cache.free(req.slot)
             req.slot = -1
-            if req.soft_prompt is not None:
-                self.prefixes.release(req.prefix_key)
+        if req.holds_prefix:
+            self.prefixes.release(req.prefix_key)
+            req.holds_prefix = False
+        if req.admitted_time is not None:
+            held = time.monotonic() - req.admitted_time
+            prev = self.slot_seconds
+            self.slot_seconds = held if prev is None else prev + SLOT_TIME_ALPHA * (held - prev)
+            req.admitted_time = None
 
     def _append(self, req: Request, tok: int, lp: TokenLogprob | None) -> bool:
         """Add a sampled token; emit output; True when the request is finished."""
@@ -368,8 +439,8 @@ class Engine:
             self._finish(req, reason)
             return True
         if req.stream and req.on_output is not None:
-            req.on_output(RequestOutput(req.req_id, [tok], req.detok.delta(), False, None,
-                                        len(req.prompt_ids), lp and [lp]))
+            self._emit(req, RequestOutput(req.req_id, [tok], req.detok.delta(), False, None,
+                                          len(req.prompt_ids), lp and [lp]))
         return False
 
     def _finish(self, req: Request, reason: str) -> None:
@@ -380,9 +451,23 @@ class Engine:
                             len(req.prompt_ids), req.logprobs[-1:] if req.stream else req.logprobs,
                             token_ids=list(req.output_ids), text=text)
         for fn in self.listeners:
-            fn(req, out)
-        if req.on_output is not None:
+            try:
+                fn(req, out)
+            except Exception:  # a listener (metrics) must not end the request or the step
+                log.exception("finish listener failed for request %s", req.req_id)
+        self._emit(req, out)
+
+    def _emit(self, req: Request, out: RequestOutput) -> None:
+        """Hand an output to the request's caller; a caller that cannot take it (its event
+        loop closed, the client gone) has its request aborted, nothing else."""
+        if req.on_output is None:
+            return
+        try:
             req.on_output(out)
+        except Exception:
+            log.warning("request %s: its caller did not take an output; aborting it", req.req_id, exc_info=True)
+            if not out.finished:
+                self.abort(req.req_id)
 
     def warm_kernels(self) -> int:
         """Build the CPU matmul kernels of every step size this engine can run (see

@@ -7,9 +7,23 @@ whatever shares its batch.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
+
+log = logging.getLogger("polyprompt.engine")
+
+# Below this temperature a request is greedy (vLLM's _SAMPLING_EPS): logits / 1e-300 would be
+# inf, and the argmax is what such a temperature asks for anyway.
+SAMPLING_EPS = 1e-5
+SEED_SPACE = 1 << 64  # torch.Generator.manual_seed takes [-2**63, 2**64); -s and 2**64 - s seed alike
+
+
+def reduce_seed(seed: int) -> int:
+    """Any integer seed as one the generator takes, deterministically (seed mod 2**64): every
+    seed that was valid before keeps its stream (torch maps a negative s to 2**64 + s)."""
+    return int(seed) % SEED_SPACE
 
 
 @dataclass(frozen=True)
@@ -37,7 +51,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < SAMPLING_EPS
 
 
 @dataclass
@@ -55,7 +69,8 @@ class TokenLogprob:
 
 
 def sample(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """Pick one token per row of `logits` `[R, V]` (any float dtype)."""
+    """Pick one token per row of `logits` `[R, V]` (any float dtype). A row whose own draw
+    fails gets the token None (its caller retires that row); the other rows are unaffected."""
     logits = logits.float()  # CPU reductions over bf16 are slower than the upcast; edited in place
     for i, r in enumerate(rows):
         p = r.params.repetition_penalty
@@ -66,18 +81,28 @@ def sample(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], li
     tokens = logits.max(dim=-1).indices.tolist()  # first maximum, like argmax; faster on CPU
     for i, r in enumerate(rows):
         if not r.params.greedy:
-            tokens[i] = _draw(logits[i], r.params, r.generator)
+            try:
+                tokens[i] = _draw(logits[i], r.params, r.generator)
+            except Exception as e:  # e.g. a probability row with inf/nan
+                log.warning("sampling failed for one row (%s: %s); retiring that row", type(e).__name__, e)
+                tokens[i] = None
     logprobs: list[TokenLogprob | None] = [None] * len(rows)
     for i, r in enumerate(rows):
-        if r.params.logprobs is not None:
-            lp = torch.log_softmax(logits[i], dim=-1)
-            k = max(0, min(r.params.logprobs, 20))
-            top = lp.topk(k) if k else None
-            logprobs[i] = TokenLogprob(
-                tokens[i], float(lp[tokens[i]]),
-                list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else [],
-            )
+        if r.params.logprobs is not None and tokens[i] is not None:
+            try:
+                logprobs[i] = _logprob(logits[i], tokens[i], r.params.logprobs)
+            except Exception as e:
+                log.warning("log-probs failed for one row (%s: %s); retiring that row", type(e).__name__, e)
+                tokens[i] = None
     return tokens, logprobs
+
+
+def _logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    lp = torch.log_softmax(logits, dim=-1)
+    k = max(0, min(k, 20))
+    top = lp.topk(k) if k else None
+    return TokenLogprob(token, float(lp[token]),
+                        list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else [])
 
 
 def _draw(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
@@ -90,6 +115,7 @@ def _draw(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | N
         probs = torch.softmax(sorted_x, dim=-1)
         cum = probs.cumsum(-1)
         drop = cum - probs > params.top_p  # keep the smallest set reaching top_p
+        drop[0] = False  # the top token always stays (a top_p of 1e-300 is top-1)
         sorted_x = sorted_x.masked_fill(drop, float("-inf"))
         x = torch.full_like(x, float("-inf")).scatter(0, order, sorted_x)
     probs = torch.softmax(x, dim=-1)

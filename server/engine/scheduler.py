@@ -63,6 +63,19 @@ class StepPlan:
     def __bool__(self) -> bool:
         return bool(self.decode or self.prefill)
 
+    def rows(self) -> list[str]:
+        return self.decode + [rid for rid, _ in self.prefill]
+
+    def only(self, keep: set[str]) -> "StepPlan":
+        """The same step for the rows in `keep` (a failed row is re-run alone or left out)."""
+        return StepPlan([r for r in self.decode if r in keep], [(r, n) for r, n in self.prefill if r in keep],
+                        [r for r in self.admitted if r in keep])
+
+    def halves(self) -> tuple["StepPlan", "StepPlan"]:
+        rows = self.rows()
+        first = set(rows[: len(rows) // 2])
+        return self.only(first), self.only(set(rows) - first)
+
 
 class Scheduler:
     def __init__(self, *, max_num_seqs: int, max_num_batched_tokens: int):

@@ -1,0 +1,81 @@
+"""A request's state in the engine, the engine's configuration, and its intake refusals."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from server.engine.output import Detokenizer, RequestOutput
+from server.engine.sampler import RowSampling, SamplingParams, TokenLogprob
+
+# How a request ends (RequestOutput.finish_reason). The first three are OpenAI's; the
+# others end a request from outside: its client left, the engine failed on its row, its
+# own timeout or the queue-wait bound passed, the server shut down.
+FINISH_REASONS = ("stop", "length", "repetition", "abort", "error", "timeout", "queue_timeout", "shutdown")
+
+
+class QueueFull(RuntimeError):
+    """Refused at intake: the queue is full, or the expected wait is over the bound."""
+
+    def __init__(self, message: str, *, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_queue: int = 1024
+    kv_cache_bytes: int = 6 << 30
+    prefix_cache_bytes: int = 1 << 30
+    max_model_len: int | None = None  # default: the model's n_positions
+    # An idle engine that just got a request waits until arrivals pause for this long
+    # (at most `admission_max_wait_s`) so that a burst prefills together in one step
+    # instead of trickling in: a lone request waits one window, a burst ends its wait
+    # as soon as it stops growing.
+    admission_window_s: float = 0.01
+    admission_max_wait_s: float = 0.2
+    # decode-only steps at padded static shapes, captured as CUDA graphs on GPU.
+    # None = on for CUDA, off for CPU (where eager dynamic shapes are cheaper).
+    static_decode: bool | None = None
+    # KV-cache memory order (see `KVCache`); None = token-major for 2-byte dtypes on CPU
+    kv_token_major: bool | None = None
+    # Refuse a request at intake whose expected queue wait is over this (seconds), and end
+    # one still queued after it with "queue_timeout". None = only the queue length bounds.
+    max_queue_wait_s: float | None = None
+
+
+@dataclass
+class Request:
+    req_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    task: str = ""  # for metrics and logs
+    prefix_key: str = ""  # the prompt version's sha256; "" = no soft prompt
+    soft_prompt: torch.Tensor | None = None  # [n, C] float32 (CPU), needed on a cache miss
+    on_output: Callable[[RequestOutput], None] | None = None
+    stream: bool = False
+    arrival: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # monotonic time at which it ends with "timeout"
+    # engine state
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    slot: int = -1
+    holds_prefix: bool = False  # a reference on the prefix cache entry, dropped on release
+    admitted_time: float | None = None
+    sampling: RowSampling | None = None
+    detok: Detokenizer | None = None
+    first_token_time: float | None = None
+
+    @property
+    def num_virtual(self) -> int:
+        return 0 if self.soft_prompt is None else int(self.soft_prompt.shape[0])
+
+    @property
+    def prefix_len(self) -> int:
+        """Cache positions before the prompt: the soft prompt's virtual tokens."""
+        return self.num_virtual

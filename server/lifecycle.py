@@ -1,0 +1,80 @@
+"""Shutdown without dropping work: SIGTERM -> stop admitting -> drain -> exit 0.
+
+`Lifecycle` is the server's one record of whether it admits requests; `DrainGate` (pure
+ASGI, outermost) counts the HTTP requests in flight and, once draining, answers new ones
+503 with Retry-After (and `/health` 503 "draining", so a load balancer routes around the
+replica) while the requests already accepted run to completion.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+log = logging.getLogger("polyprompt.lifecycle")
+
+RETRY_AFTER = "1"
+ANSWER_GRACE_S = 5.0  # after the drain: time for the answers of ended requests to go out
+
+
+class Lifecycle:
+    def __init__(self) -> None:
+        self.draining = threading.Event()
+        self._forced = threading.Event()
+        self.in_flight = 0  # HTTP requests being answered (changed on the event loop only)
+
+    def drain(self, engine, timeout: float) -> bool:
+        """Refuse new requests, wait up to `timeout` s for the accepted ones (queued, running,
+        or still being answered), then end what is left with "shutdown". True if all finished."""
+        self.draining.set()
+        log.info("draining: refusing new requests; %d running, %d waiting, up to %gs to finish",
+                 engine.num_running, engine.num_waiting, timeout)
+        deadline = time.monotonic() + timeout
+        while (engine.has_work() or self.in_flight) and time.monotonic() < deadline and not self._forced.is_set():
+            time.sleep(0.02)
+        clean = not engine.has_work()
+        if not clean:
+            log.warning("drain timeout: ending %d running and %d waiting requests", engine.num_running,
+                        engine.num_waiting)
+            engine.abort_all("shutdown")
+        grace = time.monotonic() + ANSWER_GRACE_S
+        while self.in_flight and time.monotonic() < grace:
+            time.sleep(0.02)
+        return clean
+
+    def force(self) -> None:
+        """A second signal: stop waiting for the running requests."""
+        self._forced.set()
+
+
+def _json(status: int, body: dict, send, headers: list[tuple[bytes, bytes]] = ()):
+    data = json.dumps(body).encode()
+
+    async def go():
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                                (b"retry-after", RETRY_AFTER.encode()), *headers]})
+        await send({"type": "http.response.body", "body": data})
+    return go()
+
+
+class DrainGate:
+    def __init__(self, app, lifecycle: Lifecycle):
+        self.app, self.lifecycle = app, lifecycle
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        lc = self.lifecycle
+        if lc.draining.is_set() and scope.get("path") != "/metrics":
+            if scope.get("path") == "/health":
+                return await _json(503, {"status": "draining"}, send)
+            return await _json(503, {"error": {"message": "the server is shutting down; retry on another replica",
+                                               "type": "server_error", "code": "shutting_down"}}, send)
+        lc.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            lc.in_flight -= 1
