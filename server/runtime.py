@@ -88,9 +88,8 @@ class Runtime:
         ))
         t0 = time.perf_counter()
         if warmed := self.engine.warm_kernels():
-            log.info("built CPU matmul kernels for %d step sizes in %.1fs; attention: %s; decode matmuls: %s",
-                     warmed, time.perf_counter() - t0, "native CPU kernels" if self.model.native_kernels else "SDPA",
-                     "native AMX kernel" if self.model.amx_kernels else "oneDNN")
+            log.info("built CPU matmul kernels for %d step sizes in %.1fs", warmed, time.perf_counter() - t0)
+        log.info("serving paths: %s", "; ".join(f"{k}: {v}" for k, v in self.model.backend.describe(self.model).items()))
         self.metrics = Metrics()
         self.engine.listeners.append(self.metrics.on_finish)
         self.tasks: dict[str, TaskInfo] = {}

@@ -336,7 +336,7 @@ def test_bf16_model_runs_decode_sized_matmuls_on_amx(tiny_model_dir, monkeypatch
     from server.model import GPT2, Linear
 
     model = GPT2.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
-    assert model.amx_kernels and all(m.amx is not None for m in model._linears())
+    assert model.amx_kernels and all(m.amx is not None for m in model.backend.linears(model))
     calls = []
     real = cpu_kernels.linear_amx
     monkeypatch.setattr(cpu_kernels, "linear_amx", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
@@ -357,7 +357,7 @@ def test_bf16_model_runs_decode_sized_matmuls_on_amx(tiny_model_dir, monkeypatch
     model.greedy(h)
     assert calls == [16]  # the head, rows padded to the bucket size
     f32 = GPT2.from_pretrained(str(tiny_model_dir))
-    assert [m.amx is not None for m in f32._linears()] == [False] * (len(f32._linears()) - 1) + [True]
+    assert [m.amx is not None for m in f32.backend.linears(f32)] == [False] * (len(f32.backend.linears(f32)) - 1) + [True]
 
 
 def test_kernels_build_without_amx(tmp_path, monkeypatch):

@@ -191,7 +191,7 @@ def test_cuda_graphs_fp16_agree_with_fp32_reference(setup, tiny_model_dir):
     assert eng.static is not None and eng.static.capture
     got = [o.token_ids for o in eng.generate(reqs())]
     assert eng.static._graphs  # decode steps were captured and replayed
-    assert gpu_model._head_full is not None and gpu_model._head_full.shape[0] % 64 == 0  # aligned LM head
+    assert gpu_model.backend.head_full is not None and gpu_model.backend.head_full.shape[0] % 64 == 0  # aligned LM head
     same = sum(a == b for a, b in zip(got, ref)) / len(ref)
     assert same >= 0.75, (got, ref)
     # a seeded sampled request beside greedy ones: the graph hands back logits for sampling,

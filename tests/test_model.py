@@ -25,9 +25,10 @@ def test_padded_lm_head_gives_the_same_logits(tiny_model_dir):
     the embedding becomes a view of the padded weight, not a second copy."""
     plain = GPT2.from_pretrained(str(tiny_model_dir))
     padded = GPT2.from_pretrained(str(tiny_model_dir))
-    padded._head = padded._screen = None  # the plain F.linear path, as on CUDA
-    padded.pad_head()
-    full = padded._head_full
+    from server.model.backend import Backend, pad_head
+
+    padded.backend = Backend(head_full=pad_head(padded))  # the plain F.linear path + padded head, as on CUDA
+    full = padded.backend.head_full
     assert full.shape == (50304, plain.spec.n_embd) and not full[50257:].any()
     assert padded.wte.weight.data_ptr() == full.data_ptr() and padded.wte.weight.shape[0] == 50257
     torch.manual_seed(2)
@@ -146,7 +147,7 @@ def test_greedy_screen_decides_near_ties_in_fp32(tiny_model_dir):
 
 def test_blockwise_argmax_is_argmax():
     """The bf16 fast argmax returns argmax's answer, first maximum on ties, tail included."""
-    from server.model import _argmax_rows
+    from server.model.greedy import argmax_rows as _argmax_rows
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(6, 50257, generator=g).to(torch.bfloat16)
@@ -174,7 +175,7 @@ def test_greedy_screen_turns_itself_off_when_it_cannot_help(tiny_model_dir):
         for _ in range(40):
             h = torch.randn(4, m.spec.n_embd, generator=g)
             assert m.greedy(h) == _full_argmax(m, h)
-    assert not m.has_greedy_screen and m._screen_fallbacks >= 16
+    assert not m.has_greedy_screen and m.backend.screen.fallbacks >= 16
 
 
 def test_bucket_rows_and_warm_kernels(tiny_model_dir):
@@ -194,7 +195,7 @@ def test_greedy_screen_stays_on_for_an_ordinary_model(tiny_model_dir):
         for _ in range(40):
             h = torch.randn(4, m.spec.n_embd, generator=g)
             assert m.greedy(h) == _full_argmax(m, h)
-    assert m.has_greedy_screen and m._screen_fallbacks == 0
+    assert m.has_greedy_screen and m.backend.screen.fallbacks == 0
 
 
 def test_prefix_kv_batch_groups_by_length_and_matches_one_at_a_time(tiny_model_dir, monkeypatch):

@@ -1,0 +1,104 @@
+"""How a model's serving forward runs, chosen once as one object (`choose`): the packed LM
+head, the greedy screen, the native CPU kernels, the AMX matmul, the padded CUDA head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from server import cpu_kernels
+from server.model.greedy import GreedyScreen
+from server.model.linear import Linear, can_pack
+
+if TYPE_CHECKING:  # pragma: no cover
+    from server.model.gpt2 import GPT2
+
+HEAD_ALIGN = 64  # rows of the padded CUDA LM head
+
+
+@dataclass
+class Backend:
+    head: Linear | None = None  # CPU: the LM head packed for oneDNN (row-bucketed steps)
+    head_full: torch.Tensor | None = None  # CUDA: the LM head zero-padded to HEAD_ALIGN rows
+    screen: GreedyScreen | None = None  # CPU fp32: bf16 screen for exact greedy
+    native: object | None = None  # the native CPU kernels (ctypes library) for attention, KV writes, argmax
+
+    @property
+    def screening(self) -> bool:
+        return self.screen is not None and not self.screen.off
+
+    def linears(self, model: "GPT2") -> list[Linear]:
+        """Every matmul of the serving forward: the blocks', the packed LM head, the screen's."""
+        extra = [m for m in (self.head, self.screen.layer if self.screen else None) if m is not None]
+        return [m for m in model.modules() if isinstance(m, Linear)] + extra
+
+    def describe(self, model: "GPT2") -> dict[str, str]:
+        """Which path each part takes (the startup log)."""
+        amx = any(m.amx is not None for m in self.linears(model))
+        return {"attention": "native CPU kernels" if self.native is not None else "SDPA",
+                "matmuls": ("native AMX kernel (decode), oneDNN (prefill)" if amx else "oneDNN (pre-packed)")
+                if self.head is not None else "torch",
+                "greedy": "bf16 screen + fp32 rescoring" if self.screening else "full LM head + argmax"}
+
+
+def choose(model: "GPT2", *, native: bool = True, amx: bool = True, screen: bool | None = None,
+           batch_hint: int = 128) -> Backend:
+    """The backend for `model` on its device and dtype. CPU fp32/bf16: every matmul weight
+    pre-packed for oneDNN, the LM head too; the native kernels when `native` and they can run
+    here (AVX-512, a C compiler), with `amx` the AMX matmul of bf16 decode steps where the CPU
+    has it; for fp32 the greedy screen where bf16 matmuls are native (`screen` forces it on or
+    off). CUDA: the LM head padded for aligned cuBLAS kernels."""
+    w = model.wte.weight
+    if w.device.type == "cuda":
+        return Backend(head_full=pad_head(model))
+    if w.device.type != "cpu" or not can_pack(w.dtype):
+        return Backend()
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.pack(batch_hint)
+    b = Backend(head=Linear.frozen(model.head_weight().detach(), batch_hint))
+    if screen is None:
+        screen = w.dtype == torch.float32 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if screen:
+        b.screen = GreedyScreen(model.head_weight(), batch_hint)
+    set_native(model, b, native, amx)
+    return b
+
+
+def set_native(model: "GPT2", b: Backend, on: bool, amx: bool = True) -> bool:
+    """Switch `b`'s native CPU kernels (and with `amx` the AMX matmul) on or off; whether on."""
+    w = model.wte.weight
+    lib = None
+    if on and w.device.type == "cpu" and cpu_kernels.supports(
+            w.dtype, model.spec.head_dim, model.spec.n_positions, model.spec.n_head):
+        lib = cpu_kernels.load()
+    b.native = lib
+    amx_lib = lib if amx and cpu_kernels.amx(lib) else None
+    for m in b.linears(model):
+        m.set_amx(amx_lib)
+    return lib is not None
+
+
+def pad_head(model: "GPT2") -> torch.Tensor | None:
+    """Give the LM head a row count that is a multiple of `HEAD_ALIGN` (GPU).
+
+    GPT-2's vocabulary (50,257) is odd, so its logits' rows are not 16-byte aligned and
+    cuBLAS runs the head with a slow unaligned kernel (bench/results/HISTORY.md, the GPU
+    step profile). Padded with zero rows to 50,304, the head takes the aligned kernels;
+    logits are sliced back to the vocabulary. The embedding (or untied head) becomes a
+    view of the padded weight's first rows, so nothing is stored twice.
+    """
+    w = model.head_weight().detach()
+    v = w.shape[0]
+    rows = -(-v // HEAD_ALIGN) * HEAD_ALIGN
+    if rows == v:
+        return None
+    full = w.new_zeros(rows, w.shape[1])
+    full[:v] = w
+    if model.lm_head is None:
+        model.wte.weight = torch.nn.Parameter(full[:v], requires_grad=False)
+    else:
+        model.lm_head = torch.nn.Parameter(full[:v], requires_grad=False)
+    return full
