@@ -1,8 +1,22 @@
 """The scheduler alone: fake requests, no model (counts and ids only)."""
 
+from dataclasses import dataclass
+
 import pytest
 
-from server.engine.scheduler import Scheduler, SeqState, Status
+from server.engine.scheduler import Scheduler, Status, num_known
+
+
+@dataclass
+class SeqState:
+    """A fake request: just what the scheduler reads (`scheduler.Seq`)."""
+
+    req_id: str
+    num_prompt: int
+    max_tokens: int
+    num_computed: int = 0
+    num_output: int = 0
+    status: Status = Status.WAITING
 
 
 def make(sched, n, *, prompt=4, max_tokens=3, prefix="r"):
@@ -15,27 +29,35 @@ def make(sched, n, *, prompt=4, max_tokens=3, prefix="r"):
 def run_step(sched, outputs_left):
     """Execute a plan the way the engine does: rows that finish their known tokens sample."""
     plan = sched.schedule()
-    sampled, finished = set(), set()
-    for rid in plan.decode:
-        sampled.add(rid)
-    for rid, n in plan.prefill:
-        seq = sched.running[rid]
-        if seq.num_computed + n == seq.num_known:
-            sampled.add(rid)
-    for rid in sampled:
-        outputs_left[rid] -= 1
-        if outputs_left[rid] == 0:
-            finished.add(rid)
-    sched.on_step_done(plan, sampled, finished)
+    sampled, finished = [], set()
+    for seq in plan.decode:
+        sampled.append(seq)
+    for seq, n in plan.prefill:
+        if seq.num_computed + n == num_known(seq):
+            sampled.append(seq)
+    for seq in sampled:
+        seq.num_output += 1  # the engine appends the sampled token
+        outputs_left[seq.req_id] -= 1
+        if outputs_left[seq.req_id] == 0:
+            finished.add(seq.req_id)
+    sched.on_step_done(plan, finished)
     return plan, finished
+
+
+def _ids(seqs):
+    return [seq.req_id for seq in seqs]
+
+
+def _rows(prefill):
+    return [(seq.req_id, n) for seq, n in prefill]
 
 
 def test_admits_up_to_max_seqs_and_budget():
     s = Scheduler(max_num_seqs=3, max_num_batched_tokens=100)
     make(s, 5)
     plan = s.schedule()
-    assert [rid for rid, _ in plan.prefill] == ["r0", "r1", "r2"]
-    assert plan.admitted == ["r0", "r1", "r2"] and s.num_waiting == 2
+    assert [seq.req_id for seq, _ in plan.prefill] == ["r0", "r1", "r2"]
+    assert [seq.req_id for seq in plan.admitted] == ["r0", "r1", "r2"] and s.num_waiting == 2
 
 
 def test_long_prompt_is_chunked_and_decodes_go_first():
@@ -46,14 +68,14 @@ def test_long_prompt_is_chunked_and_decodes_go_first():
     s.add(long)
     left = {"short": 5, "long": 2}
     plan, _ = run_step(s, left)
-    assert plan.prefill == [("short", 2), ("long", 8)]
+    assert _rows(plan.prefill) == [("short", 2), ("long", 8)]
     plan, _ = run_step(s, left)  # short decodes every step while long is chunked
-    assert plan.decode == ["short"] and plan.prefill == [("long", 9)]
+    assert _ids(plan.decode) == ["short"] and _rows(plan.prefill) == [("long", 9)]
     plan, _ = run_step(s, left)
-    assert plan.decode == ["short"] and plan.prefill == [("long", 8)]
+    assert _ids(plan.decode) == ["short"] and _rows(plan.prefill) == [("long", 8)]
     assert s.running["long"].num_output == 1  # prompt complete -> first token sampled
     plan, _ = run_step(s, left)
-    assert sorted(plan.decode) == ["long", "short"] and plan.num_tokens == 2
+    assert sorted(_ids(plan.decode)) == ["long", "short"] and plan.num_tokens == 2
 
 
 def test_new_requests_join_between_decode_steps_and_finished_leave():
@@ -65,11 +87,11 @@ def test_new_requests_join_between_decode_steps_and_finished_leave():
     for seq in make(s, 2, max_tokens=2, prefix="b"):
         left[seq.req_id] = 2
     plan, _ = run_step(s, left)
-    assert plan.decode == ["a0"] and plan.admitted == ["b0"]  # joins mid-decode; one slot left
+    assert _ids(plan.decode) == ["a0"] and _ids(plan.admitted) == ["b0"]  # joins mid-decode; one slot left
     plan, finished = run_step(s, left)
     assert finished == {"a0", "b0"}
     plan, _ = run_step(s, left)
-    assert plan.admitted == ["b1"]  # the freed slot is reused at once
+    assert _ids(plan.admitted) == ["b1"]  # the freed slot is reused at once
     assert s.running["b1"].status is Status.RUNNING
 
 

@@ -1,18 +1,24 @@
-"""Turn a scheduler plan into the tensors of one forward pass."""
+"""The one step builder: a scheduler plan -> the rows of one forward pass.
+
+`build_step` lays the plan's rows out on the host (plain lists: cheap, no device copy) and
+makes every key position a row reads finite (`cache.prepare`). The dynamic path moves them
+to the device in one copy (`Step.to_device`); the static decode path (`graphs.StaticDecoder`,
+CUDA graphs) lays the same decode rows out by slot instead.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from server.engine.kv_cache import KVCache
-from server.engine.scheduler import SeqState, StepPlan
+from server.engine.scheduler import StepPlan
 from server.model import StepMeta
 
 if TYPE_CHECKING:  # pragma: no cover
-    from server.engine.engine import Request
+    from server.engine.request import Request
 
 
 @dataclass
@@ -21,93 +27,105 @@ class StepBatch:
     positions: torch.Tensor  # [N] GPT-2 positions == cache positions
     meta: StepMeta
     sample_rows: torch.Tensor  # [R] index into N: the last token of each row that samples
-    sample_ids: list[str]  # request ids of those rows, same order
 
 
-def build_step(plan: StepPlan, requests: dict[str, "Request"], seqs: dict[str, SeqState],
-               cache: KVCache) -> StepBatch:
-    """Flatten the plan's rows; make every key position a row reads finite (`cache.prepare`).
+@dataclass
+class Step:
+    """A step's rows on the host: decode rows first (ordered by slot, so the busy slots form
+    a prefix of the cache), then prefill rows' tokens, row after row."""
 
-    Every integer array of the step travels to the device in one copy (on a GPU, each
-    separate host-to-device copy is a synchronisation). Attention masks are not built here:
-    the SDPA path builds them from these arrays when it needs them (`server.model`), the
-    native CPU kernels never do.
-    """
-    device = cache.k[0].device
-    ids: list[int] = []
-    pos: list[int] = []
-    slots: list[int] = []
-    sample_rows: list[int] = []
-    sample_ids: list[str] = []
-    host: dict[str, list[int]] = {}  # more arrays for the device, by name
+    ids: list[int] = field(default_factory=list)
+    pos: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)  # index into ids: each sampling row's last token
+    sampled: list["Request"] = field(default_factory=list)  # the requests of those rows, same order
+    n_decode: int = 0
+    decode_rows: int = 0  # leading cache slots the decode rows cover
+    decode_len: int = 0
+    host: dict[str, list[int]] = field(default_factory=dict)  # more arrays for the device, by name
+    prefill_start: int | None = None
+    prefill_q: int = 0
+    prefill_len: int = 0
 
-    # decode rows, ordered by slot so the busy slots form a prefix of the cache
-    decode = sorted((requests[rid] for rid in plan.decode), key=lambda r: r.slot)
+    def to_device(self, device: torch.device) -> StepBatch:
+        """Every integer array of the step in one host-to-device copy (on a GPU, each separate
+        copy is a synchronisation). Attention masks are not built here: the SDPA path builds
+        them from these arrays when it needs them (`server.model.attention`), the native CPU
+        kernels never do."""
+        dev = _to_device(dict(ids=self.ids, pos=self.pos, slot=self.slots, sample_rows=self.sample_rows,
+                              **self.host), device)
+        meta = StepMeta(slot=dev["slot"], n_decode=self.n_decode)
+        if self.n_decode:
+            meta.decode_rows, meta.decode_len = self.decode_rows, self.decode_len
+            meta.decode_lens = dev["decode_lens"]
+            meta.decode_slots = dev.get("decode_slots")
+        if "prefill_slots" in dev:
+            meta.prefill_slots, meta.prefill_dest = dev["prefill_slots"], dev["prefill_dest"]
+            meta.prefill_pasts, meta.prefill_qlens = dev["pasts"], dev["qlens"]
+            meta.prefill_start, meta.prefill_q, meta.prefill_len = self.prefill_start, self.prefill_q, self.prefill_len
+        return StepBatch(ids=dev["ids"], positions=dev["pos"], meta=meta, sample_rows=dev["sample_rows"])
+
+
+def build_step(plan: StepPlan, cache: KVCache) -> Step:
+    """Flatten the plan's rows (see `Step`); make every key position a row reads finite."""
+    step = Step()
+    _decode_rows(step, sorted(plan.decode, key=lambda r: r.slot), cache)
+    if plan.prefill:
+        _prefill_rows(step, sorted(plan.prefill, key=lambda item: item[0].slot), cache)
+    return step
+
+
+def _decode_rows(step: Step, decode: list["Request"], cache: KVCache) -> None:
     lens: list[int] = []
     for r in decode:
-        p = r.prefix_len + seqs[r.req_id].num_computed
-        # the last known token: the latest output, or a prompt's last token after chunking
-        ids.append(r.output_ids[-1] if r.output_ids else r.prompt_ids[-1])
-        pos.append(p)
-        slots.append(r.slot)
+        p = r.cache_len
+        step.ids.append(r.last_token)
+        step.pos.append(p)
+        step.slots.append(r.slot)
         lens.append(p + 1)
-        sample_rows.append(len(ids) - 1)
-        sample_ids.append(r.req_id)
-    nd = len(decode)
-    meta = StepMeta(slot=torch.empty(0), n_decode=nd)
-    if nd:
-        rows = slots[-1] + 1
-        meta.decode_rows = rows
-        meta.decode_len = max(lens)
-        for slot in slots:
-            cache.prepare(slot, meta.decode_len)
-        full = [1] * rows  # key lengths by slot; slots without a decode row attend to one key
-        for slot, n in zip(slots, lens):
-            full[slot] = n
-        host["decode_lens"] = full
-        if slots != list(range(nd)):
-            host["decode_slots"] = list(slots)
+        step.sample_rows.append(len(step.ids) - 1)
+        step.sampled.append(r)
+    step.n_decode = nd = len(decode)
+    if not nd:
+        return
+    slots = step.slots[:nd]
+    step.decode_rows = slots[-1] + 1
+    step.decode_len = max(lens)
+    for slot in slots:
+        cache.prepare(slot, step.decode_len)
+    full = [1] * step.decode_rows  # key lengths by slot; slots without a decode row attend to one key
+    for slot, n in zip(slots, lens):
+        full[slot] = n
+    step.host["decode_lens"] = full
+    if slots != list(range(nd)):
+        step.host["decode_slots"] = list(slots)
 
-    # prefill rows (new prompts and chunks of long ones)
-    if plan.prefill:
-        prefill = sorted(plan.prefill, key=lambda item: requests[item[0]].slot)
-        tq = max(n for _, n in prefill)
-        pslots, pasts, qlens, dest = [], [], [], []
-        for b, (rid, n) in enumerate(prefill):
-            r, seq = requests[rid], seqs[rid]
-            start = seq.num_computed
-            toks = (r.prompt_ids + r.output_ids)[start:start + n]
-            past = r.prefix_len + start
-            ids.extend(toks)
-            pos.extend(range(past, past + n))
-            slots.extend([r.slot] * n)
-            dest.extend(range(b * tq, b * tq + n))
-            pslots.append(r.slot)
-            pasts.append(past)
-            qlens.append(n)
-            if start + n == seq.num_known:  # the prompt is complete: this row samples
-                sample_rows.append(len(ids) - 1)
-                sample_ids.append(rid)
-        length = max(p + n for p, n in zip(pasts, qlens))
-        for slot in pslots:
-            cache.prepare(slot, length)
-        host.update(prefill_slots=pslots, prefill_dest=dest, pasts=pasts, qlens=qlens)
-        if pslots == list(range(pslots[0], pslots[0] + len(pslots))):
-            meta.prefill_start = pslots[0]  # consecutive slots: attend through a view, no gather
-        meta.prefill_q = tq
-        meta.prefill_len = length
 
-    dev = _to_device(dict(ids=ids, pos=pos, slot=slots, sample_rows=sample_rows, **host), device)
-    meta.slot = dev["slot"]
-    if nd:
-        meta.decode_lens = dev["decode_lens"]
-        meta.decode_slots = dev.get("decode_slots")
-    if plan.prefill:
-        meta.prefill_slots = dev["prefill_slots"]
-        meta.prefill_dest = dev["prefill_dest"]
-        meta.prefill_pasts, meta.prefill_qlens = dev["pasts"], dev["qlens"]
-    return StepBatch(ids=dev["ids"], positions=dev["pos"], meta=meta, sample_rows=dev["sample_rows"],
-                     sample_ids=sample_ids)
+def _prefill_rows(step: Step, prefill: list[tuple["Request", int]], cache: KVCache) -> None:
+    """New prompts and chunks of long ones."""
+    tq = max(n for _, n in prefill)
+    pslots, pasts, qlens, dest = [], [], [], []
+    for b, (r, n) in enumerate(prefill):
+        start = r.num_computed
+        toks = (r.prompt_ids + r.output_ids)[start:start + n]
+        past = r.prefix_len + start
+        step.ids.extend(toks)
+        step.pos.extend(range(past, past + n))
+        step.slots.extend([r.slot] * n)
+        dest.extend(range(b * tq, b * tq + n))
+        pslots.append(r.slot)
+        pasts.append(past)
+        qlens.append(n)
+        if start + n == r.num_prompt + r.num_output:  # the prompt is complete: this row samples
+            step.sample_rows.append(len(step.ids) - 1)
+            step.sampled.append(r)
+    length = max(p + n for p, n in zip(pasts, qlens))
+    for slot in pslots:
+        cache.prepare(slot, length)
+    step.host.update(prefill_slots=pslots, prefill_dest=dest, pasts=pasts, qlens=qlens)
+    if pslots == list(range(pslots[0], pslots[0] + len(pslots))):
+        step.prefill_start = pslots[0]  # consecutive slots: attend through a view, no gather
+    step.prefill_q, step.prefill_len = tq, length
 
 
 def _to_device(arrays: dict[str, list[int]], device: torch.device) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ from server.engine.kv_cache import KVCache, slot_bytes
 from server.engine.output import Detokenizer, RequestOutput, detect_loop
 from server.engine.request import EngineConfig, QueueFull, Request
 from server.engine.sampler import RowSampling, SamplingParams, TokenLogprob, reduce_seed, sample
-from server.engine.scheduler import Scheduler, SeqState, StepPlan
+from server.engine.scheduler import Scheduler, StepPlan
 from server.model import GPT2
 
 __all__ = ["Engine", "EngineConfig", "QueueFull", "Request"]
@@ -31,6 +31,10 @@ __all__ = ["Engine", "EngineConfig", "QueueFull", "Request"]
 SLOT_TIME_ALPHA = 0.05  # weight of each finished request in the slot-holding-time average
 
 log = logging.getLogger("polyprompt.engine")
+
+
+def _ids(plan: StepPlan) -> set[str]:
+    return {r.req_id for r in plan.rows()}
 
 
 def _plain_greedy(p: SamplingParams) -> bool:
@@ -60,7 +64,6 @@ class Engine:
         if static is None:
             static = self.device.type == "cuda"
         self.static = StaticDecoder(model, self.cache, capture=True) if static else None
-        self.requests: dict[str, Request] = {}
         self._inbox: deque[Request] = deque()
         self._aborts: deque[tuple[str, str]] = deque()  # (req_id, finish reason)
         self._abort_all: str | None = None  # a reason: end every request (shutdown)
@@ -135,6 +138,11 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self._inbox or self.scheduler.has_work())
 
+    @property
+    def requests(self) -> dict[str, Request]:
+        """Every request the engine holds (running, then waiting), by id: a view for tests."""
+        return {r.req_id: r for r in [*self.scheduler.running.values(), *self.scheduler.waiting]}
+
     # ------------------------------------------------------------------ loop
     def start(self) -> None:
         if self._thread is None:
@@ -166,8 +174,8 @@ class Engine:
                 self.step()
             except Exception:  # outside any row (rows are contained in `step`): fail what runs
                 log.exception("engine step failed outside a row; failing the running requests")
-                for rid in list(self.scheduler.running):
-                    self._retire(rid, "error")
+                for req in list(self.scheduler.running.values()):
+                    self._end(req, "error")
 
     def _await_burst(self) -> None:
         window = self.config.admission_window_s
@@ -201,7 +209,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> None:
         """schedule -> admit -> execute -> update. A row that fails (its admission, its part
-        of the forward pass, its sampling or its output) is retired alone with "error"."""
+        of the forward pass, its sampling or its output) ends alone, with "error"."""
         self._drain()
         if self._warm:
             self._warm_some(64)
@@ -209,25 +217,9 @@ class Engine:
         if not plan:
             return
         failed = self._admit_all(plan)
-        plan = plan.only(set(plan.rows()) - failed)
-        sampled, tokens, lps = self._execute(plan, failed) if plan else ([], [], [])
-        finished = set()
-        for req, tok, lp in zip(sampled, tokens, lps):
-            try:
-                if tok is None:
-                    raise RuntimeError("sampling failed")
-                if self._append(req, tok, lp):
-                    finished.add(req.req_id)
-            except Exception:
-                log.exception("request %s failed in its update; retiring it", req.req_id)
-                failed.add(req.req_id)
-        self.scheduler.on_step_done(plan.only(set(plan.rows()) - failed),
-                                    {r.req_id for r in sampled} - failed, finished - failed)
-        for rid in finished - failed:
-            self._release(self.requests.pop(rid))
-        for rid in failed:
-            self.stats["row_failures"] += 1
-            self._retire(rid, "error")
+        live = plan.only(_ids(plan) - failed)
+        sampled, tokens, lps = self._execute(live, failed) if live else ([], [], [])
+        self._update(plan, sampled, tokens, lps, failed)
         self.stats["steps"] += 1
 
     def _execute(self, plan: StepPlan, failed: set[str]) -> tuple[list[Request], list, list]:
@@ -239,8 +231,8 @@ class Engine:
         except Exception:
             rows = plan.rows()
             if len(rows) == 1:
-                log.exception("request %s failed in the forward pass; retiring it", rows[0])
-                failed.add(rows[0])
+                log.exception("request %s failed in the forward pass; ending it", rows[0].req_id)
+                failed.add(rows[0].req_id)
                 return [], [], []
             log.warning("a step of %d rows failed; re-running it in halves to find the row", len(rows))
             out: tuple[list, list, list] = ([], [], [])
@@ -250,29 +242,45 @@ class Engine:
             return out
 
     def _forward(self, plan: StepPlan) -> tuple[list[Request], list, list]:
+        step = build_step(plan, self.cache)
+        sampled = step.sampled
         if self.static is not None and not plan.prefill:
-            sampled = [self.requests[rid] for rid in plan.decode]
             greedy = all(_plain_greedy(r.params) for r in sampled)
-            tokens, logits = self.static.decode(
-                [r.slot for r in sampled],
-                [r.output_ids[-1] if r.output_ids else r.prompt_ids[-1] for r in sampled],
-                [r.prefix_len + self.scheduler.running[r.req_id].num_computed for r in sampled],
-                greedy=greedy)
+            tokens, logits = self.static.decode(step, greedy=greedy)
             tokens, lps = (tokens, [None] * len(tokens)) if greedy else sample(logits, [r.sampling for r in sampled])
             return sampled, tokens, lps
-        batch = build_step(plan, self.requests, self.scheduler.running, self.cache)
+        batch = step.to_device(self.cache.k[0].device)
         hidden = self.model.forward_step(batch.ids, batch.positions, batch.meta, self.cache)
-        sampled = [self.requests[rid] for rid in batch.sample_ids]
         if not sampled:
             return [], [], []
         tokens, lps = self._pick(hidden[batch.sample_rows], [r.sampling for r in sampled])
         return sampled, tokens, lps
 
+    def _update(self, plan: StepPlan, sampled: list[Request], tokens: list, lps: list, failed: set[str]) -> None:
+        """Append each row's token, then end the rows that finished or failed."""
+        finished: dict[str, str] = {}  # req_id -> finish reason
+        for req, tok, lp in zip(sampled, tokens, lps):
+            try:
+                if tok is None:
+                    raise RuntimeError("sampling failed")
+                if (reason := self._append(req, tok, lp)) is not None:
+                    finished[req.req_id] = reason
+            except Exception:
+                log.exception("request %s failed in its update; ending it", req.req_id)
+                failed.add(req.req_id)
+        self.scheduler.on_step_done(plan.only(_ids(plan) - failed), set(finished) - failed)
+        for req in plan.rows():
+            if req.req_id in failed:
+                self.stats["row_failures"] += 1
+                self._end(req, "error")
+            elif req.req_id in finished:
+                self._end(req, finished[req.req_id])
+
     def _admit_all(self, plan: StepPlan) -> set[str]:
         """Slots, sampling state and prefix KV for the plan's new rows (one prefix write per
         task, broadcast over its new slots); returns the ids whose admission failed."""
         failed: set[str] = set()
-        admitted = [self.requests[rid] for rid in plan.admitted]
+        admitted = plan.admitted
         try:
             fresh = self._compute_prefixes({r.prefix_key: r.soft_prompt for r in admitted
                                             if r.soft_prompt is not None}, for_request=True)
@@ -322,36 +330,37 @@ class Engine:
     def _drain(self) -> None:
         while self._inbox:
             req = self._inbox.popleft()
-            self.requests[req.req_id] = req
-            self.scheduler.add(SeqState(req.req_id, len(req.prompt_ids), req.params.max_tokens))
+            self.scheduler.add(req)
             if req.deadline is not None:
                 heapq.heappush(self._deadlines, (req.deadline, req.req_id))
         if self._abort_all is not None:
             reason, self._abort_all = self._abort_all, None
-            for rid in list(self.requests):
-                self._retire(rid, reason)
+            for req in [*self.scheduler.running.values(), *self.scheduler.waiting]:
+                self._end(req, reason)
         while self._aborts:
-            self._retire(*self._aborts.popleft())
+            rid, reason = self._aborts.popleft()
+            if (req := self.scheduler.find(rid)) is not None:
+                self._end(req, reason)
         self._expire(time.monotonic())
 
     def _expire(self, now: float) -> None:
         """End requests past their own timeout, and queued ones past the queue-wait bound
         (the estimate at intake was wrong): the queue's head is its oldest request."""
         while self._deadlines and self._deadlines[0][0] <= now:
-            self._retire(heapq.heappop(self._deadlines)[1], "timeout")
+            if (req := self.scheduler.find(heapq.heappop(self._deadlines)[1])) is not None:
+                self._end(req, "timeout")
         bound = self.config.max_queue_wait_s
         waiting = self.scheduler.waiting
-        while bound is not None and waiting and self.requests[waiting[0].req_id].arrival + bound < now:
-            self._retire(waiting[0].req_id, "queue_timeout")
+        while bound is not None and waiting and waiting[0].arrival + bound < now:
+            self._end(waiting[0], "queue_timeout")
 
-    def _retire(self, rid: str, reason: str) -> None:
-        """End a request from outside the normal finish (abort, timeout, failed row, shutdown):
-        tell its caller, drop it from the scheduler, free its slot and prefix reference."""
-        req = self.requests.get(rid)
-        if req is not None and self.scheduler.abort(rid) is not None:
-            self.requests.pop(rid)
-            self._release(req)
-            self._finish(req, reason)
+    def _end(self, req: Request, reason: str) -> None:
+        """The one way a request ends, whatever the reason (finished, aborted, timed out,
+        failed, shut down): out of the scheduler, its slot and prefix reference freed, its
+        final output to its caller and the listeners (metrics)."""
+        self.scheduler.abort(req.req_id)  # a no-op once `on_step_done` let it go
+        self._release(req)
+        self._finish(req, reason)
 
     def _warm_some(self, limit: int) -> None:
         batch = {}
@@ -414,8 +423,8 @@ class Engine:
             self.slot_seconds = held if prev is None else prev + SLOT_TIME_ALPHA * (held - prev)
             req.admitted_time = None
 
-    def _append(self, req: Request, tok: int, lp: TokenLogprob | None) -> bool:
-        """Add a sampled token; emit output; True when the request is finished."""
+    def _append(self, req: Request, tok: int, lp: TokenLogprob | None) -> str | None:
+        """Add a sampled token (streamed at once); returns the finish reason once it is done."""
         now = time.monotonic()
         if req.first_token_time is None:
             req.first_token_time = now
@@ -435,13 +444,10 @@ class Engine:
             reason = "repetition"
         elif len(req.output_ids) >= p.max_tokens:
             reason = "length"
-        if reason is not None:
-            self._finish(req, reason)
-            return True
-        if req.stream and req.on_output is not None:
+        if reason is None and req.stream and req.on_output is not None:
             self._emit(req, RequestOutput(req.req_id, [tok], req.detok.delta(), False, None,
                                           len(req.prompt_ids), lp and [lp]))
-        return False
+        return reason
 
     def _finish(self, req: Request, reason: str) -> None:
         self.stats["finished"] += 1

@@ -15,6 +15,7 @@ import bisect
 
 import torch
 
+from server.engine.batch import Step
 from server.model import GPT2, StepMeta
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -36,11 +37,12 @@ class StaticDecoder:
         return (self.rows[bisect.bisect_left(self.rows, rows)],
                 self.lens[bisect.bisect_left(self.lens, length)])
 
-    def decode(self, slots: list[int], tokens: list[int], positions: list[int], *,
-               greedy: bool) -> tuple[list[int] | None, torch.Tensor | None]:
-        """One decode token per slot. `greedy`: return each slot's argmax token (the step
-        computes it on the device, so only a few bytes come back) and no logits; else the
-        logits `[len(slots), V]` and no tokens."""
+    def decode(self, step: Step, *, greedy: bool) -> tuple[list[int] | None, torch.Tensor | None]:
+        """One decode token per row of a decode-only `step` (`batch.build_step`), laid out by
+        slot. `greedy`: return each row's argmax token (the step computes it on the device,
+        so only a few bytes come back) and no logits; else the logits `[rows, V]` and no tokens."""
+        nd = step.n_decode
+        slots, tokens, positions = step.slots[:nd], step.ids[:nd], step.pos[:nd]
         b, s = self.bucket(max(slots) + 1, max(positions) + 1)
         for slot in slots:
             self.cache.prepare(slot, s)

@@ -10,6 +10,7 @@ import torch
 
 from server.engine.output import Detokenizer, RequestOutput
 from server.engine.sampler import RowSampling, SamplingParams, TokenLogprob
+from server.engine.scheduler import Status
 
 # How a request ends (RequestOutput.finish_reason). The first three are OpenAI's; the
 # others end a request from outside: its client left, the engine failed on its row, its
@@ -51,6 +52,10 @@ class EngineConfig:
 
 @dataclass
 class Request:
+    """The one state of a request, from intake to its end: what the client asked, what the
+    scheduler counts (`num_computed`, `status`: `scheduler.Seq`), and what the engine holds
+    for it (slot, prefix reference, sampling state, detokenizer)."""
+
     req_id: str
     prompt_ids: list[int]
     params: SamplingParams
@@ -61,6 +66,9 @@ class Request:
     stream: bool = False
     arrival: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # monotonic time at which it ends with "timeout"
+    # scheduler state
+    num_computed: int = 0  # prompt + output tokens whose keys/values are in the cache
+    status: Status = Status.WAITING
     # engine state
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -70,6 +78,28 @@ class Request:
     sampling: RowSampling | None = None
     detok: Detokenizer | None = None
     first_token_time: float | None = None
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.params.max_tokens
+
+    @property
+    def cache_len(self) -> int:
+        """Cache positions in use: the virtual tokens and every computed token."""
+        return self.prefix_len + self.num_computed
+
+    @property
+    def last_token(self) -> int:
+        """The token a decode step feeds: the latest output, or the prompt's last after chunking."""
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
     @property
     def num_virtual(self) -> int:

@@ -12,7 +12,8 @@ The scheduler deals in request ids and token counts, never tensors. At every ste
 So new requests join between any two decode steps, finished ones leave at once, and a
 long prompt never holds short requests back for more than one budget's worth of work.
 After executing the step the engine reports back with `on_step_done`: which requests
-got a new token and which finished.
+finished. The scheduler holds the engine's own request objects (`Seq` is what it reads of
+them), so there is one state per request, not two joined by id.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Protocol
 
 
 class Status(Enum):
@@ -28,33 +30,39 @@ class Status(Enum):
     FINISHED = "finished"
 
 
-@dataclass
-class SeqState:
-    """What the scheduler knows of one request."""
+class Seq(Protocol):
+    """What the scheduler reads and writes of a request (the engine's `Request`; tests use a
+    plain fake): its counts and status, never its tensors."""
 
     req_id: str
-    num_prompt: int  # the user's prompt tokens (virtual tokens excluded)
-    max_tokens: int
-    num_computed: int = 0  # prompt + output tokens whose keys/values are in the cache
-    num_output: int = 0
-    status: Status = Status.WAITING
+    num_computed: int  # prompt + output tokens whose keys/values are in the cache
+    status: Status
 
     @property
-    def num_known(self) -> int:
-        return self.num_prompt + self.num_output
+    def num_prompt(self) -> int: ...  # the user's prompt tokens (virtual tokens excluded)
 
     @property
-    def num_todo(self) -> int:
-        return self.num_known - self.num_computed
+    def num_output(self) -> int: ...
+
+    @property
+    def max_tokens(self) -> int: ...
+
+
+def num_known(seq: Seq) -> int:
+    return seq.num_prompt + seq.num_output
+
+
+def num_todo(seq: Seq) -> int:
+    return num_known(seq) - seq.num_computed
 
 
 @dataclass
 class StepPlan:
-    """One step's work: `(req_id, num_tokens)` per row, decode rows first."""
+    """One step's work: `(request, num_tokens)` per row, decode rows first."""
 
-    decode: list[str] = field(default_factory=list)
-    prefill: list[tuple[str, int]] = field(default_factory=list)
-    admitted: list[str] = field(default_factory=list)  # subset of prefill's ids, new this step
+    decode: list[Seq] = field(default_factory=list)
+    prefill: list[tuple[Seq, int]] = field(default_factory=list)
+    admitted: list[Seq] = field(default_factory=list)  # subset of prefill's requests, new this step
 
     @property
     def num_tokens(self) -> int:
@@ -63,18 +71,20 @@ class StepPlan:
     def __bool__(self) -> bool:
         return bool(self.decode or self.prefill)
 
-    def rows(self) -> list[str]:
-        return self.decode + [rid for rid, _ in self.prefill]
+    def rows(self) -> list[Seq]:
+        return self.decode + [seq for seq, _ in self.prefill]
 
     def only(self, keep: set[str]) -> "StepPlan":
-        """The same step for the rows in `keep` (a failed row is re-run alone or left out)."""
-        return StepPlan([r for r in self.decode if r in keep], [(r, n) for r, n in self.prefill if r in keep],
-                        [r for r in self.admitted if r in keep])
+        """The same step for the requests whose ids are in `keep` (a failed row is re-run
+        alone or left out)."""
+        return StepPlan([r for r in self.decode if r.req_id in keep],
+                        [(r, n) for r, n in self.prefill if r.req_id in keep],
+                        [r for r in self.admitted if r.req_id in keep])
 
     def halves(self) -> tuple["StepPlan", "StepPlan"]:
-        rows = self.rows()
-        first = set(rows[: len(rows) // 2])
-        return self.only(first), self.only(set(rows) - first)
+        ids = [r.req_id for r in self.rows()]
+        first = set(ids[: len(ids) // 2])
+        return self.only(first), self.only(set(ids) - first)
 
 
 class Scheduler:
@@ -83,17 +93,17 @@ class Scheduler:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[SeqState] = deque()
-        self.running: dict[str, SeqState] = {}  # insertion order = admission order
+        self.waiting: deque[Seq] = deque()
+        self.running: dict[str, Seq] = {}  # insertion order = admission order
 
     # ------------------------------------------------------------------ intake
-    def add(self, seq: SeqState) -> None:
+    def add(self, seq: Seq) -> None:
         if seq.num_prompt < 1 or seq.max_tokens < 1:
             raise ValueError("a request needs at least one prompt token and max_tokens >= 1")
         seq.status = Status.WAITING
         self.waiting.append(seq)
 
-    def abort(self, req_id: str) -> SeqState | None:
+    def abort(self, req_id: str) -> Seq | None:
         """Remove a request wherever it is; returns it (the caller frees its slot)."""
         seq = self.running.pop(req_id, None)
         if seq is None:
@@ -106,44 +116,50 @@ class Scheduler:
             seq.status = Status.FINISHED
         return seq
 
+    def find(self, req_id: str) -> Seq | None:
+        """The running or waiting request with this id."""
+        seq = self.running.get(req_id)
+        return seq if seq is not None else next((s for s in self.waiting if s.req_id == req_id), None)
+
     # ------------------------------------------------------------------ one step
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         budget = self.max_num_batched_tokens
         prefilling = []
         for seq in self.running.values():
-            if seq.num_todo == 1:
-                plan.decode.append(seq.req_id)
-            elif seq.num_todo > 1:
+            todo = num_todo(seq)
+            if todo == 1:
+                plan.decode.append(seq)
+            elif todo > 1:
                 prefilling.append(seq)
         budget -= len(plan.decode)
         for seq in prefilling:
             if budget <= 0:
                 break
-            n = min(seq.num_todo, budget)
-            plan.prefill.append((seq.req_id, n))
+            n = min(num_todo(seq), budget)
+            plan.prefill.append((seq, n))
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running[seq.req_id] = seq
-            n = min(seq.num_todo, budget)
-            plan.prefill.append((seq.req_id, n))
-            plan.admitted.append(seq.req_id)
+            n = min(num_todo(seq), budget)
+            plan.prefill.append((seq, n))
+            plan.admitted.append(seq)
             budget -= n
         return plan
 
-    def on_step_done(self, plan: StepPlan, sampled: set[str], finished: set[str]) -> None:
-        """Record the step: tokens computed, one new token for each id in `sampled`."""
-        for req_id in plan.decode:
-            self.running[req_id].num_computed += 1
-        for req_id, n in plan.prefill:
-            self.running[req_id].num_computed += n
-        for req_id in sampled:
-            self.running[req_id].num_output += 1
+    def on_step_done(self, plan: StepPlan, finished: set[str]) -> None:
+        """Record the step: its tokens are computed (a row's new output token, if it sampled
+        one, was appended by the engine); finished requests leave."""
+        for seq in plan.decode:
+            seq.num_computed += 1
+        for seq, n in plan.prefill:
+            seq.num_computed += n
         for req_id in finished:
-            seq = self.running.pop(req_id)
-            seq.status = Status.FINISHED
+            seq = self.running.pop(req_id, None)
+            if seq is not None:
+                seq.status = Status.FINISHED
 
     # ------------------------------------------------------------------ views
     @property
