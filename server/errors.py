@@ -53,8 +53,9 @@ class EngineFailure(APIError):
 
 
 class RequestTimeout(APIError):
-    """The request's own `timeout` passed (queued or running)."""
-    status, type, code = 504, "server_error", "timeout"
+    """The request's own `timeout` passed (queued or running): the client's deadline, not a
+    server fault, so a 4xx (408) rather than a 5xx."""
+    status, type, code = 408, "invalid_request_error", "timeout"
 
 
 class ClientGone(APIError):

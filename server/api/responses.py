@@ -38,10 +38,11 @@ _ERRORS: dict[int, dict[str, Any]] = {
     422: {"description": "a field missing, of the wrong type or out of range"},
     500: {"description": "the engine failed while running this request (other requests are unaffected)"},
     503: {"description": "the server is shutting down and refuses new requests"},
+    408: {"description": "the request's own `timeout` passed before it finished"},
 }
 
-_OVERLOADED = {"description": "the queue is full or the expected wait is too long (retry after "
-                              "Retry-After seconds), or the server is shutting down",
+_OVERLOADED = {"description": "overloaded: the queue is full, or the request would wait (or has waited) longer "
+                              "than --max-queue-wait; retry after Retry-After seconds. Also: shutting down",
                "headers": _RETRY_AFTER}
 
 
@@ -64,13 +65,17 @@ ADMIN_CREATE = errors(400, 401, 403, 409, 413, 422)
 ADMIN_TASK = errors(401, 403, 404, 422)
 ADMIN_UPLOAD = errors(400, 401, 403, 404, 413, 422)
 ADMIN_ACTIVATE = errors(400, 401, 403, 404, 413, 422)
+# one server-sent event, as OpenAPI 3.2 describes events (without `itemSchema`, `schema` is per event)
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "a JSON chunk (a text_completion, or an error object), or [DONE]"},
+    "event": {"type": "string"}}}
 GENERATION = {
     200: {"description": "the result; with `stream: true`, server-sent events `data: {...}` ending with "
                          "`data: [DONE]`",
-          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-    **errors(400, 401, 404, 413, 422, 500, overload=True),
+          "content": {"text/event-stream": {"schema": _SSE_EVENT}}},
+    **errors(400, 401, 404, 408, 413, 422, 500, overload=True),
 }
-BATCH = errors(400, 401, 404, 413, 422, 500, overload=True)
+BATCH = errors(400, 401, 404, 408, 413, 422, 500, overload=True)
 
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["adapter_model.safetensors"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from server.engine.sampler import SamplingParams, reduce_seed
 
@@ -22,7 +22,18 @@ def _utf8(v: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_utf8)]
-PromptInput = Text | list[Text] | list[int] | list[list[int]]
+
+
+def _whole(v):
+    """An integer field takes a JSON integer or a whole-number float (`1.0`: JSON Schema's
+    "integer" includes it, and so does OpenAI's API), never a boolean or a string."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+Int = Annotated[int, BeforeValidator(_whole)]
+PromptInput = Text | list[Text] | list[Int] | list[list[Int]]
 
 # Strict types (a JSON `true` is not the integer 1, "16" is not 16); no NaN or Infinity.
 _STRICT = ConfigDict(strict=True, allow_inf_nan=False)
@@ -31,15 +42,15 @@ _STRICT = ConfigDict(strict=True, allow_inf_nan=False)
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore", **_STRICT)
 
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: Int | None = Field(16, ge=1)
     temperature: float | None = Field(1.0, ge=0.0, le=100.0)  # below 1e-5: greedy (see SamplingParams)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)  # a tiny top_p keeps the top token only
-    top_k: int | None = Field(0, ge=-1)
-    seed: int | None = None  # any integer; reduced modulo 2**64 (the generator's seed space)
+    top_k: Int | None = Field(0, ge=-1)
+    seed: Int | None = None  # any integer; reduced modulo 2**64 (the generator's seed space)
     stop: Text | list[Text] | None = None
     ignore_eos: bool = False
     repetition_penalty: float | None = Field(1.0, ge=1e-3, le=1e3)  # the range float32 logits take safely
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: Int | None = Field(None, ge=0, le=20)
     stop_on_repetition: bool = False
     return_token_ids: bool = False
     timeout: float | None = Field(None, gt=0.0, le=86400.0)  # seconds from arrival; extension
@@ -73,13 +84,13 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     model: str
     prompt: PromptInput
-    n: int = Field(1, ge=1, le=64)
+    n: Int = Field(1, ge=1, le=64)
     stream: bool = False
     stream_options: dict | None = None
     user: str | None = None
     # OpenAI fields we accept only at their neutral values
     echo: bool = False
-    best_of: int | None = None
+    best_of: Int | None = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     logit_bias: dict | None = None
@@ -101,7 +112,7 @@ class CompletionRequest(SamplingFields):
 
 class GenerateItem(SamplingFields):
     task: str
-    prompt: Text | list[int]
+    prompt: Text | list[Int]
 
 
 class GenerateRequest(BaseModel):
@@ -115,13 +126,13 @@ class TaskCreate(BaseModel):
 
     name: str = Field(pattern=TASK_NAME)
     description: Text = Field("", max_length=4096)
-    num_virtual_tokens: int = Field(20, ge=1, le=512)
+    num_virtual_tokens: Int = Field(20, ge=1, le=512)
     init: Literal["random", "text", "vocab"] = "random"
     init_text: Text | None = Field(None, max_length=20000)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    seed: Int | None = Field(None, ge=-(2**63), lt=2**64)
 
 
 class TaskActivate(BaseModel):
     model_config = _STRICT
 
-    version: int = Field(ge=1, lt=2**63)
+    version: Int = Field(ge=1, lt=2**63)
