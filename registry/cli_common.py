@@ -1,41 +1,42 @@
-"""Shared `--db` / `--data-dir` / `--model` flags for every registry-touching command."""
+"""The `--db` / `--data-dir` / `--model` flags of every registry-touching command, generated
+from `RegistrySettings` (one definition, one default; see `registry.settings`)."""
 
 from __future__ import annotations
 
 import argparse
-import os
 
 from . import Registry
-from .paths import DEFAULT_DATA_DIR, DEFAULT_MODEL, default_db_url
+from .paths import default_db_url
+from .settings import RegistrySettings, add_flags, from_args
 
 
 def add_registry_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add `--db`, `--data-dir`, `--model` (a flag wins over its POLYPROMPT_* variable)."""
-    parser.add_argument(
-        "--db",
-        default=os.environ.get("POLYPROMPT_DB") or None,
-        help="SQLAlchemy URL [env POLYPROMPT_DB; default: SQLite file in the data dir]",
-    )
-    parser.add_argument(
-        "--data-dir",
-        default=os.environ.get("POLYPROMPT_DATA_DIR") or DEFAULT_DATA_DIR,
-        help=f"folder for soft-prompt files [env POLYPROMPT_DATA_DIR; default {DEFAULT_DATA_DIR}]",
-    )
-    parser.add_argument(
-        "--model",
-        default=os.environ.get("POLYPROMPT_MODEL") or DEFAULT_MODEL,
-        help=f"hub id or local save_pretrained folder [env POLYPROMPT_MODEL; default {DEFAULT_MODEL}]",
-    )
+    add_flags(parser, RegistrySettings)
     return parser
 
 
-def db_url_from_args(args: argparse.Namespace) -> str:
+def registry_settings(args: argparse.Namespace) -> RegistrySettings:
+    """The parsed flags, with POLYPROMPT_* variables and defaults filled in."""
+    return from_args(RegistrySettings, args)
+
+
+def resolve_registry_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the parsed `--db` / `--data-dir` / `--model` in place from the variables or defaults."""
+    s = registry_settings(args)
+    args.db, args.data_dir, args.model = s.db, s.data_dir, s.model
+    return args
+
+
+def db_url_from_args(args) -> str:
     """`--db`, else the SQLite file inside `--data-dir`."""
-    return args.db or default_db_url(args.data_dir)
+    s = registry_settings(args) if isinstance(args, argparse.Namespace) else args
+    return s.db or default_db_url(s.data_dir)
 
 
-def open_registry(args: argparse.Namespace) -> Registry:
-    """A Registry for the parsed flags, migrated to head."""
-    reg = Registry(db_url_from_args(args), args.data_dir)
+def open_registry(args) -> Registry:
+    """A Registry for the parsed flags (or settings), migrated to head."""
+    s = registry_settings(args) if isinstance(args, argparse.Namespace) else args
+    reg = Registry(s.db or default_db_url(s.data_dir), s.data_dir)
     reg.upgrade()
     return reg

@@ -8,42 +8,16 @@ import signal
 import sys
 import threading
 
+from registry.settings import add_flags, from_args
 from server.settings import Settings
-
-_SERVE_FLAGS = {
-    # flag: (type, help)
-    "--model": (str, "hub id (gpt2, gpt2-medium, distilgpt2) or local save_pretrained folder"),
-    "--db": (str, "SQLAlchemy URL (default: SQLite file in the data dir)"),
-    "--data-dir": (str, "where soft-prompt files live"),
-    "--host": (str, "bind address"),
-    "--port": (int, "port"),
-    "--device": (str, "auto, cpu, cuda, cuda:N"),
-    "--dtype": (str, "auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16"),
-    "--max-batch-size": (int, "running sequences at once (KV-cache slots)"),
-    "--max-queue": (int, "waiting requests before 503"),
-    "--max-queue-wait": (float, "seconds: a request whose expected queue wait is longer gets 503 at once; 0 = off"),
-    "--drain-timeout": (float, "seconds after SIGTERM for accepted requests to finish before they are ended"),
-    "--max-num-batched-tokens": (int, "tokens per forward pass (prefill chunk budget)"),
-    "--kv-cache-gb": (float, "KV-cache memory budget"),
-    "--prefix-cache-mb": (float, "prefix-KV cache memory cap"),
-    "--admission-window-ms": (float, "an idle engine starts once arrivals pause this long (batches a burst)"),
-    "--admission-max-wait-ms": (float, "longest an idle engine waits for a burst to finish arriving"),
-    "--reload-interval": (float, "seconds between registry change polls"),
-    "--max-body-mb": (float, "largest request body"),
-    "--log-level": (str, "debug, info, warning"),
-}
-
 
 def _serve(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="polyprompt serve", description="Start the HTTP server. "
                                 "Every flag also reads POLYPROMPT_<FLAG> from the environment; a flag wins.")
-    for flag, (typ, help_) in _SERVE_FLAGS.items():
-        p.add_argument(flag, type=typ, default=None, help=help_)
-    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None)
+    add_flags(p, Settings)
     p.add_argument("--engine-thread", dest="engine_main_thread", action="store_false", default=None,
-                   help="run the engine loop on a secondary thread instead of the main one")
-    args = p.parse_args(argv)
-    settings = Settings(**{k: v for k, v in vars(args).items() if v is not None})
+                   help="the same as --no-engine-main-thread: the engine loop on a secondary thread")
+    settings = from_args(Settings, p.parse_args(argv), p)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 

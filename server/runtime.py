@@ -18,7 +18,7 @@ import torch
 
 from registry import Registry
 from registry.paths import default_db_url, model_id_for
-from server.engine.engine import Engine, EngineConfig
+from server.engine.engine import Engine
 from server.engine.kv_cache import slot_bytes
 from server.metrics import Metrics
 from server.model import GPT2
@@ -75,17 +75,7 @@ class Runtime:
         # the most characters one token can stand for: a text of L characters is at least
         # L / max_token_chars tokens (byte-level BPE: a token's string is one char per byte)
         self.max_token_chars = max(1, max(map(len, self._encoder.get_vocab())))
-        self.engine = Engine(self.model, self.tokenizer, EngineConfig(
-            max_num_seqs=settings.max_batch_size,
-            max_num_batched_tokens=settings.max_num_batched_tokens,
-            max_queue=settings.max_queue,
-            max_queue_wait_s=settings.max_queue_wait or None,
-            kv_cache_bytes=int(settings.kv_cache_gb * (1 << 30)),
-            prefix_cache_bytes=int(settings.prefix_cache_mb * (1 << 20)),
-            static_decode=None if settings.cuda_graphs else False,  # None: CUDA graphs on GPU only
-            admission_window_s=settings.admission_window_ms / 1e3,
-            admission_max_wait_s=settings.admission_max_wait_ms / 1e3,
-        ))
+        self.engine = Engine(self.model, self.tokenizer, settings.engine_config())
         t0 = time.perf_counter()
         if warmed := self.engine.warm_kernels():
             log.info("built CPU matmul kernels for %d step sizes in %.1fs", warmed, time.perf_counter() - t0)

@@ -1,37 +1,57 @@
-"""Server settings: every field is a flag and a POLYPROMPT_* variable; a flag wins."""
+"""`polyprompt serve` settings: every field is a flag and a POLYPROMPT_* variable (generated,
+see `registry.settings`); a flag wins. `engine_config` is the one place their names map to
+the engine's (which imports no settings library)."""
 
 from __future__ import annotations
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field
+
+from registry.settings import ENV_ONLY, RegistrySettings
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="POLYPROMPT_", extra="ignore", protected_namespaces=())
-
-    model: str = "gpt2"
-    db: str | None = None  # default: SQLite file in data_dir
-    data_dir: str = "polyprompt-data"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (float16 on CUDA, float32 on CPU) | float32 | float16 | bfloat16
-    max_batch_size: int = 64  # running sequences (KV-cache slots)
-    max_queue: int = 1024  # waiting requests before 503
-    max_queue_wait: float = 30.0  # seconds: 503 at once when the expected queue wait is longer; 0 = off
-    drain_timeout: float = 30.0  # seconds after SIGTERM for running requests to finish
-    max_num_batched_tokens: int = 2048  # tokens per forward pass (prefill chunking budget)
-    kv_cache_gb: float = 6.0  # memory budget of the KV cache
-    prefix_cache_mb: float = 1024.0  # memory cap of the per-task prefix-KV cache
-    admission_window_ms: float = 10.0  # an idle engine waits until arrivals pause this long...
-    admission_max_wait_ms: float = 200.0  # ...but no longer than this, to batch a burst
-    cuda_graphs: bool = True  # capture decode steps on CUDA
-    engine_main_thread: bool = True  # engine loop on the main thread, HTTP on another
-    api_key: str | None = None
-    admin_key: str | None = None
-    reload_interval: float = 0.5  # seconds between registry change polls
-    max_body_mb: float = 64.0  # larger bodies get 413
-    log_level: str = "info"
+class Settings(RegistrySettings):
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, description="port")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    dtype: str = Field("auto", description="auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16")
+    max_batch_size: int = Field(64, description="running sequences at once (KV-cache slots)")
+    max_queue: int = Field(1024, description="waiting requests before 503")
+    max_queue_wait: float = Field(30.0, description="seconds: a request whose expected queue wait is longer "
+                                                    "gets 503 at once; 0 = off")
+    drain_timeout: float = Field(30.0, description="seconds after SIGTERM for accepted requests to finish "
+                                                   "before they are ended")
+    max_num_batched_tokens: int = Field(2048, description="tokens per forward pass (prefill chunk budget)")
+    kv_cache_gb: float = Field(6.0, description="KV-cache memory budget")
+    prefix_cache_mb: float = Field(1024.0, description="prefix-KV cache memory cap")
+    admission_window_ms: float = Field(10.0, description="an idle engine starts once arrivals pause this long "
+                                                         "(batches a burst)")
+    admission_max_wait_ms: float = Field(200.0, description="longest an idle engine waits for a burst to finish "
+                                                            "arriving")
+    cuda_graphs: bool = Field(True, description="capture decode steps as CUDA graphs on GPU")
+    engine_main_thread: bool = Field(True, description="run the engine loop on the main thread, HTTP on another "
+                                                       "(--engine-thread: the engine on a secondary thread)")
+    api_key: str | None = Field(None, description="user key (environment only)", json_schema_extra=ENV_ONLY)
+    admin_key: str | None = Field(None, description="admin key (environment only)", json_schema_extra=ENV_ONLY)
+    reload_interval: float = Field(0.5, description="seconds between registry change polls")
+    max_body_mb: float = Field(64.0, description="largest request body (413 above it)")
+    log_level: str = Field("info", description="debug, info, warning")
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * (1 << 20))
+
+    def engine_config(self):  # -> server.engine.request.EngineConfig
+        """The engine's configuration from these settings (its own names and units)."""
+        from server.engine.request import EngineConfig
+
+        return EngineConfig(
+            max_num_seqs=self.max_batch_size,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_queue=self.max_queue,
+            max_queue_wait_s=self.max_queue_wait or None,
+            kv_cache_bytes=int(self.kv_cache_gb * (1 << 30)),
+            prefix_cache_bytes=int(self.prefix_cache_mb * (1 << 20)),
+            static_decode=None if self.cuda_graphs else False,  # None: CUDA graphs on GPU only
+            admission_window_s=self.admission_window_ms / 1e3,
+            admission_max_wait_s=self.admission_max_wait_ms / 1e3,
+        )

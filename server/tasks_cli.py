@@ -20,7 +20,7 @@ from typing import Any
 
 from adapters.peft_format import AdapterError, read_adapter_folder, write_adapter_folder
 from registry import RegistryError, TaskExists, TaskNotFound
-from registry.cli_common import add_registry_args, open_registry
+from registry.cli_common import add_registry_args, open_registry, resolve_registry_args
 from registry.paths import model_id_for
 
 # (hidden, layers, heads) of the public GPT-2 checkpoints
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help or a usage error (argparse already printed it)
         return e.code if isinstance(e.code, int) else 1
     try:
-        out = args.func(args)
+        out = args.func(resolve_registry_args(args))
     except (CliError, RegistryError, AdapterError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -9,75 +9,69 @@ registration target that refuses (nothing trained or registered); 1 another fail
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from registry.settings import RegistrySettings, add_flags, from_args
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from registry.cli_common import add_registry_args
+class TrainSettings(RegistrySettings):
+    """Every `polyprompt train` setting: a flag and a POLYPROMPT_* variable, generated."""
 
+    task: str = Field(description="task name (a-z 0-9 . _ -)")
+    data: str = Field(description='training JSONL: {"prompt": ..., "completion": ...} a line')
+    eval_data: str | None = Field(None, description="evaluation JSONL (loss and exact-match accuracy each epoch)")
+    num_virtual_tokens: int = Field(20, description="virtual tokens of the soft prompt")
+    init: Literal["random", "text", "vocab"] | None = Field(
+        None, description="prompt init: random (PEFT RANDOM), text (embeddings of --init-text), vocab (sampled "
+                          "vocabulary embeddings); default: text with --init-text, else random")
+    init_text: str | None = Field(None, description="text whose embeddings start the prompt (--init text)")
+    epochs: int = Field(10, description="passes over the training data")
+    lr: float = Field(0.03, description="learning rate")
+    batch_size: int = Field(8, description="examples per device per micro-batch")
+    grad_accum: int = Field(1, description="micro-batches per optimizer step")
+    warmup_ratio: float = Field(0.0, description="fraction of the steps spent warming up")
+    warmup_steps: int | None = Field(None, description="warm-up steps (overrides --warmup-ratio)")
+    weight_decay: float = Field(0.0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, description="gradient clipping (0 = off)")
+    max_length: int | None = Field(None, description="max tokens per example (prompt + completion); default: "
+                                                     "the context minus the virtual tokens")
+    skip_long: bool = Field(False, description="skip (and count) examples that are too long")
+    no_eos: bool = Field(False, description="do not append EOS to completions")
+    dropout: bool = Field(False, description="keep the frozen model's dropout on while training (default: off, "
+                                             "as when serving)")
+    seed: int = Field(0, description="random seed")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    output_dir: str | None = Field(None, description="keep checkpoints (and the final adapter folder) here")
+    save_steps: int | None = Field(None, description="also checkpoint every N optimizer steps")
+    resume: bool = Field(False, description="continue from the checkpoint in --output-dir")
+    create: bool = Field(False, description="create the task if it does not exist")
+    description: str = Field("", description="description for a task created with --create")
+    server: str | None = Field(None, description="upload to this polyprompt server instead of writing the registry")
+    no_progress: bool = Field(False, description="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="polyprompt train",
         description="Train a task's soft prompt (PEFT prompt tuning on the frozen base model) and register "
                     "it as the task's new active version. Every flag also reads POLYPROMPT_<FLAG>.")
-    p.add_argument("--task", required=True, help="task name (a-z 0-9 . _ -)")
-    p.add_argument("--data", required=True, help='training JSONL: {"prompt": ..., "completion": ...} a line')
-    p.add_argument("--eval-data", help="evaluation JSONL (loss and exact-match accuracy each epoch)")
-    p.add_argument("--num-virtual-tokens", type=int, default=20)
-    p.add_argument("--init", choices=["random", "text", "vocab"], default=None,
-                   help="prompt init: random (PEFT RANDOM), text (embeddings of --init-text), vocab "
-                        "(sampled vocabulary embeddings) [default: text with --init-text, else random]")
-    p.add_argument("--init-text")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=0.03)
-    p.add_argument("--batch-size", type=int, default=8, help="examples per device per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of the steps spent warming up")
-    p.add_argument("--warmup-steps", type=int, default=None, help="warm-up steps (overrides --warmup-ratio)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="max tokens per example (prompt + completion); default: the context minus "
-                        "the virtual tokens")
-    p.add_argument("--skip-long", action="store_true", help="skip (and count) examples that are too long")
-    p.add_argument("--no-eos", action="store_true", help="do not append EOS to completions")
-    p.add_argument("--dropout", action="store_true",
-                   help="keep the frozen model's dropout on while training (default: off, as when serving)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--output-dir", help="keep checkpoints (and the final adapter folder) here")
-    p.add_argument("--save-steps", type=int, default=None, help="also checkpoint every N optimizer steps")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output-dir")
-    p.add_argument("--create", action="store_true", help="create the task if it does not exist")
-    p.add_argument("--description", default="", help="description for a task created with --create")
-    p.add_argument("--server", help="upload to this polyprompt server instead of writing the registry")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_registry_args(p)
-    _env_defaults(p)
+    add_flags(p, TrainSettings)
     return p
 
 
-def _env_defaults(p: argparse.ArgumentParser) -> None:
-    """POLYPROMPT_<FLAG> sets a flag's default (a flag on the command line wins)."""
-    for a in p._actions:
-        opt = next((o for o in a.option_strings if o.startswith("--")), None)
-        if opt is None or opt == "--help":
-            continue
-        val = os.environ.get("POLYPROMPT_" + opt[2:].upper().replace("-", "_"))
-        if val is None or val == "":
-            continue
-        if a.nargs == 0:  # store_true
-            a.default = val.strip().lower() in ("1", "true", "yes", "on")
-        else:
-            a.default = a.type(val) if a.type else val
-        a.required = False
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, TrainSettings]:
+    p = build_parser()
+    return p, from_args(TrainSettings, p.parse_args(argv), p)
 
 
-def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+def _check_args(p: argparse.ArgumentParser, a: TrainSettings) -> None:
     if a.init is None:
         a.init = "text" if a.init_text else "random"
     if a.init == "text" and not a.init_text:
@@ -100,8 +94,7 @@ def _err(msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    parser, args = parse_args(argv)
     _check_args(parser, args)
     from .checkpoint import CheckpointError
     from .data import DataError
@@ -117,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: TrainSettings) -> int:
     import torch
     from accelerate import Accelerator
     from transformers import AutoConfig, AutoTokenizer
