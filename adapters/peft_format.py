@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-PROMPT_KEY = "prompt_embeddings"
+from common import PROMPT_KEY, write_bytes_atomic
+
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PICKLED_NAME = "adapter_model.bin"
@@ -287,16 +288,6 @@ def read_adapter_folder(
     return tensor, config
 
 
-def _write_atomic(target: Path, data: bytes) -> None:
-    """temp file -> fsync -> os.replace (kept here so adapters never import SQLAlchemy)."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-
-
 def _peft_version() -> str | None:
     try:
         from importlib.metadata import version
@@ -355,6 +346,6 @@ def write_adapter_folder(
         num_layers=num_layers,
         num_attention_heads=num_attention_heads,
     )
-    _write_atomic(folder / WEIGHTS_NAME, st_save({PROMPT_KEY: t}, metadata={"format": "pt"}))
-    _write_atomic(folder / CONFIG_NAME, (json.dumps(cfg, indent=2) + "\n").encode("utf-8"))
+    write_bytes_atomic(folder / WEIGHTS_NAME, st_save({PROMPT_KEY: t}, metadata={"format": "pt"}))
+    write_bytes_atomic(folder / CONFIG_NAME, (json.dumps(cfg, indent=2) + "\n").encode("utf-8"))
     return folder

@@ -100,7 +100,8 @@ def run_interleaved(model, tokenizer, workloads: list[Workload], *, max_num_seqs
     turn: a step of each engine per round, the order reversed every round, until every
     request is done. Each engine's `seconds` is the sum of its own steps' wall times, so a
     speed change of the machine lands on every engine's steps alike instead of on whichever
-    whole run it fell in (this machine's speed changes by 2-3x within seconds). The prefix
+    whole run it fell in (a shared CPU's speed can change by 2-3x within seconds, which
+    whole-run pairs could not separate from the code: bench/results/HISTORY.md, runs Q-S). The prefix
     cache starts cold (each prefix computed inside the timed steps) unless `warm_prefixes`.
     `before_step[i]()`, if given, runs (untimed) before each setup and step of engine `i`:
     A/B switches of the shared model.

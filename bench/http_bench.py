@@ -138,7 +138,8 @@ class Connection:
     2 cores. httpx's connection pool costs O(connections) per request; at 64 connections
     a profile of the client (py-spy) showed it CPU-bound for the whole run, mostly in
     httpcore's pool bookkeeping, taking a core from the server. Like wrk or vLLM's
-    benchmark client, one plain connection per simulated user avoids that.
+    benchmark client, one plain connection per simulated user avoids that (the figures:
+    bench/README.md, `http`).
     """
 
     def __init__(self, url: str):

@@ -153,6 +153,14 @@ class Registry:
         with self._session() as s:
             return [store.task_to_dict(t) for t in store.list_tasks(s)]
 
+    def list_tasks_page(self, *, limit: int, offset: int = 0, q: str | None = None
+                        ) -> tuple[list[dict[str, Any]], int]:
+        """One page of tasks matching `q` (substring of name or description, any case), ordered by
+        name, and how many match in all; both read in one session, so they agree."""
+        with self._session() as s:
+            page = store.list_tasks_page(s, limit=limit, offset=offset, q=q)
+            return [store.task_to_dict(t) for t in page], store.count_tasks(s, q=q)
+
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """`{name: task dict}` for every task, with active version info, in one query."""
         return {t["name"]: t for t in self.list_tasks()}

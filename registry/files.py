@@ -7,19 +7,19 @@ client-supplied string.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from common import PROMPT_KEY, sha256_bytes, sha256_file, write_bytes_atomic
+
 from .errors import IntegrityError
 from .paths import prompt_relpath
 
-PROMPT_KEY = "prompt_embeddings"
+__all__ = ["PROMPT_KEY", "prompt_bytes", "write_bytes_atomic", "write_prompt_file", "read_prompt_file"]
 
 
 def prompt_bytes(embeddings: torch.Tensor) -> bytes:
@@ -30,56 +30,16 @@ def prompt_bytes(embeddings: torch.Tensor) -> bytes:
     return st_save({PROMPT_KEY: t})
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_bytes_atomic(target: Path, data: bytes) -> None:
-    """temp file in the same folder -> fsync -> os.replace -> fsync folder."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(target.parent)
-
-
 def write_prompt_file(data_dir: str | os.PathLike[str], embeddings: torch.Tensor) -> tuple[str, str]:
     """Store `embeddings`; returns `(sha256, path relative to data_dir)`. Idempotent."""
     data = prompt_bytes(embeddings)
-    sha = hashlib.sha256(data).hexdigest()
+    sha = sha256_bytes(data)
     rel = prompt_relpath(sha)
     target = Path(data_dir) / rel
-    if target.is_file() and _sha_of_file(target) == sha:
+    if target.is_file() and sha256_file(target) == sha:
         return sha, rel
     write_bytes_atomic(target, data)
     return sha, rel
-
-
-def _sha_of_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_prompt_file(data_dir: str | os.PathLike[str], sha256: str) -> torch.Tensor:
@@ -90,7 +50,7 @@ def read_prompt_file(data_dir: str | os.PathLike[str], sha256: str) -> torch.Ten
         data = path.read_bytes()
     except FileNotFoundError:
         raise IntegrityError(f"prompt file {rel} is missing from data dir {data_dir}") from None
-    actual = hashlib.sha256(data).hexdigest()
+    actual = sha256_bytes(data)
     if actual != sha256:
         raise IntegrityError(f"prompt file {rel} is corrupt: sha256 {actual} != {sha256}")
     tensors = st_load(data)

@@ -13,12 +13,13 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import exc, func, select, update
-from sqlalchemy.orm import Session, joinedload
+from sqlalchemy.orm import Session, joinedload, selectinload
+
+from common import TASK_NAME_RE
 
 from .errors import InvalidName, InvalidPrompt, TaskExists, TaskNotFound, VersionNotFound
 from .models import PromptVersion, RegistryState, Task, utcnow
 
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 STATE_ID = 1
 # stored JSON deeper than this is cut on the way out: room for what the parsers accept (64 levels)
 # plus the response around it, well under pydantic-core's serializer limit (~255)
@@ -28,7 +29,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 def validate_name(name: str) -> str:
     """Return `name` if it is a valid task name, else raise InvalidName."""
-    if not isinstance(name, str) or NAME_RE.fullmatch(name) is None:
+    if not isinstance(name, str) or TASK_NAME_RE.fullmatch(name) is None:
         raise InvalidName(
             f"invalid task name {name!r}: use 1-64 characters of a-z 0-9 . _ -, "
             "starting with a letter or digit"
@@ -74,6 +75,32 @@ def list_tasks(session: Session) -> list[Task]:
     """All tasks ordered by name, versions eagerly loaded (one query)."""
     stmt = select(Task).options(joinedload(Task.versions)).order_by(Task.name)
     return list(session.scalars(stmt).unique().all())
+
+
+def _task_filter(q: str | None):
+    """The WHERE clause of a case-insensitive substring search on name or description (LIKE's
+    wildcards in `q` are escaped: searching "5%" finds "5%", not everything starting with 5)."""
+    if not q:
+        return None
+    return Task.name.icontains(q, autoescape=True) | Task.description.icontains(q, autoescape=True)
+
+
+def count_tasks(session: Session, *, q: str | None = None) -> int:
+    """How many tasks match `q` (all of them without it): one COUNT, nothing loaded."""
+    stmt = select(func.count(Task.id))
+    if (cond := _task_filter(q)) is not None:
+        stmt = stmt.where(cond)
+    return int(session.scalar(stmt) or 0)
+
+
+def list_tasks_page(session: Session, *, limit: int, offset: int = 0, q: str | None = None) -> list[Task]:
+    """One page of the tasks matching `q`, ordered by name, versions loaded for that page only: the
+    database does the filtering and paging, so a console showing 50 of 10,000 tasks reads 50.
+    (selectinload, not joinedload: a joined eager load would make LIMIT count version rows.)"""
+    stmt = select(Task).options(selectinload(Task.versions)).order_by(Task.name)
+    if (cond := _task_filter(q)) is not None:
+        stmt = stmt.where(cond)
+    return list(session.scalars(stmt.limit(limit).offset(offset)).all())
 
 
 def active_index(session: Session) -> dict[str, tuple[int, int | None, str | None]]:

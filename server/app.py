@@ -13,7 +13,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.api import openai, system, tasks
+from server.api import console, openai, system, tasks
 from server.errors import APIError, error_body
 from server.lifecycle import DrainGate, Lifecycle
 from server.runtime import Runtime
@@ -109,6 +109,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.include_router(openai.router)
     app.include_router(tasks.router)
     _add_docs(app)
+    console.install(app)  # /console: the operator console's page and files; /v1/auth
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.state.lifecycle = Lifecycle()
     app.add_middleware(DrainGate, lifecycle=app.state.lifecycle)  # outermost: counts every request in flight

@@ -21,7 +21,7 @@ from registry import Registry, TaskExists
 from registry.models import PromptVersion
 from registry.paths import default_db_url
 from server.app import create_app
-from server import tasks_cli
+from server.cli import tasks as tasks_cli
 from tests.apiutil import assert_error, settings
 from training.register import LocalTarget
 

@@ -1,4 +1,4 @@
-"""`polyprompt tasks …` through server.tasks_cli.main, on a tiny random GPT-2 folder."""
+"""`polyprompt tasks …` through server.cli.tasks.main, on a tiny random GPT-2 folder."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.tasks_cli import main
+from server.cli.tasks import main
 
 
 @pytest.fixture()
@@ -126,7 +126,7 @@ def test_env_defaults_and_db_flag(env, capsys, peft_folder, tmp_path: Path, monk
 
 
 def test_model_shape_known_ids_offline() -> None:
-    from server.tasks_cli import gpt2_defaults, model_shape
+    from server.cli.tasks import gpt2_defaults, model_shape
 
     assert model_shape("gpt2") == (768, 12, 12)
     assert model_shape("openai-community/gpt2-medium") == (1024, 24, 16)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from registry.files import write_bytes_atomic
+from common import write_bytes_atomic
 
 CHECKPOINT_FILE = "checkpoint.pt"
 SUMMARY_FILE = "checkpoint.json"

@@ -7,7 +7,6 @@ number so the user can fix the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,14 +44,6 @@ class Tokenized:
     @property
     def num_label_tokens(self) -> int:
         return len(self.input_ids) - self.prompt_len
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_jsonl(path: str | Path) -> list[Example]:

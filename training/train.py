@@ -117,7 +117,9 @@ def _run(args: TrainSettings) -> int:
 
     from registry.paths import model_id_for
 
-    from .data import file_sha256, load_jsonl, tokenize
+    from common import sha256_file as file_sha256
+
+    from .data import load_jsonl, tokenize
     from .loop import LoopConfig, train_loop
     from .model import build_peft_model, context_length
     from .register import LocalTarget, ServerTarget

@@ -6,9 +6,10 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from common import TASK_NAME_PATTERN
 from server.engine.sampler import SamplingParams, reduce_seed
 
-TASK_NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+TASK_NAME = f"^{TASK_NAME_PATTERN}$"
 
 
 def _utf8(v: str) -> str:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import anyio
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from adapters.init import initial_prompt
 from adapters.peft_format import CONFIG_NAME, PICKLED_NAME, WEIGHTS_NAME, AdapterError, \
     parse_adapter_config, parse_prompt_safetensors
 from registry.errors import InvalidName, InvalidPrompt, TaskExists, TaskNotFound, VersionNotFound
 from server.api.deps import Admin, RuntimeDep, User
-from server.api.responses import ADMIN_ACTIVATE, ADMIN_CREATE, ADMIN_TASK, ADMIN_UPLOAD, UPLOAD_BODY, USER, \
-    USER_TASK
+from server.api.responses import ADMIN_ACTIVATE, ADMIN_CREATE, ADMIN_TASK, ADMIN_UPLOAD, UPLOAD_BODY, \
+    USER_TASK, errors
 from server.api.schemas import TaskActivate, TaskCreate
 from server.errors import APIError, Conflict, NotFound
 
@@ -56,10 +58,31 @@ async def create_task(body: TaskCreate, rt: RuntimeDep) -> dict:
         raise APIError(str(e)) from None
 
 
-@router.get("/v1/tasks", dependencies=[User], responses=USER)
-async def list_tasks(rt: RuntimeDep) -> dict:
-    tasks = await anyio.to_thread.run_sync(rt.registry.list_tasks)
-    return {"object": "list", "data": [_public(t) for t in tasks]}
+MAX_PAGE, DEFAULT_PAGE = 500, 50
+_PAGE_DOC = "with any of limit, offset, q: one page, ordered by name, plus total and has_more"
+
+
+@router.get("/v1/tasks", dependencies=[User], responses=errors(401, 422))
+async def list_tasks(
+    rt: RuntimeDep,
+    limit: Annotated[int | None, Query(ge=1, le=MAX_PAGE, description=f"page size (default {DEFAULT_PAGE}); "
+                                       + _PAGE_DOC)] = None,
+    offset: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="tasks to skip; " + _PAGE_DOC)] = None,
+    q: Annotated[str | None, Query(max_length=200, description="substring of the name or description, any "
+                                   "case; " + _PAGE_DOC)] = None,
+) -> dict:
+    """Without paging parameters: every task, as always (the contract). With any of them: one page
+    filtered and cut in SQL, so a console over thousands of tasks reads only what it shows."""
+    if limit is None and offset is None and q is None:
+        tasks = await anyio.to_thread.run_sync(rt.registry.list_tasks)
+        return {"object": "list", "data": [_public(t) for t in tasks]}
+    if q is not None and "\x00" in q:  # no stored name or description holds one; PostgreSQL refuses it
+        raise APIError("q: must not contain NUL characters", status=422)
+    limit, offset = limit or DEFAULT_PAGE, offset or 0
+    page, total = await anyio.to_thread.run_sync(
+        lambda: rt.registry.list_tasks_page(limit=limit, offset=offset, q=q or None))
+    return {"object": "list", "data": [_public(t) for t in page], "total": total, "limit": limit,
+            "offset": offset, "has_more": offset + len(page) < total}
 
 
 @router.get("/v1/tasks/{name}", dependencies=[User], responses=USER_TASK)

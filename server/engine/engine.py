@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from adapters.prefix_cache import PrefixCache
+from server.engine.prefix_cache import PrefixCache
 from server.engine.batch import build_step
 from server.engine.graphs import StaticDecoder
 from server.engine.kv_cache import KVCache, slot_bytes
