@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api import console, openai, system, tasks
-from server.errors import APIError, error_body
+from server.errors import DOMAIN_ERRORS, APIError, error_body, to_api_error
 from server.lifecycle import DrainGate, Lifecycle
 from server.runtime import Runtime
 from server.settings import Settings
@@ -114,9 +114,12 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.state.lifecycle = Lifecycle()
     app.add_middleware(DrainGate, lifecycle=app.state.lifecycle)  # outermost: counts every request in flight
 
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+    async def _api_error(_: Request, e: Exception):
+        err = to_api_error(e)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    for kind in (APIError, *(k for k, _ in DOMAIN_ERRORS)):  # the one table: server/errors.py
+        app.add_exception_handler(kind, _api_error)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError):

@@ -1,6 +1,14 @@
-"""Domain errors mapped to OpenAI-shaped JSON in one place."""
+"""HTTP errors in OpenAI's JSON shape, and the one table that maps domain errors to them.
+
+Routes raise domain errors (`registry.errors`, `adapters.AdapterError`, the engine's
+`QueueFull`) or `APIError`s; `server.app` turns every one into its answer here, so no route
+holds a try/except that renames an error.
+"""
 
 from __future__ import annotations
+
+import math
+from typing import Callable
 
 
 class APIError(Exception):
@@ -67,3 +75,33 @@ def error_body(message: str, type_: str, code: str | None) -> dict:
     # a message quoting client text must still encode as UTF-8 (lone surrogates escaped)
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": type_, "code": code}}
+
+
+def _domain_table() -> list[tuple[type[Exception], Callable[[Exception], APIError]]]:
+    from adapters.peft_format import AdapterError
+    from registry.errors import InvalidName, InvalidPrompt, TaskExists, TaskNotFound, VersionNotFound
+    from server.engine.request import QueueFull
+
+    return [
+        (TaskNotFound, lambda e: NotFound(str(e), code="task_not_found")),
+        (VersionNotFound, lambda e: NotFound(str(e), code="version_not_found")),
+        (TaskExists, lambda e: Conflict(str(e))),
+        (InvalidName, lambda e: APIError(str(e), status=422, code="invalid_name")),
+        (AdapterError, lambda e: APIError(str(e), code="invalid_adapter")),
+        (InvalidPrompt, lambda e: APIError(str(e), code="invalid_adapter")),
+        (QueueFull, lambda e: Overloaded(f"{e}; retry later",
+                                         headers={"Retry-After": str(math.ceil(e.retry_after))})),
+    ]
+
+
+DOMAIN_ERRORS = _domain_table()
+
+
+def to_api_error(e: Exception) -> APIError | None:
+    """The HTTP answer of a domain error (the first matching row), None for anything else."""
+    if isinstance(e, APIError):
+        return e
+    for kind, make in DOMAIN_ERRORS:
+        if isinstance(e, kind):
+            return make(e)
+    return None

@@ -8,7 +8,6 @@ tokenizing run off the event loop (`prepare`).
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import AsyncIterator, Callable
 import anyio
 import torch
 
-from server.engine.engine import QueueFull, Request
+from server.engine.engine import Request
 from server.engine.output import RequestOutput
 from server.engine.sampler import SamplingParams
 from server.errors import APIError, ClientGone, EngineFailure, NotFound, Overloaded, RequestTimeout, ShuttingDown
@@ -82,10 +81,7 @@ def check_count(rt: Runtime, count: int) -> None:
     if count > max(1, limit):  # one item is never too many: an empty queue's answer is the 503 below
         raise APIError(f"this request has {count} completions (prompts x n); at most {limit} fit the server's "
                        "queue: split it into smaller requests", code="too_many_items")
-    try:
-        rt.engine.check_admission(count)
-    except QueueFull as e:
-        raise Overloaded(f"{e}; retry later", headers={"Retry-After": str(math.ceil(e.retry_after))}) from None
+    rt.engine.check_admission(count)  # QueueFull: 503 with Retry-After (server/errors.py)
 
 
 async def prepare(rt: Runtime, items: list[Item]) -> list[Prepared]:
@@ -161,13 +157,7 @@ class Submission:
                 req = Request(self.ids[i], p.prompt_ids, p.params, task=p.task, prefix_key=p.prefix_key,
                               soft_prompt=p.soft_prompt, on_output=cb, stream=stream, arrival=now,
                               deadline=None if p.timeout is None else now + p.timeout)
-                try:
-                    rt.engine.add_request(req)
-                except QueueFull as e:
-                    raise Overloaded(f"{e}; retry later",
-                                     headers={"Retry-After": str(math.ceil(e.retry_after))}) from None
-                except ValueError as e:
-                    raise APIError(str(e)) from None
+                rt.engine.add_request(req)  # prepare() checked what it refuses; QueueFull: 503
                 submitted += 1
         except BaseException:
             for rid in self.ids[:submitted]:

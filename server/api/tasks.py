@@ -8,20 +8,14 @@ import anyio
 from fastapi import APIRouter, Query, Request, Response
 
 from adapters.init import initial_prompt
-from adapters.peft_format import CONFIG_NAME, PICKLED_NAME, WEIGHTS_NAME, AdapterError, \
-    parse_adapter_config, parse_prompt_safetensors
-from registry.errors import InvalidName, InvalidPrompt, TaskExists, TaskNotFound, VersionNotFound
+from adapters.peft_format import CONFIG_NAME, PICKLED_NAME, WEIGHTS_NAME, parse_adapter_config, parse_prompt_safetensors
 from server.api.deps import Admin, RuntimeDep, User
 from server.api.responses import ADMIN_ACTIVATE, ADMIN_CREATE, ADMIN_TASK, ADMIN_UPLOAD, UPLOAD_BODY, \
     USER_TASK, errors
 from server.api.schemas import TaskActivate, TaskCreate
-from server.errors import APIError, Conflict, NotFound
+from server.errors import APIError, Conflict
 
 router = APIRouter()
-
-
-def _not_found(name: str) -> NotFound:
-    return NotFound(f"task {name!r} not found", code="task_not_found")
 
 
 def _public(task: dict) -> dict:
@@ -48,14 +42,7 @@ async def create_task(body: TaskCreate, rt: RuntimeDep) -> dict:
                                        embeddings=prompt, source=f"init:{body.init}",
                                        meta={"init": body.init, "init_text": body.init_text})
 
-    try:
-        return _public(await _change(rt, body.name, work))
-    except TaskExists:
-        raise Conflict(f"task {body.name!r} already exists") from None
-    except InvalidName as e:
-        raise APIError(str(e), status=422) from None
-    except ValueError as e:
-        raise APIError(str(e)) from None
+    return _public(await _change(rt, work))
 
 
 MAX_PAGE, DEFAULT_PAGE = 500, 50
@@ -87,29 +74,23 @@ async def list_tasks(
 
 @router.get("/v1/tasks/{name}", dependencies=[User], responses=USER_TASK)
 async def get_task(name: str, rt: RuntimeDep) -> dict:
-    try:
-        return _public(await anyio.to_thread.run_sync(rt.registry.get_task, name))
-    except TaskNotFound:
-        raise _not_found(name) from None
+    return _public(await anyio.to_thread.run_sync(rt.registry.get_task, name))
 
 
-async def _change(rt, name: str, fn):
-    """Run a registry change off the event loop and make it live (`rt.refresh`); an unknown
-    task becomes a 404. Callers map their own other errors."""
+async def _change(rt, fn):
+    """Run a registry change off the event loop and make it live (`rt.refresh`). Domain
+    errors (unknown task, name taken, bad adapter...) answer through `server.errors`' table."""
     def work():
         out = fn()
         rt.refresh()
         return out
 
-    try:
-        return await anyio.to_thread.run_sync(work)
-    except TaskNotFound:
-        raise _not_found(name) from None
+    return await anyio.to_thread.run_sync(work)
 
 
 @router.delete("/v1/tasks/{name}", status_code=204, dependencies=[Admin], responses=ADMIN_TASK)
 async def delete_task(name: str, rt: RuntimeDep) -> Response:
-    await _change(rt, name, lambda: rt.registry.delete_task(name))
+    await _change(rt, lambda: rt.registry.delete_task(name))
     return Response(status_code=204)
 
 
@@ -138,15 +119,9 @@ async def upload_prompt(name: str, request: Request, rt: RuntimeDep) -> dict:
         meta = {"peft_config": config} if config else {}
         return _version(name, rt.registry.add_version(name, tensor, source="upload", meta=meta))
 
-    try:
-        return await _change(rt, name, add)
-    except (AdapterError, InvalidPrompt) as e:
-        raise APIError(f"invalid adapter: {e}", code="invalid_adapter") from None
+    return await _change(rt, add)
 
 
 @router.post("/v1/tasks/{name}/activate", dependencies=[Admin], responses=ADMIN_ACTIVATE)
 async def activate(name: str, body: TaskActivate, rt: RuntimeDep) -> dict:
-    try:
-        return await _change(rt, name, lambda: _version(name, rt.registry.activate_version(name, body.version)))
-    except VersionNotFound:
-        raise NotFound(f"task {name!r} has no version {body.version}", code="version_not_found") from None
+    return await _change(rt, lambda: _version(name, rt.registry.activate_version(name, body.version)))
