@@ -117,10 +117,8 @@ def _run(args: TrainSettings) -> int:
 
     from registry.paths import model_id_for
 
-    from common import sha256_file as file_sha256
-
     from .data import load_jsonl, tokenize
-    from .loop import LoopConfig, train_loop
+    from .loop import train_loop
     from .model import build_peft_model, context_length
     from .register import LocalTarget, ServerTarget
 
@@ -162,19 +160,7 @@ def _run(args: TrainSettings) -> int:
     model = build_peft_model(args.model, num_virtual_tokens=args.num_virtual_tokens, init=args.init,
                              init_text=args.init_text, seed=args.seed)
     model.to(accelerator.device)
-    hyper = {k: getattr(args, k) for k in (
-        "num_virtual_tokens", "init", "init_text", "epochs", "lr", "batch_size", "grad_accum", "warmup_ratio",
-        "warmup_steps", "weight_decay", "max_grad_norm", "max_length", "skip_long", "no_eos", "dropout", "seed")}
-    hyper["world_size"] = accelerator.num_processes
-    data_sha = file_sha256(args.data)
-    eval_sha = file_sha256(args.eval_data) if args.eval_data else None
-    fingerprint = {**hyper, "data_sha256": data_sha, "eval_data_sha256": eval_sha, "base_model": model_id}
-    cfg = LoopConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                     warmup_ratio=args.warmup_ratio, warmup_steps=args.warmup_steps,
-                     weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed,
-                     num_virtual_tokens=args.num_virtual_tokens, save_steps=args.save_steps,
-                     output_dir=Path(args.output_dir) if args.output_dir else None, resume=args.resume,
-                     progress=not args.no_progress, dropout=args.dropout)
+    cfg, hyper, fingerprint = _loop_config(args, accelerator.num_processes, model_id)
     log(f"training task {args.task!r} on {model_id} ({accelerator.device}, {accelerator.num_processes} "
         f"process(es)): {len(train_data)} examples, {args.num_virtual_tokens} virtual tokens, "
         f"init {args.init}, {args.epochs} epochs")
@@ -187,12 +173,44 @@ def _run(args: TrainSettings) -> int:
         return EXIT_OK
 
     # 5. register (main process only) and summarise
+    _register_and_report(args, res, config, target, cfg, hyper, fingerprint, wall=wall,
+                         counts=(len(train_data), len(eval_data or []), skipped + eval_skipped))
+    return EXIT_OK
+
+
+def _loop_config(args: TrainSettings, world_size: int, model_id: str):
+    """The loop's configuration, the hyperparameters recorded with the version, and the
+    fingerprint a checkpoint must match to be resumed (hyperparameters + data hashes)."""
+    from common import sha256_file
+
+    from .loop import LoopConfig
+
+    hyper = {k: getattr(args, k) for k in (
+        "num_virtual_tokens", "init", "init_text", "epochs", "lr", "batch_size", "grad_accum", "warmup_ratio",
+        "warmup_steps", "weight_decay", "max_grad_norm", "max_length", "skip_long", "no_eos", "dropout", "seed")}
+    hyper["world_size"] = world_size
+    fingerprint = {**hyper, "data_sha256": sha256_file(args.data),
+                   "eval_data_sha256": sha256_file(args.eval_data) if args.eval_data else None, "base_model": model_id}
+    cfg = LoopConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                     warmup_ratio=args.warmup_ratio, warmup_steps=args.warmup_steps,
+                     weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed,
+                     num_virtual_tokens=args.num_virtual_tokens, save_steps=args.save_steps,
+                     output_dir=Path(args.output_dir) if args.output_dir else None, resume=args.resume,
+                     progress=not args.no_progress, dropout=args.dropout)
+    return cfg, hyper, fingerprint
+
+
+def _register_and_report(args: TrainSettings, res, config, target, cfg, hyper: dict, fingerprint: dict, *,
+                         wall: float, counts: tuple[int, int, int]) -> None:
+    """Register the trained prompt (with its metrics in the version's meta), write the
+    adapter folder when --output-dir is set, and print the one-line summary."""
+    n_train, n_eval, n_skipped = counts
+    model_id = fingerprint["base_model"]
     last = res.history[-1]
     best = next(h for h in res.history if h["epoch"] == res.best_epoch)
     meta = {
-        "data_sha256": data_sha, "eval_data_sha256": eval_sha, "hyperparameters": hyper,
-        "train_examples": len(train_data), "eval_examples": len(eval_data or []),
-        "skipped_long": skipped + eval_skipped,
+        "data_sha256": fingerprint["data_sha256"], "eval_data_sha256": fingerprint["eval_data_sha256"],
+        "hyperparameters": hyper, "train_examples": n_train, "eval_examples": n_eval, "skipped_long": n_skipped,
         "train_loss_start": res.first_step_loss, "train_loss": last["train_loss"],
         "eval_loss": best.get("eval_loss"), "eval_accuracy": best.get("eval_accuracy"),
         "initial_eval_loss": (res.initial_eval or {}).get("loss"),
@@ -211,7 +229,7 @@ def _run(args: TrainSettings) -> int:
     secs = [h["seconds"] for h in res.history]
     parts = [f"train loss {res.first_step_loss:.4f} → {last['train_loss']:.4f}"
              if res.first_step_loss is not None else f"train loss {last['train_loss']:.4f}"]
-    if eval_data:
+    if n_eval:
         parts.append(f"eval loss {best['eval_loss']:.4f} (epoch {res.best_epoch})")
         parts.append(f"accuracy {best['eval_accuracy']:.1%}")
     parts.append(f"{sum(secs) / len(secs):.2f} s/epoch ({wall:.1f} s this run)")
@@ -219,7 +237,6 @@ def _run(args: TrainSettings) -> int:
                  + (f" ({reg['sha256'][:12]})" if reg.get("sha256") else "")
                  + (f" on {args.server}" if args.server else ""))
     print("done: " + " | ".join(parts), flush=True)
-    return EXIT_OK
 
 
 if __name__ == "__main__":
