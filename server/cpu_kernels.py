@@ -199,10 +199,14 @@ def linear_amx(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, n: int,
     """`F.linear(x, W, bias)` (then tanh-GELU if `gelu`) for bf16 rows `x` `[M, K]`, W given
     as `pack_amx(W)` with `n` outputs; float32 accumulation, one rounding to bf16 at the end.
     Returns `[M, n]` bf16."""
+    if x.dim() != 2 or packed.dim() != 5 or packed.shape[2:] != (16, 16, 2) or not packed.is_contiguous():
+        raise ValueError("linear_amx: x must be [M, K] and the weight as pack_amx returns it (contiguous tiles)")
     m, k = x.shape
     if x.dtype != torch.bfloat16 or packed.dtype != torch.bfloat16 or packed.shape[1] * 32 != k or \
             packed.shape[0] * 16 < n or (bias is not None and (bias.dtype != torch.bfloat16 or bias.shape != (n,))):
         raise ValueError("linear_amx: x, the packed weight and the bias do not match")
+    if not (x.device.type == packed.device.type == "cpu") or (bias is not None and bias.device.type != "cpu"):
+        raise ValueError("linear_amx runs on CPU tensors")
     x = x.contiguous()
     bias = None if bias is None else bias.contiguous()
     y = torch.empty((m, n), dtype=torch.bfloat16)
@@ -219,6 +223,8 @@ def supports(dtype: torch.dtype, head_dim: int, max_len: int, n_head: int) -> bo
 
 def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """What the C code relies on and cannot check itself."""
+    if q.dim() != 3 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("native attention needs q [N, H, D] and cache views k, v [slots, H, max_len, D]")
     if q.dtype not in (torch.float32, torch.bfloat16) or not q.dtype == k.dtype == v.dtype:
         raise ValueError("native attention needs float32 or bfloat16 q, k, v of one dtype")
     if not (q.device.type == k.device.type == v.device.type == "cpu"):
@@ -230,22 +236,39 @@ def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def _check_indices(*tensors: torch.Tensor) -> None:
-    if not all(t.is_contiguous() and t.dtype == torch.int64 for t in tensors):
-        raise ValueError("native kernels take their slot/position/length arrays as contiguous int64")
+    if not all(t.is_contiguous() and t.dtype == torch.int64 and t.dim() == 1 and t.device.type == "cpu"
+               for t in tensors):
+        raise ValueError("native kernels take their slot/position/length arrays as contiguous 1-D int64 on CPU")
+
+
+def _check_range(what: str, t: torch.Tensor, lo: int, hi: int) -> None:
+    """Every value of `t` in [lo, hi] (the raw pointers the C code gets are not bounds-checked there)."""
+    if t.numel() and (int(t.min()) < lo or int(t.max()) > hi):
+        raise ValueError(f"{what} must lie in {lo}..{hi}; got {int(t.min())}..{int(t.max())}")
+
+
+def _check_rows(what: str, n: int, *tensors: torch.Tensor) -> None:
+    if any(t.shape[0] != n for t in tensors):
+        raise ValueError(f"{what}: the index arrays must have {n} entries, got {[t.shape[0] for t in tensors]}")
 
 
 def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     slots: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+                     slots: torch.Tensor, lens: torch.Tensor, *, prechecked: bool = False) -> torch.Tensor:
     """Attention of one query per row over its own cache slot.
 
     q `[B, H, D]` (unit stride in D); k, v: the cache's `[slots, H, max_len, D]` views
     (same strides, unit stride in D); slots, lens `[B]` int64 (contiguous): row b attends
     to positions `0..lens[b]-1` of slot `slots[b]`. Returns `[B, H, D]`, q's dtype.
-    All on CPU; lens must lie in 1..max_len (the caller's invariant, not checked here).
+    All on CPU; slots and lens are checked against the cache unless `prechecked` (the engine's
+    step checks its indices once for all layers: `server.model.attention.native_step`).
     """
-    b, h, d = q.shape
     _check_attention(q, k, v)
+    b, h, d = q.shape
     _check_indices(slots, lens)
+    if not prechecked:
+        _check_rows("decode_attention", b, slots, lens)
+        _check_range("decode_attention: slots", slots, 0, k.shape[0] - 1)
+        _check_range("decode_attention: lens", lens, 1, k.shape[2])
     out = torch.empty((b, h, d), dtype=q.dtype)
     fn = lib.decode_attention_bf16 if q.dtype == torch.bfloat16 else lib.decode_attention_f32
     if fn(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
@@ -256,17 +279,25 @@ def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torc
 
 
 def prefill_attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      slots: torch.Tensor, pasts: torch.Tensor, qlens: torch.Tensor) -> torch.Tensor:
+                      slots: torch.Tensor, pasts: torch.Tensor, qlens: torch.Tensor, *,
+                      prechecked: bool = False) -> torch.Tensor:
     """Causal attention of prefill rows over their own cache slots.
 
     q `[N, H, D]`: the rows' queries one row after another (row b has `qlens[b]` of them,
     at positions `pasts[b]..`; their keys/values already in the cache); k, v as in
     `decode_attention`; slots, pasts, qlens `[B]` contiguous int64 (sum of qlens == N,
-    every row within the cache: the caller's invariant). Returns `[N, H, D]`.
+    every row within the cache: checked unless `prechecked`, as in `decode_attention`). Returns `[N, H, D]`.
     """
-    n, h, d = q.shape
     _check_attention(q, k, v)
+    n, h, d = q.shape
     _check_indices(slots, pasts, qlens)
+    if not prechecked:
+        _check_rows("prefill_attention", slots.shape[0], pasts, qlens)
+        _check_range("prefill_attention: slots", slots, 0, k.shape[0] - 1)
+        _check_range("prefill_attention: pasts", pasts, 0, k.shape[2] - 1)
+        _check_range("prefill_attention: qlens", qlens, 1, k.shape[2])
+        if int(qlens.sum()) != n or (slots.numel() and int((pasts + qlens).max()) > k.shape[2]):
+            raise ValueError(f"prefill_attention: qlens must sum to the {n} queries and every row fit the cache")
     out = torch.empty((n, h, d), dtype=q.dtype)
     fn = lib.prefill_attention_bf16 if q.dtype == torch.bfloat16 else lib.prefill_attention_f32
     if fn(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
@@ -277,9 +308,10 @@ def prefill_attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: tor
 
 
 def argmax_rows(lib: ctypes.CDLL, logits: torch.Tensor) -> list[int]:
-    """`logits.argmax(-1).tolist()` for bf16 logits `[R, V]` (unit stride in V)."""
-    if logits.dtype != torch.bfloat16 or logits.dim() != 2 or logits.stride(1) != 1:
-        raise ValueError("argmax_rows needs bf16 [R, V] logits with unit stride in V")
+    """`logits.argmax(-1).tolist()` for bf16 logits `[R, V]` (unit stride in V, V >= 1, on CPU)."""
+    if logits.dtype != torch.bfloat16 or logits.dim() != 2 or logits.stride(1) != 1 or \
+            logits.device.type != "cpu" or logits.shape[1] < 1:
+        raise ValueError("argmax_rows needs bf16 [R, V >= 1] CPU logits with unit stride in V")
     r, v = logits.shape
     out = torch.empty(r, dtype=torch.int64)
     lib.argmax_rows_bf16(logits.data_ptr(), logits.stride(0), v, r, out.data_ptr(), torch.get_num_threads())
@@ -287,14 +319,22 @@ def argmax_rows(lib: ctypes.CDLL, logits: torch.Tensor) -> list[int]:
 
 
 def write_kv(lib: ctypes.CDLL, kv: torch.Tensor, src: torch.Tensor, slots: torch.Tensor,
-             pos: torch.Tensor) -> None:
+             pos: torch.Tensor, *, prechecked: bool = False) -> None:
     """`kv[:, slots, :, pos] = src`: kv is one layer's cache `[2, slots, H, max_len, D]` (a
     view, unit stride in D), src `[N, 2, H, D]` (unit stride in D, same dtype), slots and
-    pos `[N]` contiguous int64 within the cache's bounds (the caller's invariant)."""
+    pos `[N]` contiguous int64 within the cache's bounds (checked unless `prechecked`)."""
+    if src.dim() != 4 or kv.dim() != 5 or src.shape[1] != 2 or kv.shape[0] != 2:
+        raise ValueError("write_kv: src must be [N, 2, H, D] and kv one layer's [2, slots, H, max_len, D]")
     n, _, h, d = src.shape
     if src.dtype != kv.dtype or src.stride(3) != 1 or kv.stride(4) != 1 or kv.shape[2] != h or kv.shape[4] != d:
         raise ValueError("write_kv: mismatched dtype, shape or strides")
+    if src.device.type != "cpu" or kv.device.type != "cpu":
+        raise ValueError("write_kv runs on CPU tensors")
     _check_indices(slots, pos)
+    if not prechecked:
+        _check_rows("write_kv", n, slots, pos)
+        _check_range("write_kv: slots", slots, 0, kv.shape[1] - 1)
+        _check_range("write_kv: positions", pos, 0, kv.shape[3] - 1)
     lib.write_kv(src.data_ptr(), src.stride(0), src.stride(1), src.stride(2), kv.data_ptr(), kv.stride(0),
                  kv.stride(1), kv.stride(2), kv.stride(3), slots.data_ptr(), pos.data_ptr(), n, h, d,
                  src.element_size(), torch.get_num_threads())

@@ -13,6 +13,8 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 from tests.peft_ref import base_greedy, peft_greedy, peft_model
 from tests.serverutil import running_server
 
+pytestmark = pytest.mark.slow  # a real `polyprompt serve` subprocess
+
 VIRTUAL = {"t-one": 1, "t-five": 5, "t-eight": 8, "t-twenty": 20, "t-32": 32, "t-three": 3,
            "t-twelve": 12, "t-sixteen": 16}
 

@@ -52,6 +52,7 @@ def reg_args(tmp: Path, model: Path) -> list[str]:
     return ["--db", f"sqlite:///{tmp}/r.db", "--data-dir", str(tmp), "--model", str(model), "--no-progress"]
 
 
+@pytest.mark.slow  # ~11 s: a real training run to a low loss
 def test_learns_registers_and_greedy_decodes(tmp_path, tiny_model_dir, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -310,7 +310,7 @@ class GPT2(nn.Module):
             # keys and values of every token into the cache, in one write: [N, 2, H, D]
             kv = qkv[:, c:].view(n, 2, s.n_head, s.head_dim)
             if native is not None:
-                cpu_kernels.write_kv(lib, cache.kv[i], kv, native.slots, native.positions)
+                cpu_kernels.write_kv(lib, cache.kv[i], kv, native.slots, native.positions, prechecked=True)
             else:
                 cache.kv[i][:, meta.slot, :, positions] = kv
             q = qkv[:, :c].view(n, s.n_head, s.head_dim)
