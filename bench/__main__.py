@@ -190,7 +190,8 @@ def main(argv=None) -> int:
                 if "http" in sc:
                     _log(f"http {d}: {a.clients} clients, run {rep + 1}/{a.repeats}")
                     runs["http"].append(H.run_http_throughput(srv, wl, a.clients))
-            for key, name in (("engine", "polyprompt engine (in-process)"), ("http", f"polyprompt HTTP ({a.clients} clients)")):
+            names = (("engine", "polyprompt engine (in-process)"), ("http", f"polyprompt HTTP ({a.clients} clients)"))
+            for key, name in names:
                 if not runs[key]:
                     continue
                 r = _median_run(runs[key])
@@ -222,7 +223,8 @@ def main(argv=None) -> int:
                         r = _median_run(tries[n])
                         row(f"engine, {n} task{'s' if n != 1 else ''} ({nv} virt, {state})", d, r["wl"].requests, r)
                     if len(ns) >= 2:
-                        extra[f"tasks_ratio_{d}_{state}"] = {"tasks": [ns[0], ns[-1]], "ratio": statistics.median(ratios),
+                        extra[f"tasks_ratio_{d}_{state}"] = {"tasks": [ns[0], ns[-1]],
+                                                             "ratio": statistics.median(ratios),
                                                              "pair_ratios": ratios}
             if "kernels" in sc:
                 extra[f"kernels_{d}"] = _kernels_ab(a, model, etok, wl, kw, d, row)

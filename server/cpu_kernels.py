@@ -4,16 +4,12 @@ Five kernels, in `csrc/kernels.c`: decode and prefill attention (`decode_attenti
 `prefill_attention`), the argmax of bf16 logits (`argmax_rows`), the KV-cache write
 of a step (`write_kv`), and where the compiler and CPU have AMX-BF16, the bf16 matmul of
 decode-sized steps (`linear_amx`, on weights packed by `pack_amx`; README, CPU speed, has
-why and how much). A bf16 64-row decode step on this project's 2-core reference CPU
-spent ~30 % of its time in SDPA's CPU kernel, which pads every row to the step's longest
-and masks it, and read the cache at ~8 GB/s; the native kernel reads each row's own keys
-only, straight from the cache, all heads of a position together with software prefetch
-(64 rows of 40-96 positions, caches flushed: ~0.8 ms a layer, against ~1.9 one head at a
-time without prefetch and 2.1-2.3 for SDPA). The argmax replaces ~2 ms of block-wise
-reductions per 64-row bf16 step with one pass; the cache write is a row copy per token
-instead of an advanced-indexing `index_put_`; prefill attention reads each row's keys
-once, unpadded, with no mask or gather. README, Performance, has the measurements
-(in-process and inside a server).
+why). SDPA's CPU kernel pads every row of a decode step to the step's longest and masks
+it; the native kernel reads each row's own keys only, straight from the cache, all heads
+of a position together with software prefetch. The argmax replaces block-wise reductions
+with one pass; the cache write is a row copy per token instead of an advanced-indexing
+`index_put_`; prefill attention reads each row's keys once, unpadded, with no mask or
+gather. What each saves, measured in-process and inside a server: bench/results/HISTORY.md.
 
 The library is built with `cc` and `FLAGS` + `AMX_FLAGS` (~1 s; with `FLAGS` alone where
 the compiler refuses the AMX flags, which is then remembered) into a cache folder keyed by
@@ -231,7 +227,8 @@ def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError("native attention runs on CPU tensors")
     if k.shape != v.shape or k.stride() != v.stride() or q.stride(2) != 1 or k.stride(3) != 1:
         raise ValueError("native attention needs unit stride in head_dim and K, V of one layout")
-    if k.shape[1] != q.shape[1] or k.shape[3] != q.shape[2] or not supports(q.dtype, q.shape[2], k.shape[2], q.shape[1]):
+    if k.shape[1] != q.shape[1] or k.shape[3] != q.shape[2] or \
+            not supports(q.dtype, q.shape[2], k.shape[2], q.shape[1]):
         raise ValueError(f"native attention: q {tuple(q.shape)} does not fit the cache {tuple(k.shape)}")
 
 

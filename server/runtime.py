@@ -79,7 +79,8 @@ class Runtime:
         t0 = time.perf_counter()
         if warmed := self.engine.warm_kernels():
             log.info("built CPU matmul kernels for %d step sizes in %.1fs", warmed, time.perf_counter() - t0)
-        log.info("serving paths: %s", "; ".join(f"{k}: {v}" for k, v in self.model.backend.describe(self.model).items()))
+        paths = self.model.backend.describe(self.model)
+        log.info("serving paths: %s", "; ".join(f"{k}: {v}" for k, v in paths.items()))
         self.metrics = Metrics()
         self.engine.listeners.append(self.metrics.on_finish)
         self.tasks: dict[str, TaskInfo] = {}

@@ -12,8 +12,8 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save as st_save
 
-from tests.apiutil import adapter_files, assert_error, config_bytes, greedy, make_peft_adapter, peft_greedy, settings
 from server.app import create_app
+from tests.apiutil import adapter_files, assert_error, config_bytes, greedy, make_peft_adapter, peft_greedy, settings
 
 HIDDEN = 128  # the tiny fixture model's width
 PROMPTS = ["Hello world, this is", "The quick brown fox", "1 2 3 4 5"]

@@ -31,7 +31,8 @@ def test_cpu_bench_smoke_engine_and_http_exact(tiny_model_dir, tmp_path):
 
     out = tmp_path / "bench.json"
     rc = main(["--model", str(tiny_model_dir), "--requests", "8", "--tasks", "2", "--naive-requests", "4",
-               "--clients", "4", "--max-num-seqs", "4", "--new-tokens", "6", "--scenarios", "naive,engine,http,tasks,kernels",
+               "--clients", "4", "--max-num-seqs", "4", "--new-tokens", "6",
+               "--scenarios", "naive,engine,http,tasks,kernels",
                "--repeats", "2", "--tasks-compare", "1,2", "--tasks-repeats", "2", "--out", str(out)])
     res = json.loads(out.read_text())
     assert rc == 0

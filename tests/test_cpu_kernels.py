@@ -272,12 +272,14 @@ def test_masks_are_built_only_by_the_sdpa_path(tiny_model_dir, monkeypatch):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     metas = []
     real = m.forward_step
-    monkeypatch.setattr(m, "forward_step", lambda ids, pos, meta, cache: (metas.append(meta), real(ids, pos, meta, cache))[1])
+    monkeypatch.setattr(m, "forward_step",
+                        lambda ids, pos, meta, cache: (metas.append(meta), real(ids, pos, meta, cache))[1])
     for native in ([True, False] if m.native_kernels else [False]):
         m.set_native_kernels(native)
         metas.clear()
         Engine(m, tok, EngineConfig(max_num_seqs=2)).generate(
-            [Request(f"r{i}", [5, 6, 7], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)) for i in range(2)])
+            [Request(f"r{i}", [5, 6, 7], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+             for i in range(2)])
         assert any(x.n_decode for x in metas) and any(x.prefill_pasts is not None for x in metas)
         built = [x.decode_mask is not None for x in metas if x.n_decode] + \
             [x.prefill_mask is not None for x in metas if x.prefill_pasts is not None]
@@ -357,7 +359,8 @@ def test_bf16_model_runs_decode_sized_matmuls_on_amx(tiny_model_dir, monkeypatch
     model.greedy(h)
     assert calls == [16]  # the head, rows padded to the bucket size
     f32 = GPT2.from_pretrained(str(tiny_model_dir))
-    assert [m.amx is not None for m in f32.backend.linears(f32)] == [False] * (len(f32.backend.linears(f32)) - 1) + [True]
+    layers = f32.backend.linears(f32)
+    assert [m.amx is not None for m in layers] == [False] * (len(layers) - 1) + [True]
 
 
 def test_kernels_build_without_amx(tmp_path, monkeypatch):

@@ -184,8 +184,10 @@ def test_cuda_graphs_fp16_agree_with_fp32_reference(setup, tiny_model_dir):
     ref_model = GPT2.from_pretrained(str(tiny_model_dir))
     gpu_model = GPT2.from_pretrained(str(tiny_model_dir), device="cuda", dtype=torch.float16)
     ids = tok.encode("A prompt for the graph test")
-    reqs = lambda: [Request(f"r{n}", ids, _greedy(n, 12), prefix_key=f"p{n}", soft_prompt=prompts[n])
-                    for n in prompts]
+
+    def reqs():
+        return [Request(f"r{n}", ids, _greedy(n, 12), prefix_key=f"p{n}", soft_prompt=prompts[n]) for n in prompts]
+
     ref = [o.token_ids for o in Engine(ref_model, tok, EngineConfig(max_num_seqs=8)).generate(reqs())]
     eng = Engine(gpu_model, tok, EngineConfig(max_num_seqs=8))
     assert eng.static is not None and eng.static.capture
@@ -197,8 +199,11 @@ def test_cuda_graphs_fp16_agree_with_fp32_reference(setup, tiny_model_dir):
     # a seeded sampled request beside greedy ones: the graph hands back logits for sampling,
     # and the same seed gives the same tokens twice; the greedy rows keep their tokens
     sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=5, ignore_eos=True)
-    mixed = lambda: [Request(f"m{n}", ids, sampled if n == 4 else _greedy(n, 12), prefix_key=f"p{n}",
-                             soft_prompt=prompts[n]) for n in prompts]
+
+    def mixed():
+        return [Request(f"m{n}", ids, sampled if n == 4 else _greedy(n, 12), prefix_key=f"p{n}",
+                        soft_prompt=prompts[n]) for n in prompts]
+
     first, second = ([o.token_ids for o in eng.generate(mixed())] for _ in range(2))
     assert first == second
     assert [t for t, n in zip(first, prompts) if n != 4] == [t for t, n in zip(got, prompts) if n != 4]
@@ -242,7 +247,8 @@ def test_prefix_hits_and_misses_count_requests(setup):
     _, model, tok, prompts = setup
     eng = Engine(model, tok, EngineConfig(max_num_seqs=4))
     ids = tok.encode("count me")
-    req = lambda rid: Request(rid, ids, _greedy(4, 2), prefix_key="p4", soft_prompt=prompts[4])
+    def req(rid):
+        return Request(rid, ids, _greedy(4, 2), prefix_key="p4", soft_prompt=prompts[4])
     eng.generate([req("a"), req("b")])  # admitted in one step: one computation
     st = eng.prefixes.stats()
     assert (st["computed"], st["misses"], st["hits"]) == (1, 1, 1)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
-from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
+from alembic import command
 from registry import Registry, alembic_config
 from registry.models import Base
 

@@ -68,7 +68,8 @@ def test_step_forward_matches_dense_for_mixed_rows(tiny_model_dir, token_major):
             ql = torch.tensor([len(t) for _, t, _ in rows])[:, None, None]
             mask = ((j <= past + tt) & (tt < ql)) | ((tt >= ql) & (j == 0))
             meta = StepMeta(slot=slot, n_decode=0, prefill_slots=torch.tensor([sl for sl, _, _ in rows]),
-                            prefill_q=tq, prefill_len=length, prefill_dest=dest, prefill_mask=additive_mask(mask.unsqueeze(1), torch.float32))
+                            prefill_q=tq, prefill_len=length, prefill_dest=dest,
+                            prefill_mask=additive_mask(mask.unsqueeze(1), torch.float32))
             return m.forward_step(ids, pos, meta, cache)
 
         prefill([(0, seqs[0], 0), (1, seqs[1][:5], 0), (2, seqs[2], 0)])
@@ -81,7 +82,8 @@ def test_step_forward_matches_dense_for_mixed_rows(tiny_model_dir, token_major):
         lens[0], lens[2] = 8, 4
         meta = StepMeta(slot=torch.tensor([0, 2]), n_decode=2, decode_rows=3, decode_len=8,
                         decode_slots=torch.tensor([0, 2]),
-                        decode_mask=additive_mask((torch.arange(8)[None] < lens[:, None]).view(3, 1, 1, 8), torch.float32))
+                        decode_mask=additive_mask((torch.arange(8)[None] < lens[:, None]).view(3, 1, 1, 8),
+                                                  torch.float32))
         h = m.forward_step(nxt, torch.tensor([7, 3]), meta, cache)
         for row, (seq, tok) in enumerate(zip((seqs[0], seqs[2]), nxt)):
             full = torch.cat([seq, tok[None]])

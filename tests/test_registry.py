@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from alembic import command
 from sqlalchemy import create_engine, inspect, text
 
+from alembic import command
 from registry import (
     InvalidName,
     InvalidPrompt,

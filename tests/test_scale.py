@@ -6,12 +6,11 @@ import time
 
 import torch
 from fastapi.testclient import TestClient
-
 from sqlalchemy import insert, select
 
 from registry import Registry, store
-from registry.models import PromptVersion, Task
 from registry.files import write_prompt_file
+from registry.models import PromptVersion, Task
 from registry.paths import default_db_url
 from server.app import create_app
 from tests.apiutil import settings

@@ -20,8 +20,15 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-from schemathesis.checks import content_type_conformance, negative_data_rejection, not_a_server_error, \
-    response_headers_conformance, response_schema_conformance, status_code_conformance, unsupported_method
+from schemathesis.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    not_a_server_error,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+    unsupported_method,
+)
 
 from tests.serverutil import running_server
 

@@ -10,8 +10,7 @@ from fastapi import APIRouter, Query, Request, Response
 from adapters.init import initial_prompt
 from adapters.peft_format import CONFIG_NAME, PICKLED_NAME, WEIGHTS_NAME, parse_adapter_config, parse_prompt_safetensors
 from server.api.deps import Admin, RuntimeDep, User
-from server.api.responses import ADMIN_ACTIVATE, ADMIN_CREATE, ADMIN_TASK, ADMIN_UPLOAD, UPLOAD_BODY, \
-    USER_TASK, errors
+from server.api.responses import ADMIN_ACTIVATE, ADMIN_CREATE, ADMIN_TASK, ADMIN_UPLOAD, UPLOAD_BODY, USER_TASK, errors
 from server.api.schemas import TaskActivate, TaskCreate
 from server.errors import APIError, Conflict
 

@@ -32,7 +32,8 @@ KNOWN_MODELS: dict[str, tuple[int, int, int]] = {
     "distilgpt2": (768, 6, 12),
 }
 # GPT-2 family defaults by width, for the offline fallback
-GPT2_BY_HIDDEN: dict[int, tuple[int, int]] = {h: (l, a) for h, l, a in KNOWN_MODELS.values() if h != 768}
+GPT2_BY_HIDDEN: dict[int, tuple[int, int]] = {h: (n, a) for h, n, a in KNOWN_MODELS.values()
+                                                  if h != 768}
 GPT2_BY_HIDDEN[768] = (12, 12)
 
 

@@ -16,11 +16,11 @@ from typing import Callable
 
 import torch
 
-from server.engine.prefix_cache import PrefixCache
 from server.engine.execute import Executor
 from server.engine.graphs import StaticDecoder
 from server.engine.kv_cache import KVCache, slot_bytes
 from server.engine.output import Detokenizer, RequestOutput, detect_loop
+from server.engine.prefix_cache import PrefixCache
 from server.engine.request import EngineConfig, QueueFull, Request
 from server.engine.sampler import RowSampling, TokenLogprob, reduce_seed
 from server.engine.scheduler import Scheduler, StepPlan

@@ -35,10 +35,9 @@ class KVCache:
         """`token_major`: keep memory as `[slots, max_len, heads, head_dim]` (one position's
         heads contiguous) while every user still sees `[slots, heads, max_len, head_dim]`
         views. On CPU in bf16 a token's K/V write becomes one contiguous 1.5 KB run instead
-        of 12 lines 128 KB apart, and decode attention reads it no slower: bf16 decode steps
-        took 4-5 % less time (paired-step A/B of the two orders, 124 and 186 step pairs).
-        In fp32 the same A/B measured 2 % slower, and the CUDA path was verified head-major,
-        so both stay head-major.
+        of 12 lines 128 KB apart, and decode attention reads it no slower, so bf16/fp16 on
+        CPU are token-major; fp32 measured slower that way and CUDA was verified head-major,
+        so both stay head-major (paired-step A/Bs: bench/results/HISTORY.md).
         """
         if num_slots < 1:
             raise ValueError("the KV cache needs at least one slot; raise the memory budget")
@@ -94,9 +93,9 @@ class KVCache:
 
     def write_prefix(self, slots: list[int], prefix: torch.Tensor) -> None:
         """Copy a task's prefix KV `[L, 2, H, n, D]` into positions 0..n-1 of each of
-        `slots`. On CPU one strided copy per slot: ~4x faster than one advanced-indexing
-        write broadcast over the slots (4 vs 19 ms for 64 bf16 slots of 8-32 positions);
-        on GPU that one write is one kernel instead of one per slot."""
+        `slots`. On CPU one strided copy per slot, which measured several times faster than
+        one advanced-indexing write broadcast over the slots (bench/results/HISTORY.md); on
+        GPU that one write is one kernel instead of one per slot."""
         n = prefix.shape[3]
         if not n or not slots:
             return

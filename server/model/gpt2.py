@@ -56,7 +56,8 @@ class GPT2Spec:
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"unsupported GPT-2 activation {act!r}")
         if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or getattr(cfg, "reorder_and_upcast_attn", False):
-            raise ValueError("GPT-2 variants with scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn are not supported")
+            raise ValueError("GPT-2 variants with scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn are "
+                             "not supported")
         if not getattr(cfg, "scale_attn_weights", True):
             raise ValueError("GPT-2 variants without scale_attn_weights are not supported")
         return cls(
