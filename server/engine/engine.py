@@ -19,7 +19,7 @@ import torch
 from server.engine.execute import Executor
 from server.engine.graphs import StaticDecoder
 from server.engine.kv_cache import KVCache, slot_bytes
-from server.engine.output import Detokenizer, RequestOutput, detect_loop
+from server.engine.output import Detokenizer, RequestOutput
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import EngineConfig, QueueFull, Request
 from server.engine.sampler import RowSampling, TokenLogprob, reduce_seed
@@ -365,25 +365,8 @@ class Engine:
 
     def _append(self, req: Request, tok: int, lp: TokenLogprob | None) -> str | None:
         """Add a sampled token (streamed at once); returns the finish reason once it is done."""
-        now = time.monotonic()
-        if req.first_token_time is None:
-            req.first_token_time = now
-        req.output_ids.append(tok)
-        if lp is not None:
-            req.logprobs.append(lp)
-        if req.params.repetition_penalty != 1.0:
-            req.sampling.seen.add(tok)
+        reason = req.append_token(tok, lp, self.model.spec.eos_token_id)
         self.stats["generated_tokens"] += 1
-        p = req.params
-        reason = None
-        if tok == self.model.spec.eos_token_id and not p.ignore_eos:
-            reason = "stop"
-        elif req.detok.add(tok):
-            reason = "stop"  # a stop string appeared
-        elif p.stop_on_repetition and detect_loop(req.output_ids):
-            reason = "repetition"
-        elif len(req.output_ids) >= p.max_tokens:
-            reason = "length"
         if reason is None and req.stream and req.on_output is not None:
             self._emit(req, RequestOutput(req.req_id, [tok], req.detok.delta(), False, None,
                                           len(req.prompt_ids), lp and [lp]))

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from server.engine.output import Detokenizer, RequestOutput
+from server.engine.output import Detokenizer, RequestOutput, detect_loop
 from server.engine.sampler import RowSampling, SamplingParams, TokenLogprob
 from server.engine.scheduler import Status
 
@@ -78,6 +78,27 @@ class Request:
     sampling: RowSampling | None = None
     detok: Detokenizer | None = None
     first_token_time: float | None = None
+
+    def append_token(self, tok: int, lp: TokenLogprob | None, eos_token_id: int) -> str | None:
+        """Add a sampled token; returns why the request is done (EOS or a stop string: "stop",
+        a loop: "repetition", `max_tokens`: "length"), None while it goes on."""
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+        self.output_ids.append(tok)
+        if lp is not None:
+            self.logprobs.append(lp)
+        p = self.params
+        if p.repetition_penalty != 1.0:
+            self.sampling.seen.add(tok)
+        if tok == eos_token_id and not p.ignore_eos:
+            return "stop"
+        if self.detok.add(tok):
+            return "stop"  # a stop string appeared
+        if p.stop_on_repetition and detect_loop(self.output_ids):
+            return "repetition"
+        if len(self.output_ids) >= p.max_tokens:
+            return "length"
+        return None
 
     @property
     def num_prompt(self) -> int:
