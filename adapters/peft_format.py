@@ -32,7 +32,6 @@ MAX_HEADER_BYTES = 1024 * 1024  # one tensor's header is ~100 bytes; this bounds
 MAX_JSON_DEPTH = 64
 MAX_VIRTUAL_TOKENS = 1024
 DTYPE_SIZES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
-FLOAT_DTYPES = set(DTYPE_SIZES)
 
 _ESCAPE = re.compile(r"\\.", re.S)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")

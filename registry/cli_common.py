@@ -28,12 +28,6 @@ def resolve_registry_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def db_url_from_args(args) -> str:
-    """`--db`, else the SQLite file inside `--data-dir`."""
-    s = registry_settings(args) if isinstance(args, argparse.Namespace) else args
-    return s.db or default_db_url(s.data_dir)
-
-
 def open_registry(args) -> Registry:
     """A Registry for the parsed flags (or settings), migrated to head."""
     s = registry_settings(args) if isinstance(args, argparse.Namespace) else args
