@@ -170,6 +170,11 @@ class Registry:
         with self._session() as s:
             return store.active_index(s)
 
+    def created_times(self, name: str | None = None) -> dict[str, int]:
+        """`{name: creation time in unix seconds}` for every task (or just `name`), one light query."""
+        with self._session() as s:
+            return store.created_times(s, name=name)
+
     def load_prompt(self, sha256: str) -> torch.Tensor:
         """The stored prompt `[n, hidden]` float32, sha256-verified."""
         return read_prompt_file(self.data_dir, sha256)

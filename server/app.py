@@ -13,7 +13,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.api import console, openai, system, tasks
+from server.api import chat, console, openai, system, tasks
 from server.errors import DOMAIN_ERRORS, APIError, error_body, to_api_error
 from server.lifecycle import DrainGate, Lifecycle
 from server.runtime import Runtime
@@ -107,6 +107,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.state.settings = settings
     app.include_router(system.router)
     app.include_router(openai.router)
+    app.include_router(chat.router)
     app.include_router(tasks.router)
     _add_docs(app)
     console.install(app)  # /console: the operator console's page and files; /v1/auth

@@ -71,6 +71,9 @@ class DrainGate:
         if lc.draining.is_set() and scope.get("path") != "/metrics":
             if scope.get("path") == "/health":
                 return await _json(503, {"status": "draining"}, send)
+            rt = getattr(scope["app"].state, "runtime", None) if "app" in scope else None
+            if rt is not None:
+                rt.metrics.reject("shutting_down")
             return await _json(503, {"error": {"message": "the server is shutting down; retry on another replica",
                                                "type": "server_error", "code": "shutting_down"}}, send)
         lc.in_flight += 1

@@ -83,6 +83,7 @@ class Runtime:
         log.info("serving paths: %s", "; ".join(f"{k}: {v}" for k, v in paths.items()))
         self.metrics = Metrics()
         self.engine.listeners.append(self.metrics.on_finish)
+        self.metrics.attach(self)  # gauges read from this runtime at scrape time
         self.tasks: dict[str, TaskInfo] = {}
         self._generation = -1
         self._refresh_lock = threading.Lock()
@@ -157,6 +158,7 @@ class Runtime:
             new = tasks.get(name)
             if info.sha256 and (new is None or new.sha256 != info.sha256):
                 self.engine.prefixes.invalidate(info.sha256)
+        self.metrics.forget_tasks(set(old) - set(tasks))  # deleted tasks: their per-task series go
         # new versions (at startup: all of them): compute their prefix before the first request
         self._warm([i for n, i in tasks.items() if n not in old or old[n].sha256 != i.sha256])
         if old or tasks:

@@ -16,7 +16,7 @@ from typing import AsyncIterator, Callable
 import anyio
 import torch
 
-from server.engine.engine import Request
+from server.engine.engine import QueueFull, Request
 from server.engine.output import RequestOutput
 from server.engine.sampler import SamplingParams
 from server.errors import APIError, ClientGone, EngineFailure, NotFound, Overloaded, RequestTimeout, ShuttingDown
@@ -78,14 +78,44 @@ def check_count(rt: Runtime, count: int) -> None:
     never be served (400); over what the queue has room for now, or over the queue-wait
     bound, it is a 503 with Retry-After."""
     limit = rt.engine.config.max_queue
-    if count > max(1, limit):  # one item is never too many: an empty queue's answer is the 503 below
-        raise APIError(f"this request has {count} completions (prompts x n); at most {limit} fit the server's "
-                       "queue: split it into smaller requests", code="too_many_items")
-    rt.engine.check_admission(count)  # QueueFull: 503 with Retry-After (server/errors.py)
+    try:
+        if count > max(1, limit):  # one item is never too many: an empty queue's answer is the 503 below
+            raise APIError(f"this request has {count} completions (prompts x n); at most {limit} fit the "
+                           "server's queue: split it into smaller requests", code="too_many_items")
+        rt.engine.check_admission(count)  # QueueFull: 503 with Retry-After (server/errors.py)
+    except Exception as e:
+        _count_rejection(rt, e)
+        raise
+
+
+def _count_rejection(rt: Runtime, e: BaseException) -> None:
+    """Count a request refused at intake by why (`polyprompt_rejected_requests_total{reason}`):
+    the two QueueFull causes told apart by the engine's message, an APIError by its code; once
+    per error, however many of the intake steps it passes through."""
+    if getattr(e, "_counted", False):
+        return
+    try:
+        e._counted = True  # type: ignore[attr-defined]
+    except AttributeError:
+        return
+    if isinstance(e, QueueFull):
+        rt.metrics.reject("queue_full" if str(e).startswith("the queue is full") else "queue_wait")
+    elif isinstance(e, ShuttingDown):
+        rt.metrics.reject("shutting_down")
+    elif isinstance(e, APIError):
+        rt.metrics.reject(e.code or "invalid_request")
 
 
 async def prepare(rt: Runtime, items: list[Item]) -> list[Prepared]:
     """Resolve tasks, build and tokenize (off the event loop), check every item fits the context."""
+    try:
+        return await _prepare(rt, items)
+    except Exception as e:
+        _count_rejection(rt, e)
+        raise
+
+
+async def _prepare(rt: Runtime, items: list[Item]) -> list[Prepared]:
     check_count(rt, len(items))
     infos = {name: _resolve(rt, name) for name in {it[0] for it in items}}
 
@@ -159,9 +189,10 @@ class Submission:
                               deadline=None if p.timeout is None else now + p.timeout)
                 rt.engine.add_request(req)  # prepare() checked what it refuses; QueueFull: 503
                 submitted += 1
-        except BaseException:
+        except BaseException as e:
             for rid in self.ids[:submitted]:
                 rt.engine.abort(rid)
+            _count_rejection(rt, e)
             raise
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:

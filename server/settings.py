@@ -20,6 +20,9 @@ class Settings(RegistrySettings):
                                                     "gets 503 at once; 0 = off")
     drain_timeout: float = Field(30.0, description="seconds after SIGTERM for accepted requests to finish "
                                                    "before they are ended")
+    target_utilisation: float = Field(0.9, gt=0, le=1, description="the engine's busy share (time in its step "
+                                      "over wall time, last 10 s) this replica aims to stay under: /health and "
+                                      "/metrics report it next to the measured share, for readiness and autoscaling")
     max_num_batched_tokens: int = Field(2048, description="tokens per forward pass (prefill chunk budget)")
     kv_cache_gb: float = Field(6.0, description="KV-cache memory budget")
     prefix_cache_mb: float = Field(1024.0, description="prefix-KV cache memory cap")
@@ -35,6 +38,9 @@ class Settings(RegistrySettings):
     reload_interval: float = Field(0.5, description="seconds between registry change polls")
     max_body_mb: float = Field(64.0, description="largest request body (413 above it)")
     log_level: str = Field("info", description="debug, info, warning")
+    chat_template: str | None = Field(None, description="Jinja chat template for /v1/chat/completions, or the path "
+                                                        "of a file holding one (default: a plain 'Role: text' "
+                                                        "template ending in 'Assistant:')")
 
     @property
     def max_body_bytes(self) -> int:

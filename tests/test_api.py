@@ -433,8 +433,8 @@ def test_metrics(client, base_id):
     def delta(key: str) -> float:
         return after.get(key, 0.0) - before.get(key, 0.0)
 
-    assert delta('polyprompt_requests_total{task="alpha",finish_reason="length"}') == 1
-    assert delta(f'polyprompt_requests_total{{task="{base_id}",finish_reason="length"}}') == 1  # the base model
+    assert delta('polyprompt_requests_total{finish_reason="length",task="alpha"}') == 1
+    assert delta(f'polyprompt_requests_total{{finish_reason="length",task="{base_id}"}}') == 1  # the base model
     assert sum(delta(k) for k in after if k.startswith("polyprompt_requests_total")) == 2
     assert delta("polyprompt_generation_tokens_total") == 3 + 2
     assert delta("polyprompt_prompt_tokens_total") == (a["usage"]["prompt_tokens"] + b["usage"]["prompt_tokens"])

@@ -18,7 +18,8 @@ USER, ADMIN = "user-key", "admin-key"
 OPEN_ROUTES = {("get", "/health"), ("get", "/metrics")}
 ADMIN_ROUTES = {("post", "/v1/tasks"), ("delete", "/v1/tasks/{name}"), ("post", "/v1/tasks/{name}/prompt"),
                 ("post", "/v1/tasks/{name}/activate")}
-GENERATION_PATHS = ("/v1/completions", "/v1/generate")  # engine work: 500 (its row failed), 408, 503 overload
+# engine work: 500 (its row failed), 408 (its own timeout), 503 overload
+GENERATION_PATHS = ("/v1/completions", "/v1/generate", "/v1/chat/completions")
 BODY_LIMIT = 4096  # bytes; max_body_mb of the keyed app
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
@@ -137,3 +138,72 @@ class TaskActivate(BaseModel):
     model_config = _STRICT
 
     version: Int = Field(ge=1, lt=2**63)
+
+
+# ------------------------------------------------------------------ /v1/chat/completions
+
+class ChatTextPart(BaseModel):
+    """One part of a message's content: text only (GPT-2 reads no images or audio; another
+    part type is a 422 naming the field)."""
+    model_config = ConfigDict(extra="ignore", **_STRICT)
+
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", **_STRICT)
+
+    role: Literal["system", "user", "assistant"]
+    content: Text | list[ChatTextPart]
+    name: Text | None = Field(None, max_length=256)
+
+    def text(self) -> str:
+        """The content as one string: text parts joined by newlines (as vLLM joins them)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    """OpenAI's chat body. `logprobs` is a boolean here, with `top_logprobs` the number of
+    alternatives; `max_completion_tokens` is OpenAI's newer name for `max_tokens`."""
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
+    n: Int = Field(1, ge=1, le=64)
+    stream: bool = False
+    stream_options: dict | None = None
+    user: str | None = None
+    logprobs: bool | None = None  # type: ignore[assignment]
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: Int | None = Field(None, ge=1)
+    # OpenAI fields we accept only at their neutral values
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    response_format: dict | None = None
+
+    def unsupported(self) -> str | None:
+        if self.presence_penalty or self.frequency_penalty:
+            return "presence_penalty/frequency_penalty are not supported; use repetition_penalty"
+        if self.logit_bias:
+            return "logit_bias is not supported"
+        if self.tools or self.functions or self.tool_choice not in (None, "none"):
+            return "tools/function calling are not supported"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format other than {\"type\": \"text\"} is not supported"
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs needs logprobs: true"
+        if self.max_completion_tokens is not None and "max_tokens" in self.model_fields_set \
+                and self.max_tokens not in (None, self.max_completion_tokens):
+            return "max_tokens and max_completion_tokens differ; send one of them"
+        return None
+
+    def sampling_params(self, seed_offset: int = 0) -> SamplingParams:
+        """As a completion's, with the chat meaning of `logprobs` and `max_completion_tokens`."""
+        p = super().sampling_params(seed_offset)
+        max_tokens = self.max_completion_tokens or p.max_tokens
+        return replace(p, max_tokens=max_tokens, logprobs=(self.top_logprobs or 0) if self.logprobs else None)

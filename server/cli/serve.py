@@ -1,12 +1,23 @@
-"""`polyprompt serve`: migrations and the model load before the port is bound, then HTTP on
-its own thread and the engine loop on the main one; SIGTERM drains (`server.lifecycle`)."""
+"""`polyprompt serve`: the port is bound, the data folder and model folder checked, then
+migrations and the model load, then HTTP on its own thread and the engine loop on the main
+one; SIGTERM drains (`server.lifecycle`).
+
+A start-up failure a person can fix (port taken, model folder wrong, database URL bad or the
+database down, data folder read-only) is one line on stderr and exit code 1, not a traceback
+(`--log-level debug` logs the traceback as well): `StartupError` and `_explain`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import socket
+import sys
+import tempfile
 import threading
+from pathlib import Path
 
 from registry.settings import add_flags, from_args
 from server.settings import Settings
@@ -25,7 +36,15 @@ def main(argv: list[str]) -> int:
     from server.app import create_app
     from server.runtime import Runtime
 
-    runtime = Runtime(settings)  # migrations + model load before we listen
+    try:
+        sock = _bind(settings.host, settings.port)  # first: a taken port fails before seconds of loading
+        _check_data_dir(settings.data_dir)
+        _check_model(settings.model)
+        runtime = Runtime(settings)  # migrations + model load before we listen
+    except Exception as e:  # noqa: BLE001 -- every start-up failure ends as one line
+        logging.getLogger("polyprompt.serve").debug("start-up failed", exc_info=True)
+        print(f"polyprompt serve: {_explain(e, settings)}", file=sys.stderr)
+        return 1
     app = create_app(settings, runtime)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
                                            log_level=settings.log_level.lower(), timeout_graceful_shutdown=5))
@@ -35,7 +54,7 @@ def main(argv: list[str]) -> int:
     # requests, let accepted ones finish within --drain-timeout, end the rest, exit 0; a second
     # signal stops waiting.
     runtime.engine_on_caller_thread = settings.engine_main_thread
-    http = threading.Thread(target=server.run, name="polyprompt-http", daemon=True)
+    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="polyprompt-http", daemon=True)
     lifecycle = app.state.lifecycle
 
     def _drain_then_exit():
@@ -59,3 +78,97 @@ def main(argv: list[str]) -> int:
     return 0 if server.started else 1  # e.g. the port was taken
 
 
+class StartupError(Exception):
+    """A start-up problem already worded for the person starting the server."""
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now and handed to uvicorn (no window for another process to
+    take the port between this check and the server's start)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {e.strerror or e} "
+                           "(another server on that port? choose one with --port)") from e
+    sock.set_inheritable(True)
+    return sock
+
+
+def _check_data_dir(data_dir: str) -> None:
+    path = Path(data_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise StartupError(f"--data-dir {data_dir}: the data folder cannot be written ({e.strerror or e}); "
+                           "choose a writable folder with --data-dir") from e
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model
+
+
+def _check_model(model: str) -> None:
+    """A local model folder must exist and hold a config and tokenizer files; anything else is
+    taken as a hub id (transformers reports a bad one, `_explain` words it)."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        if _looks_like_path(model):
+            raise StartupError(f"--model {model}: no such folder (a local model folder, or a hub id such as gpt2)")
+        return
+    if not path.is_dir():
+        raise StartupError(f"--model {model}: not a folder (give the folder holding config.json and the tokenizer)")
+    if not (path / "config.json").is_file():
+        raise StartupError(f"--model {model}: the folder has no config.json: not a saved model folder")
+    has = {name: (path / name).is_file() for name in ("tokenizer.json", "vocab.json", "merges.txt")}
+    if not (has["tokenizer.json"] or (has["vocab.json"] and has["merges.txt"])):
+        raise StartupError(f"--model {model}: the folder has no tokenizer files (tokenizer.json, or vocab.json and "
+                           "merges.txt); save the tokenizer next to the model (tokenizer.save_pretrained)")
+
+
+def _db_label(settings) -> str:
+    if not settings.db:
+        return f"the database in --data-dir {settings.data_dir}"
+    try:
+        from sqlalchemy.engine import make_url
+
+        return f"--db {make_url(settings.db).render_as_string(hide_password=True)}"
+    except Exception:  # noqa: BLE001 -- an unparseable URL is shown as given (it holds no parsed password)
+        return "--db (unparseable URL)"
+
+
+def _first_line(e: BaseException, limit: int = 240) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _explain(e: Exception, settings) -> str:
+    """One line naming what is wrong and what to change, for the failures start-up is known to hit."""
+    if isinstance(e, StartupError):
+        return str(e)
+    import sqlalchemy.exc as sa
+
+    if isinstance(e, (sa.NoSuchModuleError, sa.ArgumentError)):
+        return f"{_db_label(settings)}: not a database URL this server can use ({_first_line(e)})"
+    if isinstance(e, ModuleNotFoundError) and settings.db:
+        return (f"{_db_label(settings)}: the database driver is not installed (No module named {e.name!r}); "
+                "pip install it, e.g. psycopg[binary] for postgresql://")
+    if isinstance(e, (sa.OperationalError, sa.InterfaceError)):
+        cause = _first_line(e.orig) if getattr(e, "orig", None) is not None else _first_line(e)
+        return f"{_db_label(settings)}: cannot open the database ({cause}); is it running and reachable?"
+    if isinstance(e, sa.SQLAlchemyError):
+        return f"{_db_label(settings)}: the database failed at start-up ({type(e).__name__}: {_first_line(e)})"
+    if isinstance(e, PermissionError):
+        return f"permission denied: {e.filename or _first_line(e)} (check --data-dir and --model)"
+    if isinstance(e, OSError) and not Path(settings.model).expanduser().exists():
+        return (f"--model {settings.model}: no such folder, and it could not be loaded from the Hugging Face hub "
+                f"({_first_line(e)})")
+    if isinstance(e, ValueError):  # --device/--dtype and settings the runtime refuses
+        return _first_line(e)
+    return f"start-up failed: {type(e).__name__}: {_first_line(e)} (--log-level debug shows the traceback)"

@@ -24,6 +24,7 @@ from server.engine.prefix_cache import PrefixCache
 from server.engine.request import EngineConfig, QueueFull, Request
 from server.engine.sampler import RowSampling, TokenLogprob, reduce_seed
 from server.engine.scheduler import Scheduler, StepPlan
+from server.engine.utilisation import BusyMeter
 from server.model import GPT2
 
 __all__ = ["Engine", "EngineConfig", "QueueFull", "Request"]
@@ -71,6 +72,7 @@ class Engine:
         self.slot_seconds: float | None = None  # moving average of how long a request holds a slot
         self.stats = {"steps": 0, "generated_tokens": 0, "prompt_tokens": 0, "finished": 0, "row_failures": 0}
         self.listeners: list[Callable[[Request, RequestOutput], None]] = []
+        self.meter = BusyMeter()  # time inside step() in `_loop` (server/engine/utilisation.py)
 
     # ------------------------------------------------------------------ intake (any thread)
     def add_request(self, req: Request) -> None:
@@ -163,15 +165,19 @@ class Engine:
             if not (self._inbox or self._aborts or self._abort_all or self._warm or self.scheduler.has_work()):
                 self._wake.wait(0.05)
                 self._wake.clear()
+                self.meter.tick()
                 continue
             if self._inbox and not self.scheduler.has_work():
                 self._await_burst()
+            self.meter.begin()
             try:
                 self.step()
             except Exception:  # outside any row (rows are contained in `step`): fail what runs
                 log.exception("engine step failed outside a row; failing the running requests")
                 for req in list(self.scheduler.running.values()):
                     self._end(req, "error")
+            finally:
+                self.meter.end()
 
     def _await_burst(self) -> None:
         window = self.config.admission_window_s
@@ -404,6 +410,10 @@ class Engine:
         return self.model.warm_kernels(self.config.max_num_batched_tokens, self.cache.num_slots)
 
     # ------------------------------------------------------------------ introspection
+    def utilisation(self) -> float:
+        """The loop's busy share (time in step() over wall time) of the last ~10 s, 0..1."""
+        return self.meter.utilisation()
+
     def memory_report(self) -> dict:
         return {"kv_cache_bytes": self.cache.nbytes, "kv_slots": self.cache.num_slots,
                 "prefix_cache": self.prefixes.stats()}
