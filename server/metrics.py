@@ -156,7 +156,7 @@ class _RuntimeCollector(Collector):
         yield gauge("running_batch_size", "Requests holding a KV-cache slot (the running batch).", eng.num_running)
         yield gauge("tasks", "Tasks in the served task table.", len(rt.tasks))
         yield gauge("engine_utilisation", "Busy share of the engine loop over the last ~10 s: time inside its "
-                    "step over wall time (0..1).", eng.utilisation())
+                    "step over wall time (0..1).", eng.meter.utilisation())
         yield gauge("target_utilisation", "The busy share this replica aims to stay under (--target-utilisation); "
                     "scale out above it.", rt.settings.target_utilisation)
         yield counter("engine_busy_seconds", "Seconds the engine loop spent inside its step (rate() = utilisation).",

@@ -249,6 +249,12 @@ async def collect(request, submission: Submission) -> list[RequestOutput]:
     return finals  # type: ignore[return-value]
 
 
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    """OpenAI's `usage` object (the user's tokens; virtual tokens are not counted)."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
 def logprobs_json(rt: Runtime, out_logprobs, text_offset: int = 0) -> dict | None:
     """OpenAI legacy completions `logprobs` object."""
     if out_logprobs is None:

@@ -191,3 +191,19 @@ def test_deleted_task_loses_its_series(client):
     assert client.delete("/v1/tasks/doomed").status_code in (200, 204)
     _, samples = scrape(client)
     assert not [k for k in samples if ("task", "doomed") in k[1]]
+
+
+def test_refusals_while_draining_are_counted(client):
+    """The drain gate answers before any route: its 503s count as `shutting_down` rejections
+    (and /metrics keeps answering while the server drains)."""
+    _, before = scrape(client)
+    lifecycle = client.app.state.lifecycle
+    lifecycle.draining.set()
+    try:
+        r = _post(client, model="alpha")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        _, after = scrape(client)
+    finally:
+        lifecycle.draining.clear()
+    k = key("rejected_requests_total", reason="shutting_down")
+    assert after[k] - before[k] == 1

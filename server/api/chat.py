@@ -108,11 +108,6 @@ def chat_logprobs(rt: Runtime, lps) -> dict | None:
     return {"content": content, "refusal": None}
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
 @router.post("/v1/chat/completions", responses=GENERATION)
 async def chat_completions(body: ChatCompletionRequest, rt: RuntimeDep, request: Request):
     if (msg := body.unsupported()) is not None:
@@ -139,7 +134,7 @@ async def chat_completions(body: ChatCompletionRequest, rt: RuntimeDep, request:
         choices.append(choice)
     completion_tokens = sum(len(out.token_ids) for out in finals)
     return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
-            "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+            "choices": choices, "usage": service.usage(prompt_tokens, completion_tokens)}
 
 
 async def _stream(body: ChatCompletionRequest, submission: "service.Submission", cid: str, created: int,
@@ -171,7 +166,7 @@ async def _stream(body: ChatCompletionRequest, submission: "service.Submission",
             if out.finished:
                 yield event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}])
         if usage:
-            yield event([], usage=_usage(prompt_tokens, completion_tokens))
+            yield event([], usage=service.usage(prompt_tokens, completion_tokens))
     except APIError as e:  # headers are already sent: report in-band
         yield f"data: {json.dumps(e.body())}\n\n"
     yield "data: [DONE]\n\n"

@@ -30,11 +30,6 @@ def _prompts(prompt) -> list[str | list[int]]:
     return list(prompt)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
 @router.post("/v1/completions", responses=GENERATION)
 async def completions(body: CompletionRequest, rt: RuntimeDep, request: Request):
     if (msg := body.unsupported()) is not None:
@@ -61,7 +56,7 @@ async def completions(body: CompletionRequest, rt: RuntimeDep, request: Request)
             choice["token_ids"] = out.token_ids
         choices[i] = choice
     return {"id": cid, "object": "text_completion", "created": created, "model": body.model,
-            "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+            "choices": choices, "usage": service.usage(prompt_tokens, completion_tokens)}
 
 
 async def _stream(body: CompletionRequest, submission: "service.Submission", cid: str, created: int,
@@ -83,7 +78,7 @@ async def _stream(body: CompletionRequest, submission: "service.Submission", cid
             yield f"data: {json.dumps(chunk)}\n\n"
         if (body.stream_options or {}).get("include_usage"):
             chunk = {"id": cid, "object": "text_completion", "created": created, "model": body.model,
-                     "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
+                     "choices": [], "usage": service.usage(prompt_tokens, completion_tokens)}
             yield f"data: {json.dumps(chunk)}\n\n"
     except APIError as e:  # headers are already sent: report in-band
         yield f"data: {json.dumps(e.body())}\n\n"
@@ -99,7 +94,7 @@ async def generate(body: GenerateRequest, rt: RuntimeDep, request: Request) -> d
     for i, out in enumerate(finals):
         n_prompt = len(prepared[i].prompt_ids)
         results[i] = {"task": body.requests[i].task, "text": out.text, "token_ids": out.token_ids,
-                      "finish_reason": out.finish_reason, "usage": _usage(n_prompt, len(out.token_ids))}
+                      "finish_reason": out.finish_reason, "usage": service.usage(n_prompt, len(out.token_ids))}
         if body.requests[i].logprobs is not None:
             results[i]["logprobs"] = service.logprobs_json(rt, out.logprobs)
     return {"results": results}

@@ -35,7 +35,7 @@ def health(rt: RuntimeDep) -> dict:
         "status": "ok", "model": rt.model_id, "device": str(rt.device),
         "dtype": str(rt.dtype).removeprefix("torch."), "tasks": len(rt.tasks),
         "running": rt.engine.num_running, "waiting": rt.engine.num_waiting,
-        "utilisation": round(rt.engine.utilisation(), 4), "target_utilisation": rt.settings.target_utilisation,
+        "utilisation": round(rt.engine.meter.utilisation(), 4), "target_utilisation": rt.settings.target_utilisation,
         "memory": rt.memory_report(),
     }
 

@@ -410,10 +410,6 @@ class Engine:
         return self.model.warm_kernels(self.config.max_num_batched_tokens, self.cache.num_slots)
 
     # ------------------------------------------------------------------ introspection
-    def utilisation(self) -> float:
-        """The loop's busy share (time in step() over wall time) of the last ~10 s, 0..1."""
-        return self.meter.utilisation()
-
     def memory_report(self) -> dict:
         return {"kv_cache_bytes": self.cache.nbytes, "kv_slots": self.cache.num_slots,
                 "prefix_cache": self.prefixes.stats()}
