@@ -24,6 +24,7 @@ from .errors import (
 )
 from .files import read_prompt_file, write_prompt_file
 from .paths import alembic_dir, repo_root
+from .store import MAX_CHAT_TEMPLATE_CHARS, MAX_VIRTUAL_TOKENS
 
 __all__ = [
     "Registry",
@@ -36,6 +37,8 @@ __all__ = [
     "IntegrityError",
     "make_engine",
     "alembic_config",
+    "MAX_VIRTUAL_TOKENS",
+    "MAX_CHAT_TEMPLATE_CHARS",
 ]
 
 # arbitrary constant key for pg_advisory_lock around migrations ("polyprmt")
@@ -83,13 +86,13 @@ def alembic_config(db_url: str | None = None):  # -> alembic.config.Config
 
 
 def _prompt_shape(embeddings: Any) -> tuple[int, int]:
-    """(n, hidden) of a prompt tensor; raises InvalidPrompt unless it is 2-D with n >= 1."""
+    """(n, hidden) of a prompt tensor; raises InvalidPrompt unless it is 2-D with 1 <= n <=
+    MAX_VIRTUAL_TOKENS (checked before any file is written)."""
     if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2:
         shape = tuple(getattr(embeddings, "shape", ()))
         raise InvalidPrompt(f"embeddings must be a 2-D tensor [n, hidden], got shape {shape}")
     n, hidden = (int(d) for d in embeddings.shape)
-    if n < 1:
-        raise InvalidPrompt("a prompt needs at least one virtual token")
+    store.check_virtual_tokens(n)
     return n, hidden
 
 
@@ -170,6 +173,12 @@ class Registry:
         with self._session() as s:
             return store.active_index(s)
 
+    def serving_index(self) -> dict[str, tuple[int, int | None, str | None, str | None]]:
+        """`{name: (num_virtual_tokens, active version, sha256, chat_template)}`, one light query:
+        what a server holds per task (chat_template None: the server's own)."""
+        with self._session() as s:
+            return store.serving_index(s)
+
     def created_times(self, name: str | None = None) -> dict[str, int]:
         """`{name: creation time in unix seconds}` for every task (or just `name`), one light query."""
         with self._session() as s:
@@ -191,11 +200,16 @@ class Registry:
         embeddings: torch.Tensor | None = None,
         source: str = "create",
         meta: dict[str, Any] | None = None,
+        chat_template: str | None = None,
     ) -> dict[str, Any]:
         """Create a task; with `embeddings` [n, hidden] also its active version 1, atomically:
         the prompt file is written first, then one transaction inserts both rows, so nobody
         (not even a crash in between) ever sees the task without a prompt. Without
-        `embeddings` the task has no versions yet. Raises TaskExists / InvalidName / InvalidPrompt."""
+        `embeddings` the task has no versions yet. `chat_template`: the task's own Jinja chat
+        template (None: the server's; the caller checks that it renders). Raises TaskExists /
+        InvalidName / InvalidPrompt (also over MAX_VIRTUAL_TOKENS) / ValueError (a template that
+        cannot be stored), all before anything is written."""
+        store.check_chat_template(chat_template)
         file: tuple[str, str] | None = None
         if embeddings is not None:
             n, hidden = _prompt_shape(embeddings)
@@ -218,6 +232,7 @@ class Registry:
                 num_virtual_tokens=num_virtual_tokens,
                 hidden_size=hidden_size,
                 base_model=base_model,
+                chat_template=chat_template,
             )
             if file is not None:
                 store.insert_version(
@@ -231,6 +246,13 @@ class Registry:
                     meta=meta,
                 )
             return store.task_to_dict(task)
+
+    def update_task(self, name: str, *, chat_template: str | None = store._UNSET) -> dict[str, Any]:
+        """Change the task's settings that are passed (today only `chat_template`; None: back to
+        the server's) and return the task; nothing passed: nothing written. Raises TaskNotFound /
+        ValueError (a template that cannot be stored; the caller checks that it renders)."""
+        with self._session() as s, s.begin():
+            return store.task_to_dict(store.update_task(s, name=name, chat_template=chat_template))
 
     def delete_task(self, name: str) -> None:
         """Delete the task's rows (prompt files stay: they may be shared)."""

@@ -47,6 +47,8 @@ class Task(Base):
     num_virtual_tokens: Mapped[int] = mapped_column(Integer, nullable=False)
     hidden_size: Mapped[int] = mapped_column(Integer, nullable=False)
     base_model: Mapped[str] = mapped_column(String(255), nullable=False)
+    # the task's own Jinja chat template for /v1/chat/completions (None: the server's)
+    chat_template: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
 

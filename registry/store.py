@@ -25,6 +25,12 @@ STATE_ID = 1
 # plus the response around it, well under pydantic-core's serializer limit (~255)
 MAX_SERVED_DEPTH = 128
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# The most virtual tokens a task's prompt may have: the one cap, for a task created over HTTP
+# (`TaskCreate`) and for every prompt stored by any path (uploads, `tasks import`, training),
+# checked here where every path ends, before a file is written or a row inserted.
+MAX_VIRTUAL_TOKENS = 512
+MAX_CHAT_TEMPLATE_CHARS = 65536
+_UNSET: Any = object()
 
 
 def validate_name(name: str) -> str:
@@ -35,6 +41,34 @@ def validate_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def check_virtual_tokens(n: int) -> int:
+    """Return `n` if a prompt may have that many virtual tokens (1..MAX_VIRTUAL_TOKENS), else
+    raise InvalidPrompt saying so."""
+    if n < 1:
+        raise InvalidPrompt("a prompt needs at least one virtual token")
+    if n > MAX_VIRTUAL_TOKENS:
+        raise InvalidPrompt(f"the prompt has {n} virtual tokens, over the maximum of {MAX_VIRTUAL_TOKENS} "
+                            "(the limit a task is created with); use fewer virtual tokens")
+    return n
+
+
+def check_chat_template(template: str | None) -> str | None:
+    """Return `template` if the registry can store it (None, or a non-empty string of at most
+    MAX_CHAT_TEMPLATE_CHARS characters without NUL), else raise ValueError. Whether it is a
+    Jinja template that renders is the server's to check (the registry has no Jinja)."""
+    if template is None:
+        return None
+    if not isinstance(template, str):
+        raise ValueError(f"chat_template must be a string or None, not {type(template).__name__}")
+    if not template:
+        raise ValueError("chat_template must not be empty (None means: the server's template)")
+    if len(template) > MAX_CHAT_TEMPLATE_CHARS:
+        raise ValueError(f"chat_template is {len(template)} characters, over the {MAX_CHAT_TEMPLATE_CHARS} limit")
+    if "\x00" in template:
+        raise ValueError("chat_template must not contain NUL characters")
+    return template
 
 
 def bump_generation(session: Session) -> int:
@@ -113,6 +147,18 @@ def active_index(session: Session) -> dict[str, tuple[int, int | None, str | Non
     return {name: (n, version, sha) for name, n, version, sha in session.execute(stmt)}
 
 
+def serving_index(session: Session) -> dict[str, tuple[int, int | None, str | None, str | None]]:
+    """`active_index` with each task's chat template as a fourth item (None: the server's), one
+    query: all a server holds per task. Equal templates come back as one string object."""
+    stmt = (
+        select(Task.name, Task.num_virtual_tokens, PromptVersion.version, PromptVersion.sha256, Task.chat_template)
+        .outerjoin(PromptVersion, (PromptVersion.task_id == Task.id) & PromptVersion.is_active)
+    )
+    shared: dict[str, str] = {}
+    return {name: (n, version, sha, None if tpl is None else shared.setdefault(tpl, tpl))
+            for name, n, version, sha, tpl in session.execute(stmt)}
+
+
 def created_times(session: Session, *, name: str | None = None) -> dict[str, int]:
     """`{name: creation time, unix seconds}` for every task (or the one called `name`): one
     two-column query, no ORM objects, for `/v1/models` (`created`) at thousands of tasks."""
@@ -135,11 +181,15 @@ def create_task(
     num_virtual_tokens: int,
     hidden_size: int,
     base_model: str,
+    chat_template: str | None = None,
 ) -> Task:
-    """Insert a new task; raises InvalidName / TaskExists."""
+    """Insert a new task; raises InvalidName / TaskExists / InvalidPrompt (sizes out of range) /
+    ValueError (a chat template that cannot be stored)."""
     validate_name(name)
-    if num_virtual_tokens < 1 or hidden_size < 1:
-        raise InvalidPrompt("num_virtual_tokens and hidden_size must be positive")
+    if hidden_size < 1:
+        raise InvalidPrompt("hidden_size must be positive")
+    check_virtual_tokens(num_virtual_tokens)
+    check_chat_template(chat_template)
     bump_generation(session)
     if task_exists(session, name=name):
         raise TaskExists(f"task {name!r} already exists")
@@ -150,6 +200,7 @@ def create_task(
         num_virtual_tokens=num_virtual_tokens,
         hidden_size=hidden_size,
         base_model=base_model,
+        chat_template=chat_template,
         created_at=now,
         updated_at=now,
     )
@@ -158,6 +209,20 @@ def create_task(
         session.flush()
     except exc.IntegrityError:
         raise TaskExists(f"task {name!r} already exists") from None
+    return task
+
+
+def update_task(session: Session, *, name: str, chat_template: str | None = _UNSET) -> Task:
+    """Change the task's settings given (today: its chat template; None = the server's); with
+    none given, nothing is written and the generation stays. Raises TaskNotFound / ValueError."""
+    if chat_template is _UNSET:
+        return get_task(session, name=name)
+    check_chat_template(chat_template)
+    bump_generation(session)
+    task = get_task(session, name=name)
+    task.chat_template = chat_template
+    task.updated_at = utcnow()
+    session.flush()
     return task
 
 
@@ -233,8 +298,7 @@ def insert_version(
         raise InvalidPrompt(
             f"hidden size {hidden_size} != task {task.name!r}'s {task.hidden_size}"
         )
-    if num_virtual_tokens < 1:
-        raise InvalidPrompt("a prompt needs at least one virtual token")
+    check_virtual_tokens(num_virtual_tokens)
     last = session.scalar(select(func.max(PromptVersion.version)).where(PromptVersion.task_id == task.id))
     has_active = any(v.is_active for v in task.versions)
     pv = PromptVersion(
@@ -340,6 +404,7 @@ def task_to_dict(task: Task) -> dict[str, Any]:
         "num_virtual_tokens": task.num_virtual_tokens,
         "hidden_size": task.hidden_size,
         "base_model": task.base_model,
+        "chat_template": task.chat_template,
         "active_version": active.version if active else None,
         "sha256": active.sha256 if active else None,
         "versions": [version_to_dict(v) for v in versions],

@@ -13,7 +13,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.api import chat, console, openai, system, tasks
+from server.api import chat, console, openai, score, system, tasks
 from server.errors import DOMAIN_ERRORS, APIError, error_body, to_api_error
 from server.lifecycle import DrainGate, Lifecycle
 from server.runtime import Runtime
@@ -108,6 +108,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.include_router(system.router)
     app.include_router(openai.router)
     app.include_router(chat.router)
+    app.include_router(score.router)
     app.include_router(tasks.router)
     _add_docs(app)
     console.install(app)  # /console: the operator console's page and files; /v1/auth

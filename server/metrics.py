@@ -50,6 +50,7 @@ class Metrics:
         self.registry = r = CollectorRegistry(auto_describe=False)
         self._lock = threading.Lock()
         self._tasks: dict[str, set[str]] = {}  # task label -> its finish reasons seen (for `forget_tasks`)
+        self._cache_tasks: set[str] = set()  # task labels with response-cache series
         self.requests = Counter("polyprompt_requests", "Finished requests by task and finish reason.",
                                 ["task", "finish_reason"], registry=r)
         self.prompt_tokens = Counter("polyprompt_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
@@ -78,6 +79,12 @@ class Metrics:
         self.errors = Counter("polyprompt_request_errors",
                               "Requests the engine ended without an answer, by finish reason and HTTP status.",
                               ["finish_reason", "status"], registry=r)
+        self.cache_hits = Counter("polyprompt_response_cache_hits",
+                                  "Deterministic requests (items) answered from the response cache, by task: "
+                                  "no engine work, not in polyprompt_requests_total.", ["task"], registry=r)
+        self.cache_misses = Counter("polyprompt_response_cache_misses",
+                                    "Deterministic requests (items) the response cache did not hold, by task "
+                                    "(computed by the engine).", ["task"], registry=r)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
         for reason, status in ERROR_STATUS.items():
@@ -111,6 +118,12 @@ class Metrics:
                     self.itl.observe(itl)
                     self.task_itl.labels(task).observe(itl)
 
+    def response_cache_lookup(self, task: str, *, hit: bool) -> None:
+        """A deterministic item looked up in the response cache (event loop)."""
+        with self._lock:
+            self._cache_tasks.add(task)
+            (self.cache_hits if hit else self.cache_misses).labels(task).inc()
+
     def reject(self, reason: str) -> None:
         """A request refused at intake (request threads); `reason` is an error code from a fixed set."""
         self.rejected.labels(reason if reason in REJECT_REASONS else "invalid_request").inc()
@@ -123,6 +136,10 @@ class Metrics:
                     _remove(metric, task)
                 for reason in self._tasks.pop(task):
                     _remove(self.requests, task, reason)
+            for task in set(names) & self._cache_tasks:
+                self._cache_tasks.discard(task)
+                _remove(self.cache_hits, task)
+                _remove(self.cache_misses, task)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -166,6 +183,12 @@ class _RuntimeCollector(Collector):
         yield counter("prefix_cache_hits", "Requests whose prefix KV was already cached.", pc["hits"])
         yield counter("prefix_cache_misses", "Requests whose prefix KV had to be computed.", pc["misses"])
         yield counter("prefix_cache_computed", "Prefix KV computations (for requests and warm-ups).", pc["computed"])
+        rc = rt.responses.stats()
+        yield gauge("response_cache_entries", "Answers held by the response cache.", rc["entries"])
+        yield gauge("response_cache_bytes", "Estimated bytes held by the response cache (cap: --response-cache-mb).",
+                    rc["bytes"])
+        yield counter("response_cache_evictions", "Response-cache entries evicted to stay under its cap.",
+                      rc["evictions"])
         yield gauge("kv_cache_bytes", "Bytes of the KV cache (all slots).", mem["kv_cache_bytes"])
         yield gauge("per_task_prefix_kv_bytes", "Mean prefix KV bytes one task needs.",
                     mem["per_task_prefix_kv_bytes"])

@@ -22,6 +22,7 @@ from server.engine.engine import Engine
 from server.engine.kv_cache import slot_bytes
 from server.metrics import Metrics
 from server.model import GPT2
+from server.response_cache import ResponseCache
 from server.settings import Settings
 
 log = logging.getLogger("polyprompt.runtime")
@@ -53,6 +54,7 @@ class TaskInfo:
     num_virtual_tokens: int
     active_version: int | None
     sha256: str | None
+    chat_template: str | None = None  # the task's own chat template (None: the server's)
 
 
 class Runtime:
@@ -83,6 +85,8 @@ class Runtime:
         log.info("serving paths: %s", "; ".join(f"{k}: {v}" for k, v in paths.items()))
         self.metrics = Metrics()
         self.engine.listeners.append(self.metrics.on_finish)
+        # answers of identical deterministic requests (server/response_cache.py, service.Submission)
+        self.responses = ResponseCache(int(settings.response_cache_mb * (1 << 20)))
         self.metrics.attach(self)  # gauges read from this runtime at scrape time
         self.tasks: dict[str, TaskInfo] = {}
         self._generation = -1
@@ -149,15 +153,18 @@ class Runtime:
             gen = self.registry.generation()
             if gen == self._generation and not force:
                 return
-            tasks = {name: TaskInfo(name, n, version, sha)
-                     for name, (n, version, sha) in self.registry.active_index().items()}
+            tasks = {name: TaskInfo(name, n, version, sha, template)
+                     for name, (n, version, sha, template) in self.registry.serving_index().items()}
             old = self.tasks
             self.tasks = tasks
             self._generation = gen
+        live = {i.sha256 for i in tasks.values()}
         for name, info in old.items():  # versions replaced or tasks deleted: drop their prefixes
             new = tasks.get(name)
             if info.sha256 and (new is None or new.sha256 != info.sha256):
                 self.engine.prefixes.invalidate(info.sha256)
+                if info.sha256 not in live:  # and their cached answers (kept if another task serves it)
+                    self.responses.invalidate(info.sha256)
         self.metrics.forget_tasks(set(old) - set(tasks))  # deleted tasks: their per-task series go
         # new versions (at startup: all of them): compute their prefix before the first request
         self._warm([i for n, i in tasks.items() if n not in old or old[n].sha256 != i.sha256])

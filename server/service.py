@@ -10,16 +10,18 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable
 
 import anyio
 import torch
 
+from common import sha256_bytes
 from server.engine.engine import QueueFull, Request
 from server.engine.output import RequestOutput
 from server.engine.sampler import SamplingParams
 from server.errors import APIError, ClientGone, EngineFailure, NotFound, Overloaded, RequestTimeout, ShuttingDown
+from server.response_cache import CACHED_REASONS, Entry, Recorder, make_key, stream_offsets
 from server.runtime import Runtime
 
 # An item: (task or model name, prompt, a builder of its SamplingParams, its timeout in seconds)
@@ -34,6 +36,14 @@ class Prepared:
     prefix_key: str = ""
     soft_prompt: torch.Tensor | None = None
     timeout: float | None = None
+    # the task version (sha256; "" = the base model) the request runs on, where its prefix_key
+    # is a prefix built on it (scoring); None: prefix_key is the version. Response-cache entries
+    # are kept while this version is the task's active one.
+    version: str | None = None
+
+    @property
+    def served_version(self) -> str:
+        return self.prefix_key if self.version is None else self.version
 
 
 def _resolve(rt: Runtime, name: str):
@@ -73,6 +83,15 @@ def _tokenize(rt: Runtime, prompt: str | list[int], room: int) -> list[int] | in
     return list(prompt)
 
 
+def with_server_defaults(rt: Runtime, params: SamplingParams) -> SamplingParams:
+    """What a request left to the server: loop truncation (`--stop-on-repetition`, None in
+    the request) and its thresholds (`--loop-max-period` etc.)."""
+    s = rt.settings
+    stop = s.stop_on_repetition if params.stop_on_repetition is None else params.stop_on_repetition
+    return replace(params, stop_on_repetition=stop,
+                   loop_thresholds=(s.loop_max_period, s.loop_min_repeats, s.loop_min_span))
+
+
 def check_count(rt: Runtime, count: int) -> None:
     """Refuse a request of `count` items before building any: over the queue's size it can
     never be served (400); over what the queue has room for now, or over the queue-wait
@@ -106,44 +125,70 @@ def _count_rejection(rt: Runtime, e: BaseException) -> None:
         rt.metrics.reject(e.code or "invalid_request")
 
 
-async def prepare(rt: Runtime, items: list[Item]) -> list[Prepared]:
-    """Resolve tasks, build and tokenize (off the event loop), check every item fits the context."""
+async def prepare(rt: Runtime, items: list[Item], *, per_item: bool = False) -> list:
+    """Resolve tasks, build and tokenize (off the event loop), check every item fits the context.
+    `per_item`: an item's own error (unknown task, too long, empty, a bad token id) takes its
+    place in the list instead of failing them all, unless every item fails (/v1/generate)."""
     try:
-        return await _prepare(rt, items)
+        out = await _prepare(rt, items, per_item)
     except Exception as e:
         _count_rejection(rt, e)
         raise
+    errors = [x for x in out if isinstance(x, APIError)]
+    for e in errors:
+        _count_rejection(rt, e)
+    if errors and len(errors) == len(out):
+        raise errors[0]  # nothing to run: the call fails as a single item's would
+    return out
 
 
-async def _prepare(rt: Runtime, items: list[Item]) -> list[Prepared]:
+async def _prepare(rt: Runtime, items: list[Item], per_item: bool) -> list:
     check_count(rt, len(items))
-    infos = {name: _resolve(rt, name) for name in {it[0] for it in items}}
+    infos: dict[str, object] = {}
+    for name in {it[0] for it in items}:
+        try:
+            infos[name] = _resolve(rt, name)
+        except APIError as e:
+            if not per_item:
+                raise
+            infos[name] = e
 
-    def work() -> list[Prepared]:
-        out = []
+    def work() -> list:
+        out: list = []
         tokenized: dict[tuple, list[int]] = {}  # n > 1 repeats each prompt
-        ctx = rt.engine.max_len
-        for name, prompt, make_params, timeout in items:
-            params = make_params()
-            info = infos[name]
-            soft = rt.load_prompt(info.sha256) if info is not None else None  # cached by sha256
-            n_virt = 0 if soft is None else int(soft.shape[0])
-            room = max(0, ctx - n_virt - params.max_tokens)
-            key = (prompt if isinstance(prompt, str) else tuple(prompt), room)
-            if key not in tokenized:
-                got = _tokenize(rt, prompt, room)
-                if isinstance(got, int):
-                    raise _too_long(got, n_virt, params.max_tokens, ctx, at_least=isinstance(prompt, str))
-                tokenized[key] = got
-            ids = list(tokenized[key])
-            if not ids:
-                raise APIError("the prompt is empty: send at least one token")
-            if len(ids) > room:
-                raise _too_long(len(ids), n_virt, params.max_tokens, ctx)
-            out.append(Prepared(name, ids, params, info.sha256 if info else "", soft, timeout))
+        for item in items:
+            try:
+                out.append(_prepare_one(rt, item, infos[item[0]], tokenized))
+            except APIError as e:
+                if not per_item:
+                    raise
+                out.append(e)
         return out
 
     return await anyio.to_thread.run_sync(work)
+
+
+def _prepare_one(rt: Runtime, item: Item, info, tokenized: dict) -> Prepared:
+    if isinstance(info, APIError):
+        raise info
+    name, prompt, make_params, timeout = item
+    ctx = rt.engine.max_len
+    params = with_server_defaults(rt, make_params())
+    soft = rt.load_prompt(info.sha256) if info is not None else None  # cached by sha256
+    n_virt = 0 if soft is None else int(soft.shape[0])
+    room = max(0, ctx - n_virt - params.max_tokens)
+    key = (prompt if isinstance(prompt, str) else tuple(prompt), room)
+    if key not in tokenized:
+        got = _tokenize(rt, prompt, room)
+        if isinstance(got, int):
+            raise _too_long(got, n_virt, params.max_tokens, ctx, at_least=isinstance(prompt, str))
+        tokenized[key] = got
+    ids = list(tokenized[key])
+    if not ids:
+        raise APIError("the prompt is empty: send at least one token")
+    if len(ids) > room:
+        raise _too_long(len(ids), n_virt, params.max_tokens, ctx)
+    return Prepared(name, ids, params, info.sha256 if info else "", soft, timeout)
 
 
 def _error_for(reason: str) -> APIError | None:
@@ -164,23 +209,60 @@ def _error_for(reason: str) -> APIError | None:
     return None
 
 
+def _still_served(rt: Runtime, p: Prepared) -> bool:
+    """Whether the version `p` runs on is still the one its task serves (the base model always is)."""
+    version = p.served_version
+    if not version:
+        return True
+    info = rt.tasks.get(p.task)
+    return info is not None and info.sha256 == version
+
+
 class Submission:
     """`prepared` handed to the engine at construction, so a full queue (503) or a refused
     request (400) is raised before any response starts, streaming included. `outputs()`
-    yields `(index, output)` as they come and aborts the unfinished ones if the caller leaves."""
+    yields `(index, output)` as they come and aborts the unfinished ones if the caller leaves.
+
+    Response cache (`server/response_cache.py`): a deterministic item (greedy, seeded, or
+    `max_tokens` 0) found in `rt.responses` is answered from it and never reaches the engine
+    (it needs no room in the queue either); the others go to the engine, and those of them
+    that are deterministic and finish normally fill the cache, streamed or not."""
 
     def __init__(self, rt: Runtime, prepared: list[Prepared], *, stream: bool = False):
         self.rt = rt
+        self.stream = stream
+        self.prepared = prepared
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
         base = uuid.uuid4().hex
         self.ids = [f"{base}-{i}" for i in range(len(prepared))]
         self.pending = set(range(len(prepared)))
-        check_count(rt, len(prepared))  # the queue may have filled while this one was tokenized
-        submitted = 0
+        self._hits: dict[int, Entry] = {}  # items answered from the response cache
+        self._keys: dict[int, tuple] = {}  # engine items whose answer may fill it
+        self._recorders: dict[int, Recorder] = {}  # ... and, streaming, what they were sent
+        if rt.responses.enabled:
+            for i, p in enumerate(prepared):
+                if not _still_served(rt, p) or (key := make_key(p.prefix_key, p.prompt_ids, p.params)) is None:
+                    continue
+                if (entry := rt.responses.get(key)) is not None:
+                    self._hits[i] = entry
+                else:
+                    self._keys[i] = key
+        self._engine_items = [i for i in range(len(prepared)) if i not in self._hits]
+        if self._engine_items:  # the queue may have filled while this one was tokenized; hits need no room
+            check_count(rt, len(self._engine_items))
+        for i in self._keys:
+            rt.metrics.response_cache_lookup(prepared[i].task, hit=False)
+        for i in self._hits:
+            rt.metrics.response_cache_lookup(prepared[i].task, hit=True)
+        if stream:
+            self._recorders = {i: Recorder() for i in self._keys}
+        submitted: list[int] = []
         now = time.monotonic()
         try:
-            for i, p in enumerate(prepared):
+            for i in self._engine_items:
+                p = prepared[i]
+
                 def cb(out: RequestOutput, i=i):
                     loop.call_soon_threadsafe(self.queue.put_nowait, (i, out))  # raises once the loop closed
 
@@ -188,31 +270,57 @@ class Submission:
                               soft_prompt=p.soft_prompt, on_output=cb, stream=stream, arrival=now,
                               deadline=None if p.timeout is None else now + p.timeout)
                 rt.engine.add_request(req)  # prepare() checked what it refuses; QueueFull: 503
-                submitted += 1
+                submitted.append(i)
         except BaseException as e:
-            for rid in self.ids[:submitted]:
-                rt.engine.abort(rid)
+            for i in submitted:
+                rt.engine.abort(self.ids[i])
             _count_rejection(rt, e)
             raise
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         try:
+            for i, entry in self._hits.items():  # answered at once, in the engine's output shape
+                if self.stream and entry.offsets is None:  # filled by a non-streaming request
+                    entry.offsets = await anyio.to_thread.run_sync(
+                        stream_offsets, entry, self.prepared[i].params, self.rt.tokenizer,
+                        self.rt.model.spec.eos_token_id)
+                for out in entry.outputs(self.ids[i], stream=self.stream):
+                    if out.finished:
+                        self.pending.discard(i)
+                    yield i, out
             while self.pending:
                 i, out = await self.queue.get()
+                if (rec := self._recorders.get(i)) is not None:
+                    rec.add(out)
                 if out.finished:
                     self.pending.discard(i)
                     err = _error_for(out.finish_reason or "")
                     if err is not None:
                         raise err
+                    self._fill(i, out)
                 yield i, out
         finally:
             self.close()
+
+    def _fill(self, i: int, out: RequestOutput) -> None:
+        """Store a deterministic item that finished normally, if its version is still served."""
+        key = self._keys.get(i)
+        if key is None or out.finish_reason not in CACHED_REASONS:
+            return
+        p = self.prepared[i]
+        if not _still_served(self.rt, p):  # replaced or deleted while it ran: never asked for again
+            return
+        rec = self._recorders.get(i)
+        version = p.served_version
+        entry = rec.entry(out, version) if rec is not None else Entry.from_final(out, version)
+        self.rt.responses.put(key, entry)
 
     def close(self) -> None:
         """Abort what has not finished (the caller left; a no-op once all are done). Also
         the response's background task, for a client gone before `outputs()` started."""
         for i in self.pending:
-            self.rt.engine.abort(self.ids[i])
+            if i not in self._hits:
+                self.rt.engine.abort(self.ids[i])
         self.pending.clear()
 
 
@@ -270,3 +378,97 @@ def logprobs_json(rt: Runtime, out_logprobs, text_offset: int = 0) -> dict | Non
         offsets.append(pos)
         pos += len(s)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def echo_logprobs(rt: Runtime, prompt_ids: list[int], prompt_lps, completion: dict | None,
+                  prompt_chars: int) -> dict:
+    """Legacy completions `logprobs` with echo: the prompt's tokens first (the first one's
+    log-prob null: nothing comes before it), then the completion's (`completion`, offsets
+    already after the prompt's text, `prompt_chars` long)."""
+    dec = rt.tokenizer.decode
+    lps = prompt_lps or [None] * len(prompt_ids)
+    tokens, values, tops, offsets = [], [], [], []
+    pos = 0
+    for tok, lp in zip(prompt_ids, lps):
+        s = dec([tok])
+        tokens.append(s)
+        values.append(None if lp is None else lp.logprob)
+        tops.append({dec([t]): v for t, v in lp.top} if lp is not None and lp.top else None)
+        offsets.append(min(pos, prompt_chars))
+        pos += len(s)
+    if completion is not None:
+        tokens += completion["tokens"]
+        values += completion["token_logprobs"]
+        tops += completion["top_logprobs"]
+        offsets += [prompt_chars + o for o in completion["text_offset"]]
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+SCORE_KEY = "score"  # prefix-cache keys of scoring prefixes: "score:<task sha or ''>:<sha256 of the tokens>"
+
+
+async def prepare_score(rt: Runtime, name: str, prompt: str | list[int], candidates: list,
+                        timeout: float | None) -> tuple[list[Prepared], int]:
+    """One engine request per candidate, all sharing one prefix: the task's virtual tokens
+    followed by the prompt's tokens but its last. A causal model's keys and values of that
+    prefix depend on nothing after it, so it is computed once (the prefix cache, as for a
+    task's soft prompt) and copied into every candidate's slot; each candidate's request is
+    the prompt's last token + the candidate's tokens, asking for those tokens' log-probs
+    and no new token (`max_tokens` 0). The candidates then run as one batched prefill.
+    A candidate is tokenized on its own (include its leading space: " Paris"). Returns the
+    requests and the prompt's token count."""
+    try:
+        return await _prepare_score(rt, name, prompt, candidates, timeout)
+    except Exception as e:
+        _count_rejection(rt, e)
+        raise
+
+
+async def _prepare_score(rt, name, prompt, candidates, timeout) -> tuple[list[Prepared], int]:
+    check_count(rt, len(candidates))
+    info = _resolve(rt, name)
+
+    def work() -> tuple[list[Prepared], int]:
+        soft = rt.load_prompt(info.sha256) if info is not None else None
+        n_virt = 0 if soft is None else int(soft.shape[0])
+        ctx = rt.engine.max_len
+        ids = _tokenize(rt, prompt, max(0, ctx - n_virt - 1))
+        if isinstance(ids, int):
+            raise _too_long(ids, n_virt, 1, ctx, at_least=isinstance(prompt, str))
+        if not ids:
+            raise APIError("the prompt is empty: send at least one token")
+        room = ctx - n_virt - len(ids)
+        cands = []
+        for j, c in enumerate(candidates):
+            got = _tokenize(rt, c, room)
+            if isinstance(got, int) or len(got) > room:
+                n = got if isinstance(got, int) else len(got)
+                raise APIError(f"candidate {j} is {'at least ' if isinstance(got, int) else ''}{n} tokens; with the "
+                               f"prompt's {len(ids)} and {n_virt} virtual tokens at most {room} fit the {ctx} context",
+                               code="context_length_exceeded")
+            if not got:
+                raise APIError(f"candidate {j} is empty once tokenized: send at least one token")
+            cands.append(got)
+        head = ids[:-1]
+        wte = rt.model.wte.weight
+        parts = ([soft.float()] if soft is not None else []) + \
+            ([wte[torch.tensor(head, device=wte.device)].detach().float().cpu()] if head else [])
+        prefix = torch.cat(parts) if parts else None
+        version = info.sha256 if info else ""
+        key = f"{SCORE_KEY}:{version}:{sha256_bytes(str(head).encode())}" if prefix is not None else ""
+        params = SamplingParams(max_tokens=0, temperature=0.0, prompt_logprobs=0)
+        return [Prepared(name, [ids[-1]] + c, params, key, prefix, timeout, version) for c in cands], len(ids)
+
+    return await anyio.to_thread.run_sync(work)
+
+
+def score_results(outputs: list[RequestOutput]) -> dict:
+    """`/v1/score`'s answer from the candidates' outputs (each one's prompt log-probs after
+    the first: the candidate's tokens)."""
+    results = []
+    for out in outputs:
+        lps = [lp.logprob for lp in (out.prompt_logprobs or [])[1:]]
+        total = float(sum(lps))
+        results.append({"logprob": total, "mean_logprob": total / len(lps), "num_tokens": len(lps)})
+    best = max(range(len(results)), key=lambda i: results[i]["logprob"])
+    return {"results": results, "best": best}

@@ -26,6 +26,9 @@ class Settings(RegistrySettings):
     max_num_batched_tokens: int = Field(2048, description="tokens per forward pass (prefill chunk budget)")
     kv_cache_gb: float = Field(6.0, description="KV-cache memory budget")
     prefix_cache_mb: float = Field(1024.0, description="prefix-KV cache memory cap")
+    response_cache_mb: float = Field(64.0, ge=0, description="memory cap of the cache of answers to identical "
+                                     "deterministic requests (greedy or seeded, same task version, prompt and "
+                                     "sampling fields); 0 = off")
     admission_window_ms: float = Field(10.0, description="an idle engine starts once arrivals pause this long "
                                                          "(batches a burst)")
     admission_max_wait_ms: float = Field(200.0, description="longest an idle engine waits for a burst to finish "
@@ -38,6 +41,12 @@ class Settings(RegistrySettings):
     reload_interval: float = Field(0.5, description="seconds between registry change polls")
     max_body_mb: float = Field(64.0, description="largest request body (413 above it)")
     log_level: str = Field("info", description="debug, info, warning")
+    stop_on_repetition: bool = Field(False, description="end an output that loops (finish_reason 'repetition') "
+                                     "unless the request says otherwise; off: greedy output stays PEFT's")
+    loop_max_period: int = Field(16, ge=1, le=256, description="longest repeated block loop truncation looks for "
+                                 "(tokens)")
+    loop_min_repeats: int = Field(4, ge=2, le=1024, description="times the block must repeat back to back")
+    loop_min_span: int = Field(32, ge=2, le=4096, description="tokens the repeated tail must cover at least")
     chat_template: str | None = Field(None, description="Jinja chat template for /v1/chat/completions, or the path "
                                                         "of a file holding one (default: a plain 'Role: text' "
                                                         "template ending in 'Assistant:')")

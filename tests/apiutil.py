@@ -14,10 +14,11 @@ EOS = 50256
 
 
 def settings(model_dir: Path, data_dir: Path, **kw) -> Settings:
-    """Test settings: CPU float32 (exact PEFT parity), no keys unless given (env is ignored)."""
+    """Test settings: CPU float32 (exact PEFT parity), no keys unless given (env is ignored), no
+    response cache unless given (a repeated request must be computed again to test the engine)."""
     base = dict(model=str(model_dir), data_dir=str(data_dir), max_batch_size=16, device="cpu",
                 dtype="float32", api_key=None, admin_key=None, db=None, kv_cache_gb=0.25,
-                prefix_cache_mb=64.0, cuda_graphs=False)
+                prefix_cache_mb=64.0, cuda_graphs=False, response_cache_mb=0.0)  # every repeat computed
     base.update(kw)
     return Settings(**base)
 

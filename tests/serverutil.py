@@ -24,7 +24,7 @@ def running_server(model_dir, data_dir, *extra: str, timeout: float = 120):
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLYPROMPT_")}
     env["POLYPROMPT_DATA_DIR"] = str(data_dir)
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir), "--port", str(port),
-           "--log-level", "warning", *extra]
+           "--log-level", "warning", "--response-cache-mb", "0", *extra]  # a later flag wins
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

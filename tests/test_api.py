@@ -287,8 +287,25 @@ def test_unknown_model_404(client):
     err = assert_error(client.post("/v1/completions", json={"model": "no-such-task", "prompt": "x"}), 404,
                        "no-such-task")
     assert err["type"] == "invalid_request_error"
-    r = client.post("/v1/generate", json={"requests": [{"task": "alpha", "prompt": "x"},
-                                                       {"task": "no-such-task", "prompt": "x"}]})
+    # /v1/generate: the unknown item gets its own error, the others run; all unknown: the call fails
+    r = client.post("/v1/generate", json={"requests": [{"task": "alpha", "prompt": "x", "max_tokens": 2},
+                                                       {"task": "no-such-task", "prompt": "x"},
+                                                       {"task": "alpha", "prompt": "", "max_tokens": 2},
+                                                       {"task": "beta", "prompt": [10 ** 6]},
+                                                       {"task": "beta", "prompt": "y", "max_tokens": 3,
+                                                        "temperature": 0}]})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [x["task"] for x in res] == ["alpha", "no-such-task", "alpha", "beta", "beta"]
+    assert res[0]["finish_reason"] and "error" not in res[0]
+    assert res[1]["status"] == 404 and res[1]["error"]["code"] == "model_not_found"
+    assert "no-such-task" in res[1]["error"]["message"] and "text" not in res[1]
+    assert res[2]["status"] == 400 and "empty" in res[2]["error"]["message"]
+    assert res[3]["status"] == 400 and "vocabulary" in res[3]["error"]["message"]
+    alone = greedy(client, "beta", "y", 3)["choices"][0]
+    assert res[4]["text"] == alone["text"] and res[4]["token_ids"] == alone["token_ids"]
+    r = client.post("/v1/generate", json={"requests": [{"task": "no-such-task", "prompt": "x"},
+                                                       {"task": "nor-this", "prompt": "x"}]})
     assert_error(r, 404, "no-such-task")
 
 
@@ -332,7 +349,7 @@ def test_bad_fields_422(client, bad):
 def test_bad_json_and_unsupported(client):
     r = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert_error(r, 422)
-    assert_error(client.post("/v1/completions", json={"model": "alpha", "prompt": "x", "echo": True}), 400, "echo")
+    assert_error(client.post("/v1/completions", json={"model": "alpha", "prompt": "x", "best_of": 3}), 400, "best_of")
     assert_error(client.post("/v1/generate", json={"requests": []}), 422)
 
 

@@ -279,6 +279,121 @@ def test_activate_switches_versions(client, adapter, uploaded):
     assert t["active_version"] == 2 and t["num_virtual_tokens"] == 7
 
 
+# ------------------------------------------------------------------ the cap on virtual tokens
+
+def _prompt_files(data_dir: Path) -> set[Path]:
+    return {p for p in data_dir.rglob("*") if p.is_file() and p.suffix == ".safetensors"}
+
+
+def test_upload_over_the_creation_cap_refused(client, uploaded):
+    """A task is created with at most MAX_VIRTUAL_TOKENS (512) virtual tokens; an upload may
+    change the count, but never beyond that: a 400 saying so, no version, no file written,
+    also past the adapter parser's own bound (1024)."""
+    from registry import MAX_VIRTUAL_TOKENS
+
+    assert MAX_VIRTUAL_TOKENS == 512
+    assert_error(client.post("/v1/tasks", json={"name": "cap-x", "num_virtual_tokens": 513}), 422)
+    data_dir = client.app.state.runtime.registry.data_dir
+    files_before = _prompt_files(data_dir)
+    gen = client.app.state.runtime.registry.generation()
+    for rows in (513, 1100):
+        err = _bad_upload(client, _st_file(st_save({"prompt_embeddings": torch.randn(rows, HIDDEN)})),
+                          f"{rows} virtual tokens", "maximum of 512")
+        assert err["code"] == "invalid_adapter"
+    assert _prompt_files(data_dir) == files_before and client.app.state.runtime.registry.generation() == gen
+    r = client.post("/v1/tasks", json={"name": "cap-ok", "num_virtual_tokens": 1})
+    assert r.status_code == 201, r.text
+    r = client.post("/v1/tasks/cap-ok/prompt", files=_st_file(st_save({"prompt_embeddings":
+                                                                        torch.randn(512, HIDDEN) * 0.1})))
+    assert r.status_code == 201 and r.json()["num_virtual_tokens"] == 512, r.text
+    assert client.delete("/v1/tasks/cap-ok").status_code == 204
+
+
+# ------------------------------------------------------------------ a task's chat template
+
+TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
+
+
+def test_chat_template_set_at_creation_and_shown(client):
+    r = client.post("/v1/tasks", json={"name": "tpl-a", "num_virtual_tokens": 2, "chat_template": TEMPLATE})
+    assert r.status_code == 201, r.text
+    assert r.json()["chat_template"] == TEMPLATE == _task(client, "tpl-a")["chat_template"]
+    assert client.app.state.runtime.tasks["tpl-a"].chat_template == TEMPLATE  # live at once
+    assert client.post("/v1/tasks", json={"name": "tpl-none", "num_virtual_tokens": 2}).status_code == 201
+    assert _task(client, "tpl-none")["chat_template"] is None  # none given: the server's
+    listed = {t["name"]: t for t in client.get("/v1/tasks").json()["data"]}
+    assert listed["tpl-a"]["chat_template"] == TEMPLATE and listed["tpl-none"]["chat_template"] is None
+
+
+BAD_TEMPLATES = [("{% for m in messages %}", "TemplateSyntaxError"),  # does not compile
+                 ("{{ raise_exception('this template takes no assistant turns') }}", "no assistant turns"),
+                 ("{{ messages[7]['content'] }}", "UndefinedError"),
+                 ("{{ 1 / 0 }}", "ZeroDivisionError"),
+                 ("{% if false %}x{% endif %}", "empty text")]
+
+
+@pytest.mark.parametrize("template,needle", BAD_TEMPLATES)
+def test_bad_chat_template_refused_at_creation(client, template, needle):
+    gen = client.app.state.runtime.registry.generation()
+    body = {"name": "tpl-bad", "num_virtual_tokens": 2, "chat_template": template}
+    err = assert_error(client.post("/v1/tasks", json=body), 400, "chat_template", "sample conversation", needle)
+    assert err["code"] == "invalid_chat_template"
+    assert_error(client.get("/v1/tasks/tpl-bad"), 404)  # nothing stored
+    assert client.app.state.runtime.registry.generation() == gen
+
+
+@pytest.mark.parametrize("value", ["", "x" * 65537, "a\x00b", 5, ["{{ x }}"]])
+def test_chat_template_schema_errors_422(client, value):
+    assert_error(client.post("/v1/tasks", json={"name": "tpl-422", "chat_template": value}), 422)
+    assert client.post("/v1/tasks", json={"name": "tpl-422b", "num_virtual_tokens": 1}).status_code == 201
+    assert_error(client.patch("/v1/tasks/tpl-422b", json={"chat_template": value}), 422)
+    assert _task(client, "tpl-422b")["chat_template"] is None
+    assert client.delete("/v1/tasks/tpl-422b").status_code == 204
+
+
+def test_patch_chat_template(client):
+    rt = client.app.state.runtime
+    assert client.post("/v1/tasks", json={"name": "tpl-p", "num_virtual_tokens": 2}).status_code == 201
+    created = _task(client, "tpl-p")
+    r = client.patch("/v1/tasks/tpl-p", json={"chat_template": TEMPLATE})
+    assert r.status_code == 200, r.text
+    t = r.json()
+    assert t["object"] == "task" and t["chat_template"] == TEMPLATE and t["updated_at"] >= created["updated_at"]
+    assert t["versions"] == created["versions"]  # settings only: the prompt is untouched
+    assert rt.tasks["tpl-p"].chat_template == TEMPLATE
+    gen = rt.registry.generation()
+    r = client.patch("/v1/tasks/tpl-p", json={})  # nothing sent: nothing changes
+    assert r.status_code == 200 and r.json()["chat_template"] == TEMPLATE and rt.registry.generation() == gen
+    for template, needle in BAD_TEMPLATES:  # refused, the stored one stays
+        err = assert_error(client.patch("/v1/tasks/tpl-p", json={"chat_template": template}), 400, needle)
+        assert err["code"] == "invalid_chat_template"
+    assert _task(client, "tpl-p")["chat_template"] == TEMPLATE and rt.registry.generation() == gen
+    r = client.patch("/v1/tasks/tpl-p", json={"chat_template": None})  # back to the server's
+    assert r.status_code == 200 and r.json()["chat_template"] is None
+    assert rt.tasks["tpl-p"].chat_template is None
+    assert_error(client.patch("/v1/tasks/tpl-p", json={"description": "x"}), 422)  # not a setting here
+    assert_error(client.patch("/v1/tasks/nope-nope", json={"chat_template": TEMPLATE}), 404, "nope-nope")
+    assert_error(client.patch("/v1/tasks/nope-nope", json={"chat_template": "{% if %}"}), 404)
+
+
+def test_chat_uses_the_task_template(client, base_id):
+    """What the model sees: the task's template's text, exactly a completion of it; the base model
+    and a task without one keep the default."""
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    body = {"messages": msgs, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    for name, extra in (("tpl-c", {"chat_template": TEMPLATE}), ("tpl-d", {})):
+        r = client.post("/v1/tasks", json={"name": name, "num_virtual_tokens": 3, "seed": 4, **extra})
+        assert r.status_code == 201, r.text
+    default = "System: Be brief.\nUser: Hi\nAssistant:"
+    rendered = {"tpl-c": "[system] Be brief.\n[user] Hi\n[assistant]", "tpl-d": default, base_id: default}
+    for model, text in rendered.items():
+        r = client.post("/v1/chat/completions", json={"model": model, **body})
+        assert r.status_code == 200, r.text
+        comp = greedy(client, model, text, 6, ignore_eos=True)
+        assert r.json()["choices"][0]["token_ids"] == comp["choices"][0]["token_ids"], model
+        assert r.json()["usage"]["prompt_tokens"] == comp["usage"]["prompt_tokens"] == len(_ids(client, text))
+
+
 # ------------------------------------------------------------------ authorization
 
 def _auth(key: str | None) -> dict:
@@ -325,6 +440,10 @@ def test_auth_both_keys(tiny_model_dir, tmp_path, base_id):
         files = _st_file(st_save({"prompt_embeddings": torch.randn(2, HIDDEN)}))
         assert_error(c.post("/v1/tasks/t1/prompt", files=files, headers=_auth("user-key")), 403)
         assert c.post("/v1/tasks/t1/prompt", files=files, headers=_auth("admin-key")).status_code == 201
+        assert_error(c.patch("/v1/tasks/t1", json={"chat_template": "x"}), 401)
+        assert_error(c.patch("/v1/tasks/t1", json={"chat_template": "x"}, headers=_auth("user-key")), 403)
+        r = c.patch("/v1/tasks/t1", json={"chat_template": "x"}, headers=_auth("admin-key"))
+        assert r.status_code == 200 and r.json()["chat_template"] == "x", r.text
         assert_error(c.delete("/v1/tasks/t1"), 401)
         assert_error(c.delete("/v1/tasks/t1", headers=_auth("user-key")), 403)
         assert c.delete("/v1/tasks/t1", headers=_auth("admin-key")).status_code == 204

@@ -3,6 +3,7 @@ server (a `polyprompt serve` subprocess): what a user's client does, errors incl
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -22,6 +23,10 @@ CUSTOM = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_excepti
           "{% endif %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>\n{% endfor %}"
           "{% if add_generation_prompt %}<assistant>{% endif %}")
 GREEDY = dict(temperature=0, max_tokens=12, extra_body={"ignore_eos": True, "return_token_ids": True})
+# a task's own template, and what it makes of MESSAGES
+TASK_TEMPLATE = ("{% for m in messages %}### {{ m['role'] | upper }}\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}### ASSISTANT\n{% endif %}")
+TASK_RENDERED = f"### SYSTEM\n{SYSTEM}\n### USER\n{USER}\n### ASSISTANT\n"
 
 
 def _start(tiny_model_dir, data: Path, *flags: str):
@@ -38,8 +43,13 @@ def _start(tiny_model_dir, data: Path, *flags: str):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    cm, url, tasks = _start(tiny_model_dir, tmp_path_factory.mktemp("data-chat"))
+def chat_data(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data-chat")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, chat_data):
+    cm, url, tasks = _start(tiny_model_dir, chat_data)
     try:
         yield url, tasks
     finally:
@@ -175,6 +185,81 @@ def test_errors_raise_the_sdk_classes(client):
         create(model="alpha", messages=[], stream=True)
 
 
+# ------------------------------------------------------------------ a task's own template
+
+def _tokens(client, model, **kw):
+    if "messages" in kw:
+        out = client.chat.completions.create(model=model, **kw, **GREEDY)
+    else:
+        out = client.completions.create(model=model, **kw, **GREEDY)
+    return _extra(out.choices[0], "token_ids"), out.usage.prompt_tokens
+
+
+def _sees(client, model, text) -> bool:
+    """Whether a chat request for MESSAGES gives exactly the completion of `text`."""
+    return _tokens(client, model, messages=MESSAGES) == _tokens(client, model, prompt=text)
+
+
+def test_task_template_is_a_completion_of_its_text(client, server, base_id):
+    """A task created with `chat_template`: its chat requests are completions of that template's
+    text (soft prompt in front); other tasks and the base model keep the default."""
+    url, _ = server
+    r = httpx.post(f"{url}/v1/tasks", json={"name": "tmpl", "num_virtual_tokens": 6, "seed": 3,
+                                            "chat_template": TASK_TEMPLATE}, timeout=30)
+    assert r.status_code == 201, r.text
+    assert httpx.get(f"{url}/v1/tasks/tmpl", timeout=30).json()["chat_template"] == TASK_TEMPLATE
+    chat = client.chat.completions.create(model="tmpl", messages=MESSAGES, **GREEDY)
+    comp = client.completions.create(model="tmpl", prompt=TASK_RENDERED, **GREEDY)
+    assert _extra(chat.choices[0], "token_ids") == _extra(comp.choices[0], "token_ids")
+    assert chat.choices[0].message.content == comp.choices[0].text
+    assert chat.usage.prompt_tokens == comp.usage.prompt_tokens
+    assert not _sees(client, "tmpl", RENDERED)  # the template matters
+    for model in ("alpha", base_id):
+        assert _sees(client, model, RENDERED)
+
+
+def test_task_template_changes_go_live(client, server, chat_data):
+    """PATCH on this server: the next request renders with it; a change written to the registry by
+    another process: live within the poll interval; null: back to the default. No restart."""
+    from registry import Registry
+    from registry.paths import default_db_url
+
+    url, _ = server
+    r = httpx.post(f"{url}/v1/tasks", json={"name": "tmpl-live", "num_virtual_tokens": 3, "seed": 5}, timeout=30)
+    assert r.status_code == 201, r.text
+    assert _sees(client, "tmpl-live", RENDERED)
+    r = httpx.patch(f"{url}/v1/tasks/tmpl-live", json={"chat_template": TASK_TEMPLATE}, timeout=30)
+    assert r.status_code == 200 and r.json()["chat_template"] == TASK_TEMPLATE, r.text
+    assert _sees(client, "tmpl-live", TASK_RENDERED)
+    reg = Registry(default_db_url(chat_data), chat_data)  # another process's write, as `polyprompt tasks` makes
+    try:
+        reg.update_task("tmpl-live", chat_template="Q: {{ messages[-1]['content'] }}\nA:")
+    finally:
+        reg.close()
+    deadline = time.monotonic() + 20
+    while not _sees(client, "tmpl-live", f"Q: {USER}\nA:"):
+        assert time.monotonic() < deadline, "the registry change was not picked up"
+        time.sleep(0.2)
+    r = httpx.patch(f"{url}/v1/tasks/tmpl-live", json={"chat_template": None}, timeout=30)
+    assert r.status_code == 200 and r.json()["chat_template"] is None, r.text
+    assert _sees(client, "tmpl-live", RENDERED)
+
+
+def test_bad_task_template_is_refused(client, server):
+    url, _ = server
+    for bad, needle in (("{% for m in messages %}{{ m['content'] }}", "TemplateSyntaxError"),
+                        ("{{ raise_exception('user turns only') }}", "user turns only")):
+        r = httpx.post(f"{url}/v1/tasks", json={"name": "tmpl-bad", "chat_template": bad}, timeout=30)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "invalid_chat_template" and needle in err["message"], err
+        assert httpx.get(f"{url}/v1/tasks/tmpl-bad", timeout=30).status_code == 404
+        r = httpx.patch(f"{url}/v1/tasks/alpha", json={"chat_template": bad}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_chat_template", r.text
+    assert httpx.get(f"{url}/v1/tasks/alpha", timeout=30).json()["chat_template"] is None
+    assert _sees(client, "alpha", RENDERED)
+
+
 # ------------------------------------------------------------------ a server's own template
 
 @pytest.mark.parametrize("as_file", [True, False])
@@ -194,6 +279,11 @@ def test_custom_chat_template(tiny_model_dir, tmp_path, as_file):
         with pytest.raises(openai.BadRequestError, match="no system turns here") as e:  # the template's own error
             c.chat.completions.create(model="alpha", messages=MESSAGES)
         assert e.value.code == "chat_template_error"
+        # a task's own template comes before the server's
+        r = httpx.post(f"{url}/v1/tasks", json={"name": "own", "num_virtual_tokens": 2,
+                                                "chat_template": TASK_TEMPLATE}, timeout=30)
+        assert r.status_code == 201, r.text
+        assert _sees(c, "own", TASK_RENDERED)
     finally:
         cm.__exit__(None, None, None)
 

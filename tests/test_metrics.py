@@ -17,9 +17,10 @@ from tests.apiutil import greedy, settings
 PROMPT = "Once upon a time"
 COUNTERS = {"requests", "prompt_tokens", "generation_tokens", "task_generation_tokens", "rejected_requests",
             "request_errors", "prefix_cache_hits", "prefix_cache_misses", "prefix_cache_computed",
-            "engine_busy_seconds"}
+            "engine_busy_seconds", "response_cache_hits", "response_cache_misses", "response_cache_evictions"}
 GAUGES = {"queue_depth", "running_batch_size", "tasks", "engine_utilisation", "target_utilisation",
-          "prefix_cache_entries", "prefix_cache_bytes", "kv_cache_bytes", "per_task_prefix_kv_bytes"}
+          "prefix_cache_entries", "prefix_cache_bytes", "kv_cache_bytes", "per_task_prefix_kv_bytes",
+          "response_cache_entries", "response_cache_bytes"}
 HISTOGRAMS = {"time_to_first_token_seconds", "inter_token_latency_seconds", "request_latency_seconds",
               "task_time_to_first_token_seconds", "task_inter_token_latency_seconds", "task_request_latency_seconds"}
 

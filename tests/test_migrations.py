@@ -77,3 +77,41 @@ def test_the_comparison_sees_a_drift(upgraded):
     tasks.c.base_model.type = sa.String(512)
     kinds = {d[0] if isinstance(d, tuple) else d[0][0] for d in _drift(upgraded.engine, models)}
     assert kinds == {"add_column", "remove_index", "modify_type"}, kinds
+
+
+def test_0002_chat_template_keeps_data_both_ways(tmp_path):
+    """0001 -> head adds tasks.chat_template (NULL for the tasks already there) and keeps every
+    task and version; head -> 0001 drops the column in place, and keeps them too (a batch-mode
+    table copy would drop `tasks` and, with foreign keys on, cascade into prompt_versions)."""
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    reg = Registry(url, tmp_path / "data")
+    reg.upgrade("0001_initial")
+    with reg.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO tasks (id, name, description, num_virtual_tokens, hidden_size, base_model, "
+                             "created_at, updated_at) VALUES (1, 'old', 'd', 2, 4, 'gpt2', '2025-01-01 00:00:00', "
+                             "'2025-01-01 00:00:00')"))
+        conn.execute(sa.text("INSERT INTO prompt_versions (task_id, version, is_active, sha256, path, "
+                             "num_virtual_tokens, hidden_size, base_model, source, meta, created_at) VALUES "
+                             "(1, 1, 1, :sha, 'p', 2, 4, 'gpt2', 'init', '{}', '2025-01-01 00:00:00')"),
+                     {"sha": "a" * 64})
+    reg.upgrade()
+    t = reg.get_task("old")
+    assert (t["description"], t["active_version"], t["sha256"], t["chat_template"]) == ("d", 1, "a" * 64, None)
+    reg.update_task("old", chat_template="{{ messages[0]['content'] }}")
+
+    def rows():
+        with reg.engine.connect() as conn:
+            return (conn.execute(sa.text("SELECT name FROM tasks")).scalars().all(),
+                    conn.execute(sa.text("SELECT task_id, version, sha256 FROM prompt_versions")).all())
+
+    kept = rows()
+    assert kept == (["old"], [(1, 1, "a" * 64)])
+    command.downgrade(alembic_config(url), "0001_initial")
+    assert "chat_template" not in {c["name"] for c in sa.inspect(reg.engine).get_columns("tasks")}
+    assert rows() == kept
+    with reg.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0001_initial"
+    reg.upgrade()
+    assert rows() == kept and reg.get_task("old")["chat_template"] is None
+    assert _drift(reg.engine, Base.metadata) == []
+    reg.close()

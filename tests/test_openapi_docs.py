@@ -16,10 +16,10 @@ from tests.apiutil import assert_error, settings
 
 USER, ADMIN = "user-key", "admin-key"
 OPEN_ROUTES = {("get", "/health"), ("get", "/metrics")}
-ADMIN_ROUTES = {("post", "/v1/tasks"), ("delete", "/v1/tasks/{name}"), ("post", "/v1/tasks/{name}/prompt"),
-                ("post", "/v1/tasks/{name}/activate")}
+ADMIN_ROUTES = {("post", "/v1/tasks"), ("patch", "/v1/tasks/{name}"), ("delete", "/v1/tasks/{name}"),
+                ("post", "/v1/tasks/{name}/prompt"), ("post", "/v1/tasks/{name}/activate")}
 # engine work: 500 (its row failed), 408 (its own timeout), 503 overload
-GENERATION_PATHS = ("/v1/completions", "/v1/generate", "/v1/chat/completions")
+GENERATION_PATHS = ("/v1/completions", "/v1/generate", "/v1/chat/completions", "/v1/score")
 BODY_LIMIT = 4096  # bytes; max_body_mb of the keyed app
 
 

@@ -227,3 +227,94 @@ def test_postgresql(tmp_path: Path) -> None:
     r.delete_task("p")
     assert r.snapshot() == {} and r.generation() == 6
     r.close()
+
+
+# ------------------------------------------------------------------ the cap on virtual tokens
+
+def _prompt_files(data_dir: Path) -> list[Path]:
+    return sorted(p for p in data_dir.rglob("*.safetensors"))
+
+
+def test_virtual_token_cap_on_every_store_path(reg: Registry) -> None:
+    """The cap a task is created with over HTTP (registry.MAX_VIRTUAL_TOKENS) holds for every way a
+    prompt is stored: a task created with or without a prompt, a new version. Refused with a clear
+    InvalidPrompt before anything is written: no file, no row, no generation bump."""
+    from registry import MAX_VIRTUAL_TOKENS
+
+    assert MAX_VIRTUAL_TOKENS == 512
+    over = torch.randn(MAX_VIRTUAL_TOKENS + 1, 4)
+    reg.create_task("t", num_virtual_tokens=2, hidden_size=4, base_model="gpt2")
+    g = reg.generation()
+    with pytest.raises(InvalidPrompt, match="513 virtual tokens, over the maximum of 512"):
+        reg.create_task("big", base_model="gpt2", embeddings=over, source="import")
+    with pytest.raises(InvalidPrompt, match="over the maximum of 512"):
+        reg.create_task("big", num_virtual_tokens=513, hidden_size=4, base_model="gpt2")
+    with pytest.raises(InvalidPrompt, match="513 virtual tokens"):
+        reg.add_version("t", over, source="upload")
+    assert _prompt_files(reg.data_dir) == [] and reg.generation() == g
+    assert [t["name"] for t in reg.list_tasks()] == ["t"] and reg.get_task("t")["versions"] == []
+    v = reg.add_version("t", torch.randn(MAX_VIRTUAL_TOKENS, 4), source="upload")  # at the cap: fine
+    assert v["num_virtual_tokens"] == 512
+    with pytest.raises(InvalidPrompt, match="at least one virtual token"):
+        reg.add_version("t", torch.randn(0, 4), source="upload")
+
+
+def test_virtual_token_cap_for_import_and_training(reg: Registry, tmp_path: Path, tiny_model_dir: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`polyprompt tasks import` and training register through the registry: the same refusal,
+    for a new task and for a new version of one, nothing written."""
+    from adapters.peft_format import write_adapter_folder
+    from server.cli import tasks as tasks_cli
+    from training.register import LocalTarget
+
+    flags = ["--db", reg.db_url, "--data-dir", str(reg.data_dir), "--model", str(tiny_model_dir)]
+    ok = write_adapter_folder(tmp_path / "ok", torch.randn(3, 128), base_model="x", num_layers=2,
+                              num_attention_heads=2)
+    assert tasks_cli.main(["import", "small", str(ok), *flags]) == 0
+    files = _prompt_files(reg.data_dir)
+    for name in ("big", "small"):
+        folder = write_adapter_folder(tmp_path / "big", torch.randn(600, 128), base_model="x", num_layers=2,
+                                      num_attention_heads=2)
+        capsys.readouterr()
+        assert tasks_cli.main(["import", name, str(folder), *flags]) == 1
+        assert "600 virtual tokens, over the maximum of 512" in capsys.readouterr().err
+    with pytest.raises(TaskNotFound):
+        reg.get_task("big")
+    assert len(reg.get_task("small")["versions"]) == 1
+    for name in ("trained", "small"):
+        target = LocalTarget(reg, name, create=True, model_id=tiny_model_dir.name, hidden_size=128)
+        with pytest.raises(InvalidPrompt, match="600 virtual tokens"):
+            target.register(torch.randn(600, 128), meta={})
+    assert [t["name"] for t in reg.list_tasks()] == ["small"] and _prompt_files(reg.data_dir) == files
+
+
+# ------------------------------------------------------------------ a task's chat template
+
+def test_chat_template_stored_changed_and_indexed(reg: Registry) -> None:
+    tpl = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    t = reg.create_task("a", num_virtual_tokens=2, hidden_size=4, base_model="gpt2", chat_template=tpl)
+    assert t["chat_template"] == tpl == reg.get_task("a")["chat_template"]
+    reg.create_task("b", base_model="gpt2", embeddings=torch.randn(3, 4))
+    assert reg.get_task("b")["chat_template"] is None
+    index = reg.serving_index()
+    assert index["a"] == (2, None, None, tpl) and index["b"][3] is None
+    assert {n: v[:3] for n, v in index.items()} == reg.active_index()
+    g = reg.generation()
+    assert reg.update_task("a")["chat_template"] == tpl and reg.generation() == g  # nothing passed
+    before = reg.get_task("b")
+    t = reg.update_task("b", chat_template="plain {{ messages | length }}")
+    assert t["chat_template"] == "plain {{ messages | length }}" and reg.generation() == g + 1
+    assert t["updated_at"] >= before["updated_at"] and t["versions"] == before["versions"]
+    assert reg.serving_index()["b"][3] == "plain {{ messages | length }}"
+    assert reg.update_task("b", chat_template=None)["chat_template"] is None and reg.generation() == g + 2
+    for bad in ("", "a\x00b", "x" * 65537, 5):
+        with pytest.raises(ValueError):
+            reg.update_task("a", chat_template=bad)
+        with pytest.raises(ValueError):
+            reg.create_task("c", num_virtual_tokens=2, hidden_size=4, base_model="gpt2", chat_template=bad)
+    assert reg.get_task("a")["chat_template"] == tpl and reg.generation() == g + 2
+    with pytest.raises(TaskNotFound):
+        reg.update_task("nope", chat_template=tpl)
+    reg.create_task("c", num_virtual_tokens=1, hidden_size=4, base_model="gpt2", chat_template=tpl)
+    index = reg.serving_index()
+    assert index["a"][3] is index["c"][3]  # equal templates held once

@@ -1,10 +1,12 @@
 """POST /v1/chat/completions (OpenAI chat format) on top of the completions path.
 
-GPT-2 has no chat template, so the messages are rendered to one text with a plain default
-template (or the server's `--chat-template`), by transformers' `apply_chat_template` off the
-event loop; that text then goes exactly where a completion's prompt goes (`service.prepare`:
-context check, the task's soft prompt in front, its prefix KV), so a chat request gives the
-tokens a completion of the rendered text gives.
+GPT-2 has no chat template, so the messages are rendered to one text with the task's own
+template (`chat_template`, set with the task), else the server's `--chat-template`, else a
+plain default, by transformers' `apply_chat_template` off the event loop; that text then goes
+exactly where a completion's prompt goes (`service.prepare`: context check, the task's soft
+prompt in front, its prefix KV), so a chat request gives the tokens a completion of the
+rendered text gives. A task's template travels with its entry in the runtime's task table,
+so a change goes live with the next registry poll (at once on the server that made it).
 """
 
 from __future__ import annotations
@@ -59,23 +61,60 @@ def _template(setting: str | None) -> str:
                                  f"readable UTF-8 file ({type(e).__name__}: {e})") from None
 
 
-def render(rt: Runtime, body: ChatCompletionRequest) -> str:
-    """The messages as the one text the model continues (blocking: call it off the event loop).
-    A template that fails (syntax, `raise_exception`, an undefined value) is a 400 with its message."""
-    import jinja2
+def template_for(rt: Runtime, model: str) -> str:
+    """The template a chat request for `model` renders with: the task's own (in its entry of
+    the task table), else the server's --chat-template, else the default. The base model and
+    unknown names (which `service.prepare` then answers 404) take the server's."""
+    own = getattr(rt.tasks.get(model), "chat_template", None) if model != rt.model_id else None
+    return own if own is not None else _template(rt.settings.chat_template)
 
-    template = _template(rt.settings.chat_template)
-    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                for m in body.messages]
+
+def _apply(rt: Runtime, messages: list[dict], template: str) -> str:
+    """`messages` rendered by `template` as transformers does it (the compiled template cached by
+    its text). Anything the template raises (syntax, `raise_exception`, an undefined value, a
+    division by zero...) comes out as a ValueError with its message: the template is the only
+    code that runs here."""
     try:
         text = rt.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                                 add_generation_prompt=True)
-    except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as e:
-        raise APIError(f"the chat template failed on these messages: {type(e).__name__}: {e}",
-                       code="chat_template_error") from None
+    except Exception as e:  # jinja2.TemplateError and whatever a template's expressions raise
+        raise ValueError(f"{type(e).__name__}: {e}") from None
     if not isinstance(text, str):  # a template cannot make anything else, but be sure
-        raise APIError("the chat template did not render to text", code="chat_template_error")
+        raise ValueError("it did not render to text")
     return text
+
+
+def render(rt: Runtime, body: ChatCompletionRequest) -> str:
+    """The messages as the one text the model continues (blocking: call it off the event loop).
+    A template that fails on them is a 400 `chat_template_error` with its message."""
+    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                for m in body.messages]
+    try:
+        return _apply(rt, messages, template_for(rt, body.model))
+    except ValueError as e:
+        raise APIError(f"the chat template failed on these messages: {e}", code="chat_template_error") from None
+
+
+# What a task's template must render when it is set: a short conversation, as a request sends it.
+SAMPLE_CONVERSATION = (
+    {"role": "user", "content": "Hello!"},
+    {"role": "assistant", "content": "Hi. How can I help?"},
+    {"role": "user", "content": "Name a colour."},
+)
+
+
+def check_template(rt: Runtime, template: str) -> None:
+    """Refuse (400 `invalid_chat_template`, before anything is stored) a task template that does
+    not compile, fails on SAMPLE_CONVERSATION or renders it to no text at all (every request
+    would then be an empty prompt). Blocking: call it off the event loop."""
+    try:
+        text = _apply(rt, [dict(m) for m in SAMPLE_CONVERSATION], template)
+    except ValueError as e:
+        raise APIError(f"chat_template does not render a sample conversation (user, assistant, user): {e}",
+                       code="invalid_chat_template") from None
+    if not text:
+        raise APIError("chat_template renders a sample conversation (user, assistant, user) to empty text",
+                       code="invalid_chat_template")
 
 
 @lru_cache(maxsize=1)

@@ -43,15 +43,21 @@ async def completions(body: CompletionRequest, rt: RuntimeDep, request: Request)
     prompt_tokens = sum(len(prepared[i * body.n].prompt_ids) for i in range(len(prompts)))
     if body.stream:
         submission = service.Submission(rt, prepared, stream=True)  # 503/400 before the 200 goes out
-        return StreamingResponse(_stream(body, submission, cid, created, prompt_tokens),
+        return StreamingResponse(_stream(body, submission, cid, created, prompt_tokens, prompts, prepared),
                                  media_type="text/event-stream", background=BackgroundTask(submission.close))
     choices: list[dict | None] = [None] * len(prepared)
     completion_tokens = 0
     finals = await service.collect(request, service.Submission(rt, prepared))
     for i, out in enumerate(finals):
         completion_tokens += len(out.token_ids)
-        choice = {"index": i, "text": out.text, "logprobs": service.logprobs_json(rt, out.logprobs if
-                  body.logprobs is not None else None), "finish_reason": out.finish_reason}
+        lp = service.logprobs_json(rt, out.logprobs if body.logprobs is not None else None)
+        text = out.text
+        if body.echo:
+            echoed = _echo_text(rt, prompts[i // body.n])
+            lp = service.echo_logprobs(rt, prepared[i].prompt_ids, out.prompt_logprobs, lp, len(echoed)) \
+                if body.logprobs is not None else None
+            text = echoed + text
+        choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
         if body.return_token_ids:
             choice["token_ids"] = out.token_ids
         choices[i] = choice
@@ -59,17 +65,31 @@ async def completions(body: CompletionRequest, rt: RuntimeDep, request: Request)
             "choices": choices, "usage": service.usage(prompt_tokens, completion_tokens)}
 
 
+def _echo_text(rt, prompt: str | list[int]) -> str:
+    """The prompt as echoed back: the string sent, or the token ids decoded."""
+    return prompt if isinstance(prompt, str) else rt.tokenizer.decode(prompt)
+
+
 async def _stream(body: CompletionRequest, submission: "service.Submission", cid: str, created: int,
-                  prompt_tokens: int):
+                  prompt_tokens: int, prompts: list, prepared: list):
     rt = submission.rt
     completion_tokens = 0
     offsets = [0] * len(submission.ids)
+    echoed = [not body.echo] * len(submission.ids)  # whether item i's prompt went out (its first chunk)
     try:
         async for i, out in submission.outputs():
             completion_tokens += len(out.new_token_ids)
+            text = out.text_delta
             lp = service.logprobs_json(rt, out.logprobs if body.logprobs is not None else None, offsets[i])
+            if not echoed[i]:
+                echoed[i] = True
+                prefix = _echo_text(rt, prompts[i // body.n])
+                lp = service.echo_logprobs(rt, prepared[i].prompt_ids, out.prompt_logprobs, lp, len(prefix)) \
+                    if body.logprobs is not None else None
+                offsets[i] += len(prefix)
+                text = prefix + text
             offsets[i] += len(out.text_delta)
-            choice = {"index": i, "text": out.text_delta, "logprobs": lp,
+            choice = {"index": i, "text": text, "logprobs": lp,
                       "finish_reason": out.finish_reason if out.finished else None}
             if body.return_token_ids:
                 choice["token_ids"] = out.new_token_ids
@@ -87,11 +107,16 @@ async def _stream(body: CompletionRequest, submission: "service.Submission", cid
 
 @router.post("/v1/generate", responses=BATCH)
 async def generate(body: GenerateRequest, rt: RuntimeDep, request: Request) -> dict:
+    """Many requests, tasks mixed, in one call. An item that cannot run (an unknown task, a
+    prompt too long, empty or with a bad token id) gets its own `error` in its place while
+    the others run; only a call none of whose items can run fails as a whole."""
     items = [(r.task, r.prompt, r.sampling_params, r.timeout) for r in body.requests]
-    prepared = await service.prepare(rt, items)
-    results: list[dict | None] = [None] * len(prepared)
-    finals = await service.collect(request, service.Submission(rt, prepared))
-    for i, out in enumerate(finals):
+    prepared = await service.prepare(rt, items, per_item=True)
+    runnable = [i for i, p in enumerate(prepared) if not isinstance(p, APIError)]
+    results: list[dict] = [{"task": r.task, "status": p.status, **p.body()} if isinstance(p, APIError) else {}
+                           for r, p in zip(body.requests, prepared)]
+    finals = await service.collect(request, service.Submission(rt, [prepared[i] for i in runnable]))
+    for i, out in zip(runnable, finals):
         n_prompt = len(prepared[i].prompt_ids)
         results[i] = {"task": body.requests[i].task, "text": out.text, "token_ids": out.token_ids,
                       "finish_reason": out.finish_reason, "usage": service.usage(n_prompt, len(out.token_ids))}

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from common import TASK_NAME_PATTERN
+from registry.store import MAX_CHAT_TEMPLATE_CHARS, MAX_VIRTUAL_TOKENS
 from server.engine.sampler import SamplingParams, reduce_seed
 
 TASK_NAME = f"^{TASK_NAME_PATTERN}$"
@@ -53,7 +54,7 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     repetition_penalty: float | None = Field(1.0, ge=1e-3, le=1e3)  # the range float32 logits take safely
     logprobs: Int | None = Field(None, ge=0, le=20)
-    stop_on_repetition: bool = False
+    stop_on_repetition: bool | None = None  # end a looping output ("repetition"); None: --stop-on-repetition
     return_token_ids: bool = False
     timeout: float | None = Field(None, gt=0.0, le=86400.0)  # seconds from arrival; extension
 
@@ -66,7 +67,7 @@ class SamplingFields(BaseModel):
             raise ValueError("a stop string is at most 1024 characters")
         return v
 
-    def sampling_params(self, seed_offset: int = 0) -> SamplingParams:
+    def sampling_params(self, seed_offset: int = 0, *, prompt_logprobs: int | None = None) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         seed = None if self.seed is None else reduce_seed(self.seed + seed_offset)
         return SamplingParams(
@@ -80,6 +81,7 @@ class SamplingFields(BaseModel):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logprobs=self.logprobs,
             stop_on_repetition=self.stop_on_repetition,
+            prompt_logprobs=prompt_logprobs,
         )
 
 
@@ -90,17 +92,25 @@ class CompletionRequest(SamplingFields):
     stream: bool = False
     stream_options: dict | None = None
     user: str | None = None
-    # OpenAI fields we accept only at their neutral values
+    max_tokens: Int | None = Field(16, ge=0)  # 0 only with echo: the prompt's log-probs alone
+    # echo: the prompt comes back before the completion, with its tokens' log-probs when
+    # `logprobs` is set (the first one null), as OpenAI's legacy completions did
     echo: bool = False
+    # OpenAI fields we accept only at their neutral values
     best_of: Int | None = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     logit_bias: dict | None = None
     suffix: str | None = None
 
+    @model_validator(mode="after")
+    def _max_tokens_zero(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 asks for nothing without echo: send max_tokens >= 1, or echo: true "
+                             "for the prompt's log-probs")
+        return self
+
     def unsupported(self) -> str | None:
-        if self.echo:
-            return "echo is not supported"
         if self.best_of not in (None, 1, self.n):
             return "best_of is not supported"
         if self.presence_penalty or self.frequency_penalty:
@@ -110,6 +120,31 @@ class CompletionRequest(SamplingFields):
         if self.suffix:
             return "suffix is not supported"
         return None
+
+
+    def sampling_params(self, seed_offset: int = 0, *, prompt_logprobs: int | None = None) -> SamplingParams:
+        """With echo and `logprobs`, the prompt's log-probs too (with as many alternatives);
+        echo with max_tokens 0 and no `logprobs` computes them without alternatives."""
+        if self.echo and prompt_logprobs is None and (self.logprobs is not None or self.max_tokens == 0):
+            prompt_logprobs = self.logprobs or 0
+        return super().sampling_params(seed_offset, prompt_logprobs=prompt_logprobs)
+
+
+class ScoreRequest(BaseModel):
+    """POST /v1/score: the log-prob of each candidate continuing the prompt."""
+    model_config = ConfigDict(extra="forbid", **_STRICT)
+
+    model: str
+    prompt: Text | list[Int] = Field(min_length=1)
+    candidates: list[Text | list[Int]] = Field(min_length=1, max_length=64)
+    timeout: float | None = Field(None, gt=0.0, le=86400.0)
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidates(cls, v):
+        if any(len(c) == 0 for c in v):
+            raise ValueError("a candidate is empty: each needs at least one token")
+        return v
 
 
 class GenerateItem(SamplingFields):
@@ -123,21 +158,43 @@ class GenerateRequest(BaseModel):
     requests: list[GenerateItem] = Field(min_length=1, max_length=4096)
 
 
+def _no_nul(v: str) -> str:
+    if "\x00" in v:  # no database text column takes one
+        raise ValueError("must not contain NUL characters")
+    return v
+
+
+# A task's own Jinja chat template (whether it renders is checked by the route: a 400)
+ChatTemplate = Annotated[Text, Field(min_length=1, max_length=MAX_CHAT_TEMPLATE_CHARS,
+                                     description="Jinja chat template, as transformers' apply_chat_template "
+                                                 "takes it (null: the server's)"),
+                         AfterValidator(_no_nul)]
+
+
 class TaskCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", **_STRICT)
 
     name: str = Field(pattern=TASK_NAME)
     description: Text = Field("", max_length=4096)
-    num_virtual_tokens: Int = Field(20, ge=1, le=512)
+    num_virtual_tokens: Int = Field(20, ge=1, le=MAX_VIRTUAL_TOKENS)
     init: Literal["random", "text", "vocab"] = "random"
     init_text: Text | None = Field(None, max_length=20000)
     seed: Int | None = Field(None, ge=-(2**63), lt=2**64)
+    chat_template: ChatTemplate | None = None
 
 
 class TaskActivate(BaseModel):
     model_config = _STRICT
 
     version: Int = Field(ge=1, lt=2**63)
+
+
+class TaskUpdate(BaseModel):
+    """PATCH /v1/tasks/{name}: the settings sent change, the others stay (an empty body changes
+    nothing); `chat_template: null` goes back to the server's template."""
+    model_config = ConfigDict(extra="forbid", **_STRICT)
+
+    chat_template: ChatTemplate | None = None
 
 
 # ------------------------------------------------------------------ /v1/chat/completions

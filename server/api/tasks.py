@@ -1,4 +1,4 @@
-"""Task administration: create, list, show, delete, upload a prompt, activate a version."""
+"""Task administration: create, list, show, change settings, delete, upload a prompt, activate a version."""
 
 from __future__ import annotations
 
@@ -8,10 +8,19 @@ import anyio
 from fastapi import APIRouter, Query, Request, Response
 
 from adapters.init import initial_prompt
-from adapters.peft_format import CONFIG_NAME, PICKLED_NAME, WEIGHTS_NAME, parse_adapter_config, parse_prompt_safetensors
+from adapters.peft_format import (
+    CONFIG_NAME,
+    PICKLED_NAME,
+    WEIGHTS_NAME,
+    parse_adapter_config,
+    parse_prompt_safetensors,
+    prompt_shape,
+)
+from registry.store import check_virtual_tokens
+from server.api.chat import check_template
 from server.api.deps import Admin, RuntimeDep, User
 from server.api.responses import ADMIN_ACTIVATE, ADMIN_CREATE, ADMIN_TASK, ADMIN_UPLOAD, UPLOAD_BODY, USER_TASK, errors
-from server.api.schemas import TaskActivate, TaskCreate
+from server.api.schemas import TaskActivate, TaskCreate, TaskUpdate
 from server.errors import APIError, Conflict
 
 router = APIRouter()
@@ -33,13 +42,16 @@ async def create_task(body: TaskCreate, rt: RuntimeDep) -> dict:
         raise APIError("init 'text' needs init_text", status=422)
 
     def work() -> dict:
+        if body.chat_template is not None:  # 400 before anything is built or stored
+            check_template(rt, body.chat_template)
         wte = rt.model.wte.weight.detach().float().cpu()
         prompt = initial_prompt(init=body.init, num_virtual_tokens=body.num_virtual_tokens, wte=wte,
                                 tokenizer=rt.tokenizer, init_text=body.init_text, seed=body.seed)
         # one transaction for the task and its version 1: no one ever sees it without a prompt
         return rt.registry.create_task(body.name, description=body.description, base_model=rt.model_id,
                                        embeddings=prompt, source=f"init:{body.init}",
-                                       meta={"init": body.init, "init_text": body.init_text})
+                                       meta={"init": body.init, "init_text": body.init_text},
+                                       chat_template=body.chat_template)
 
     return _public(await _change(rt, work))
 
@@ -87,6 +99,22 @@ async def _change(rt, fn):
     return await anyio.to_thread.run_sync(work)
 
 
+@router.patch("/v1/tasks/{name}", dependencies=[Admin], responses=errors(400, 401, 403, 404, 413, 422))
+async def update_task(name: str, body: TaskUpdate, rt: RuntimeDep) -> dict:
+    """Change a task's settings: only the fields sent (`chat_template`; null: the server's
+    template again). A template is checked to render a sample conversation first (400, nothing
+    stored); the change is live on this server at once, on the others within a registry poll."""
+    fields = {k: getattr(body, k) for k in body.model_fields_set}
+
+    def work() -> dict:
+        if fields.get("chat_template") is not None:
+            rt.registry.get_task(name)  # 404 before the template is tried
+            check_template(rt, fields["chat_template"])
+        return rt.registry.update_task(name, **fields)
+
+    return _public(await _change(rt, work))
+
+
 @router.delete("/v1/tasks/{name}", status_code=204, dependencies=[Admin], responses=ADMIN_TASK)
 async def delete_task(name: str, rt: RuntimeDep) -> Response:
     await _change(rt, lambda: rt.registry.delete_task(name))
@@ -113,6 +141,7 @@ async def upload_prompt(name: str, request: Request, rt: RuntimeDep) -> dict:
 
     def add() -> dict:
         rt.registry.get_task(name)  # 404 before parsing
+        check_virtual_tokens(prompt_shape(weights)[0])  # the cap tasks are created with, read from the header
         config = parse_adapter_config(config_bytes) if config_bytes is not None else None
         tensor = parse_prompt_safetensors(weights, expected_hidden=rt.model.spec.n_embd, config=config)
         meta = {"peft_config": config} if config else {}

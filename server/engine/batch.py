@@ -43,6 +43,9 @@ class Step:
     decode_rows: int = 0  # leading cache slots the decode rows cover
     decode_len: int = 0
     host: dict[str, list[int]] = field(default_factory=dict)  # more arrays for the device, by name
+    # prefill rows that want the prompt's log-probs: (request, index into ids of its first
+    # token here, that token's index in the prompt, how many tokens it has here)
+    prompt_rows: list[tuple["Request", int, int, int]] = field(default_factory=list)
     prefill_start: int | None = None
     prefill_q: int = 0
     prefill_len: int = 0
@@ -109,6 +112,8 @@ def _prefill_rows(step: Step, prefill: list[tuple["Request", int]], cache: KVCac
         start = r.num_computed
         toks = (r.prompt_ids + r.output_ids)[start:start + n]
         past = r.prefix_len + start
+        if r.params.prompt_logprobs is not None and start < r.num_prompt - 1:  # the last one predicts no prompt token
+            step.prompt_rows.append((r, len(step.ids), start, min(n, r.num_prompt - 1 - start)))
         step.ids.extend(toks)
         step.pos.extend(range(past, past + n))
         step.slots.extend([r.slot] * n)

@@ -229,6 +229,9 @@ class Engine:
         finished: dict[str, str] = {}  # req_id -> finish reason
         for req, tok, lp in zip(sampled, tokens, lps):
             try:
+                if req.params.max_tokens == 0:  # the prompt alone was asked for (echo, scoring)
+                    finished[req.req_id] = "length"
+                    continue
                 if tok is None:
                     raise RuntimeError("sampling failed")
                 if (reason := self._append(req, tok, lp)) is not None:
@@ -350,6 +353,7 @@ class Engine:
                             else int(torch.randint(0, 2**62, ()).item()))
         seen = set(req.prompt_ids) if req.params.repetition_penalty != 1.0 else set()
         req.sampling = RowSampling(req.params, gen, seen)
+        req.prompt_logprobs = [None] if req.params.prompt_logprobs is not None else []  # the first has no context
         req.detok = Detokenizer(self.tokenizer, req.params.stop, eos_token_id=self.model.spec.eos_token_id)
         self.stats["prompt_tokens"] += len(req.prompt_ids)
         return prefix
@@ -375,7 +379,8 @@ class Engine:
         self.stats["generated_tokens"] += 1
         if reason is None and req.stream and req.on_output is not None:
             self._emit(req, RequestOutput(req.req_id, [tok], req.detok.delta(), False, None,
-                                          len(req.prompt_ids), lp and [lp]))
+                                          len(req.prompt_ids), lp and [lp],
+                                          prompt_logprobs=req.take_prompt_logprobs()))
         return reason
 
     def _finish(self, req: Request, reason: str) -> None:
@@ -384,7 +389,8 @@ class Engine:
         out = RequestOutput(req.req_id, req.output_ids[-1:] if req.stream else list(req.output_ids),
                             req.detok.delta(final=True) if (req.stream and req.detok) else text, True, reason,
                             len(req.prompt_ids), req.logprobs[-1:] if req.stream else req.logprobs,
-                            token_ids=list(req.output_ids), text=text)
+                            token_ids=list(req.output_ids), text=text,
+                            prompt_logprobs=req.take_prompt_logprobs(again=not req.stream))
         for fn in self.listeners:
             try:
                 fn(req, out)

@@ -11,7 +11,7 @@ from server.engine.batch import build_step
 from server.engine.graphs import StaticDecoder
 from server.engine.kv_cache import KVCache
 from server.engine.request import Request
-from server.engine.sampler import RowSampling, SamplingParams, sample
+from server.engine.sampler import RowSampling, SamplingParams, TokenLogprob, sample, token_logprobs
 from server.engine.scheduler import StepPlan
 from server.model import GPT2
 
@@ -56,10 +56,25 @@ class Executor:
             return sampled, tokens, lps
         batch = step.to_device(self.cache.k[0].device)
         hidden = self.model.forward_step(batch.ids, batch.positions, batch.meta, self.cache)
-        if not sampled:
-            return [], [], []
-        tokens, lps = self._pick(hidden[batch.sample_rows], [r.sampling for r in sampled])
+        prompt_lps = [(r, self._prompt_logprobs(hidden, r, i, start, n)) for r, i, start, n in step.prompt_rows]
+        tokens, lps = self._pick(hidden[batch.sample_rows], [r.sampling for r in sampled]) if sampled else ([], [])
+        for r, got in prompt_lps:  # kept only once the whole step succeeded (a failed one is re-run)
+            r.prompt_logprobs.extend(got)
         return sampled, tokens, lps
+
+    PROMPT_LOGPROB_ROWS = 128  # rows of full-vocabulary logits at a time (128 x 50257 float32: 26 MB)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, req: Request, first: int, start: int,
+                         n: int) -> list[TokenLogprob]:
+        """Log-probs of prompt tokens start+1 .. start+n, from the hidden states of the tokens
+        before each (rows first .. first+n-1 of the step)."""
+        out: list[TokenLogprob] = []
+        k = req.params.prompt_logprobs or 0
+        for a in range(0, n, self.PROMPT_LOGPROB_ROWS):
+            b = min(n, a + self.PROMPT_LOGPROB_ROWS)
+            logits = self.model.logits(hidden[first + a:first + b])
+            out.extend(token_logprobs(logits, req.prompt_ids[start + 1 + a:start + 1 + b], k))
+        return out
 
     def _pick(self, hidden: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], list]:
         """Next tokens from final hidden states `[R, C]`. Plain greedy rows (no logprobs, no

@@ -18,13 +18,31 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     token_ids: list[int] = field(default_factory=list)  # all output tokens, on the final output
     text: str = ""  # the whole completion, on the final output
+    # the prompt's token log-probs (first None), on the request's first output, if asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+def _decode_stream(tokenizer):
+    """`tokenizers`' incremental decoder for this tokenizer, or None where its pieces could
+    differ from a whole `decode` (no fast backend, or clean-up of tokenization spaces on)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None, None
+    try:
+        from tokenizers.decoders import DecodeStream
+    except ImportError:  # tokenizers < 0.21
+        return None, None
+    return DecodeStream(skip_special_tokens=False), backend
 
 
 class Detokenizer:
     """Incremental detokenization with OpenAI stop-string semantics.
 
     The completion text never contains a stop string (it is cut there); while streaming,
-    text that might be the start of a stop string is held back until it is not.
+    text that might be the start of a stop string is held back until it is not. Each new
+    token is decoded on its own (`tokenizers.decoders.DecodeStream`, which holds back the
+    bytes of a character still incomplete), not the whole output again; the final text is
+    one whole `decode`, so it is exactly what the tokenizer gives.
     """
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = (), *, eos_token_id: int | None = None):
@@ -36,13 +54,36 @@ class Detokenizer:
         self.stopped_at: int | None = None
         self.sent = 0
         self._decoded = 0  # len(ids) when `text` was last decoded
+        self._stream, self._backend = _decode_stream(tokenizer)
+        self._committed = ""  # the stream's pieces so far
+        self._pending: list[int] = []  # tokens since its last piece
+        self._whole = False  # `text` is the whole decode (final)
 
-    def _refresh(self) -> None:
-        """`text` = all ids decoded (EOS left out), once per new token however often asked."""
-        if self._decoded != len(self.ids):
-            ids = self.ids if self.eos is None else [i for i in self.ids if i != self.eos]
-            self.text = self.tokenizer.decode(ids)
-            self._decoded = len(self.ids)
+    def _refresh(self, *, whole: bool = False) -> None:
+        """`text` = the ids decoded (EOS left out), once per new token however often asked:
+        a character still incomplete is left out while streaming (`whole`: decoded as the
+        tokenizer does, U+FFFD and all)."""
+        if self._stream is None or whole:
+            if self._decoded != len(self.ids) or (whole and not self._whole):
+                ids = self.ids if self.eos is None else [i for i in self.ids if i != self.eos]
+                self.text = self.tokenizer.decode(ids)
+                self._decoded, self._whole = len(self.ids), True
+            return
+        if self._whole:  # a whole decode already ran; carry on from it
+            return self._refresh(whole=True)
+        for tok in self.ids[self._decoded:]:
+            if tok == self.eos:
+                continue
+            piece = self._stream.step(self._backend, tok)
+            if piece is None:  # a character is incomplete: the stream holds this token back
+                self._pending.append(tok)
+            else:
+                self._committed += piece
+                self._pending.clear()
+        self._decoded = len(self.ids)
+        # what the held-back tokens already say before their incomplete character (a space
+        # that shares a token with half a character is not held back)
+        self.text = self._committed + (self.tokenizer.decode(self._pending).rstrip("\ufffd") if self._pending else "")
 
     def add(self, token_id: int) -> bool:
         """Record a token; True when a stop string has now appeared."""
@@ -61,13 +102,13 @@ class Detokenizer:
 
     def final_text(self) -> str:
         if self.stopped_at is None:
-            self._refresh()
+            self._refresh(whole=True)
         return self.text
 
     def delta(self, *, final: bool = False) -> str:
         """New text safe to send: no half-decoded character, no possible stop prefix."""
         if self.stopped_at is None:
-            self._refresh()
+            self._refresh(whole=final)
         safe = len(self.text)
         if not final and self.text.endswith("\ufffd"):
             safe = len(self.text.rstrip("\ufffd"))
@@ -84,7 +125,7 @@ class Detokenizer:
         return out
 
 
-def detect_loop(ids: list[int], *, max_period: int = 16, min_repeats: int = 4, min_span: int = 32) -> bool:
+def detect_loop(ids: list[int], max_period: int = 16, min_repeats: int = 4, min_span: int = 32) -> bool:
     """True when the output ends in a block of <= max_period tokens repeated back to back.
 
     The repeated tail must cover at least `min_span` tokens and `min_repeats` periods.

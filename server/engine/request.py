@@ -72,6 +72,10 @@ class Request:
     # engine state
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # the prompt's own log-probs (params.prompt_logprobs), one per prompt token, the first None:
+    # filled as its prefill runs, sent with its first output
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
     slot: int = -1
     holds_prefix: bool = False  # a reference on the prefix cache entry, dropped on release
     admitted_time: float | None = None
@@ -94,11 +98,19 @@ class Request:
             return "stop"
         if self.detok.add(tok):
             return "stop"  # a stop string appeared
-        if p.stop_on_repetition and detect_loop(self.output_ids):
+        if p.stop_on_repetition and detect_loop(self.output_ids, *p.loop_thresholds):
             return "repetition"
         if len(self.output_ids) >= p.max_tokens:
             return "length"
         return None
+
+    def take_prompt_logprobs(self, *, again: bool = False) -> list[TokenLogprob | None] | None:
+        """The prompt's log-probs for the first output that carries them (None after that
+        unless `again`, and None if not asked for)."""
+        if self.params.prompt_logprobs is None or (self.prompt_logprobs_sent and not again):
+            return None
+        self.prompt_logprobs_sent = True
+        return list(self.prompt_logprobs)
 
     @property
     def num_prompt(self) -> int:

@@ -37,11 +37,15 @@ class SamplingParams:
     ignore_eos: bool = False
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # number of top alternatives to report per token
-    stop_on_repetition: bool = False
+    stop_on_repetition: bool | None = False  # None: the server's setting decides (HTTP), else off
+    loop_thresholds: tuple[int, int, int] = (16, 4, 32)  # detect_loop's max_period, min_repeats, min_span
+    # Log-probs of the prompt's own tokens (echo, scoring), with this many top alternatives
+    # each; None: not computed. Only such a request may ask for max_tokens 0.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError("max_tokens must be >= 1")
+        if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise ValueError("max_tokens must be >= 1 (0 only with prompt log-probs)")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
@@ -98,11 +102,20 @@ def sample(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], li
 
 
 def _logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
-    lp = torch.log_softmax(logits, dim=-1)
+    return token_logprobs(logits.unsqueeze(0), [token], k)[0]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
+    """Each row's log-prob of its token in `logits` `[R, V]` (float32 log-softmax), with the
+    row's `k` (at most 20) most likely alternatives."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device).unsqueeze(1)).squeeze(1).tolist()
     k = max(0, min(k, 20))
-    top = lp.topk(k) if k else None
-    return TokenLogprob(token, float(lp[token]),
-                        list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else [])
+    if not k:
+        return [TokenLogprob(t, v, []) for t, v in zip(tokens, chosen)]
+    top = lp.topk(k, dim=-1)
+    return [TokenLogprob(t, v, list(zip(i, x))) for t, v, i, x in
+            zip(tokens, chosen, top.indices.tolist(), top.values.tolist())]
 
 
 def _draw(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:

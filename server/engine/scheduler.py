@@ -98,8 +98,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ intake
     def add(self, seq: Seq) -> None:
-        if seq.num_prompt < 1 or seq.max_tokens < 1:
-            raise ValueError("a request needs at least one prompt token and max_tokens >= 1")
+        if seq.num_prompt < 1 or seq.max_tokens < 0:
+            raise ValueError("a request needs at least one prompt token and max_tokens >= 0")
         seq.status = Status.WAITING
         self.waiting.append(seq)
 
