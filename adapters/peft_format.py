@@ -15,16 +15,16 @@ import re
 import struct
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from typing import TYPE_CHECKING, Any
 
 from common import PROMPT_KEY, write_bytes_atomic
 
+if TYPE_CHECKING:  # torch and safetensors load in the functions that need them: checking a header,
+    import torch  # a config or an error class (`polyprompt tasks`) must not cost torch's import
+
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
+README_NAME = "README.md"
 PICKLED_NAME = "adapter_model.bin"
 MAX_PROMPT_BYTES = 64 * 1024 * 1024
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -245,6 +245,9 @@ def parse_prompt_safetensors(
     _check_offsets(info, rows, hidden, payload)
     if config is not None:
         _check_config(config, rows=rows, hidden=hidden)
+    import torch
+    from safetensors.torch import load as st_load
+
     try:
         tensor = st_load(data)[PROMPT_KEY]
     except Exception as e:  # safetensors raises its own error types
@@ -324,6 +327,17 @@ def adapter_config(
     return dict(sorted(cfg.items()))
 
 
+def model_card(*, base_model: str | None, title: str, lines: tuple[str, ...] | list[str] = ()) -> str:
+    """A `README.md` as PEFT's `save_pretrained` writes one: YAML front matter naming the base
+    model (`base_model`, `library_name: peft`), then a title and a few lines of markdown."""
+    front = ["---"]
+    if base_model:
+        front.append(f"base_model: {json.dumps(base_model, ensure_ascii=False)}")  # a JSON string is YAML
+    front += ["library_name: peft", "pipeline_tag: text-generation", "tags:", "- prompt-tuning",
+              "- polyprompt", "---", "", f"# {title}", ""]
+    return "\n".join([*front, *lines, ""])
+
+
 def write_adapter_folder(
     folder: str | os.PathLike[str],
     embeddings: torch.Tensor,
@@ -331,8 +345,14 @@ def write_adapter_folder(
     base_model: str | None,
     num_layers: int,
     num_attention_heads: int,
+    readme: str | None = None,
 ) -> Path:
-    """Write a folder `PeftModel.from_pretrained(base, folder)` loads; returns it."""
+    """Write a folder `PeftModel.from_pretrained(base, folder)` loads (and `readme`, e.g. a
+    `model_card`, as its README.md); returns it. `base_model` becomes the config's
+    `base_model_name_or_path`."""
+    import torch
+    from safetensors.torch import save as st_save
+
     if embeddings.ndim != 2 or embeddings.shape[0] < 1:
         raise AdapterError(f"embeddings must be [n>=1, hidden], got shape {tuple(embeddings.shape)}")
     folder = Path(folder)
@@ -347,4 +367,6 @@ def write_adapter_folder(
     )
     write_bytes_atomic(folder / WEIGHTS_NAME, st_save({PROMPT_KEY: t}, metadata={"format": "pt"}))
     write_bytes_atomic(folder / CONFIG_NAME, (json.dumps(cfg, indent=2) + "\n").encode("utf-8"))
+    if readme is not None:
+        write_bytes_atomic(folder / README_NAME, readme.encode("utf-8"))
     return folder

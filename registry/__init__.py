@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,9 +21,11 @@ from .errors import (
     TaskNotFound,
     VersionNotFound,
 )
-from .files import read_prompt_file, write_prompt_file
 from .paths import alembic_dir, repo_root
 from .store import MAX_CHAT_TEMPLATE_CHARS, MAX_VIRTUAL_TOKENS
+
+if TYPE_CHECKING:  # torch and safetensors load on first use: `polyprompt tasks list` needs neither
+    import torch
 
 __all__ = [
     "Registry",
@@ -88,6 +89,8 @@ def alembic_config(db_url: str | None = None):  # -> alembic.config.Config
 def _prompt_shape(embeddings: Any) -> tuple[int, int]:
     """(n, hidden) of a prompt tensor; raises InvalidPrompt unless it is 2-D with 1 <= n <=
     MAX_VIRTUAL_TOKENS (checked before any file is written)."""
+    import torch
+
     if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2:
         shape = tuple(getattr(embeddings, "shape", ()))
         raise InvalidPrompt(f"embeddings must be a 2-D tensor [n, hidden], got shape {shape}")
@@ -186,6 +189,8 @@ class Registry:
 
     def load_prompt(self, sha256: str) -> torch.Tensor:
         """The stored prompt `[n, hidden]` float32, sha256-verified."""
+        from .files import read_prompt_file
+
         return read_prompt_file(self.data_dir, sha256)
 
     # -- mutations -----------------------------------------------------------
@@ -221,6 +226,8 @@ class Registry:
             with self._session() as s:  # fail fast before writing a file (the insert checks again)
                 if store.task_exists(s, name=name):
                     raise TaskExists(f"task {name!r} already exists")
+            from .files import write_prompt_file
+
             file = write_prompt_file(self.data_dir, embeddings)
         elif num_virtual_tokens is None or hidden_size is None:
             raise InvalidPrompt("a task without embeddings needs num_virtual_tokens and hidden_size")
@@ -275,6 +282,8 @@ class Registry:
             task = store.get_task(s, name=name)
             if task.hidden_size != hidden:
                 raise InvalidPrompt(f"hidden size {hidden} != task {name!r}'s {task.hidden_size}")
+        from .files import write_prompt_file
+
         sha, rel = write_prompt_file(self.data_dir, embeddings)
         with self._session() as s, s.begin():
             pv = store.add_version(

@@ -3,8 +3,9 @@ and help), and its command-line flag and POLYPROMPT_* variable are generated fro
 
 `polyprompt serve` (`server.settings.Settings`), `polyprompt train`
 (`training.train.TrainSettings`) and `polyprompt tasks` all extend `RegistrySettings`, so
-`--db` / `--data-dir` / `--model` are one definition everywhere. A flag wins over its
-variable, which wins over the default.
+`--db` / `--data-dir` / `--model` are one definition everywhere (`train` and `tasks` through
+`TaskToolSettings`, whose `--model` defaults to the task's own base model instead of `gpt2`).
+A flag wins over its variable, which wins over the default.
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ class RegistrySettings(BaseSettings):
                                                    "save_pretrained folder")
     db: str | None = Field(None, description="SQLAlchemy URL (default: a SQLite file in the data dir)")
     data_dir: str = Field(DEFAULT_DATA_DIR, description="where soft-prompt files live")
+
+
+class TaskToolSettings(RegistrySettings):
+    """The shared settings of the commands that work on existing tasks (`polyprompt train`,
+    `polyprompt tasks`): the same `--db` / `--data-dir` / `--model`, but `--model` has no default:
+    left out, the base model is the one the task (or the server, or the registry) is on, so a
+    prompt is never trained or registered for a model nobody asked for."""
+
+    model: str | None = Field(None, description="base model: hub id or local save_pretrained folder (default: "
+                                                "the task's base model, else the server's or the registry's)")
 
 
 def _flag_type(annotation: Any) -> tuple[Any, tuple | None]:

@@ -169,6 +169,8 @@ def test_server_upload(tmp_path, tiny_model_dir, capsys, monkeypatch):
     def handler(request: httpx.Request) -> httpx.Response:
         calls.append(request)
         assert request.headers["authorization"] == "Bearer admin-secret"
+        if request.url.path == "/health":  # the served base model: the one --model names
+            return httpx.Response(200, json={"status": "ok", "model": tiny_model_dir.name})
         if request.method == "GET":
             return httpx.Response(404, json={"error": {"message": "no task", "type": "x", "code": 404}})
         if request.url.path == "/v1/tasks":
@@ -187,4 +189,7 @@ def test_server_upload(tmp_path, tiny_model_dir, capsys, monkeypatch):
     assert rc == 0, capsys.readouterr().err
     assert "registered up v2" in capsys.readouterr().out
     assert [(c.method, c.url.path) for c in calls] == [
-        ("GET", "/v1/tasks/up"), ("POST", "/v1/tasks"), ("POST", "/v1/tasks/up/prompt")]
+        ("GET", "/health"), ("GET", "/v1/tasks/up"), ("POST", "/v1/tasks"), ("POST", "/v1/tasks/up/prompt")]
+    config = json.loads(next(part for part in calls[-1].content.split(b"\r\n\r\n") if b"peft_type" in part)
+                        .split(b"\r\n--")[0])
+    assert config["base_model_name_or_path"] == tiny_model_dir.name  # the server's id, not a local path

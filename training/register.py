@@ -1,9 +1,10 @@
 """Registering a trained prompt: straight into the registry, or uploaded to a server.
 
-Both targets are checked *before* training (the task exists or --create was given, the
-base model and hidden size match) so a long run does not end in a refusal, and
-written only *after* training succeeded, so a failed or interrupted run leaves the
-registry as it was.
+Both targets first say what they know (`describe`: the base model they are on and the
+task, if it exists, whose settings the run then keeps), are checked *before* training
+(the task exists or --create was given, the base model and hidden size match) so a long
+run does not end in a refusal, and written only *after* training succeeded, so a failed
+or interrupted run leaves the registry as it was.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class RegisterError(RuntimeError):
@@ -39,13 +41,29 @@ def check_name(name: str) -> None:
 
 # ---------------------------------------------------------------- local registry
 class LocalTarget:
-    def __init__(self, registry, name: str, *, create: bool, model_id: str, hidden_size: int,
-                 description: str = ""):
+    def __init__(self, registry, name: str, *, create: bool, model_id: str | None = None,
+                 hidden_size: int | None = None, description: str = ""):
         self.registry, self.name, self.create = registry, name, create
         self.model_id, self.hidden_size, self.description = model_id, hidden_size, description
         self.where = "the registry"
 
+    def describe(self) -> tuple[str | None, str, str, dict[str, Any] | None]:
+        """(base model id or None, whose it is, why none is known, the task or None): an existing
+        task's base model; for a new one (--create) None (`registry.cli_common.new_task_base_model`
+        then decides)."""
+        from registry.errors import TaskNotFound
+
+        check_name(self.name)
+        try:
+            task = self.registry.get_task(self.name)
+        except TaskNotFound:
+            if not self.create:
+                raise _missing_task(self.name, self.where) from None
+            return None, f"new task {self.name!r}", "", None
+        return task["base_model"], f"task {self.name!r}", "", task
+
     def check(self) -> None:
+        from registry.cli_common import same_model
         from registry.errors import TaskNotFound
 
         check_name(self.name)
@@ -55,10 +73,10 @@ class LocalTarget:
             if not self.create:
                 raise _missing_task(self.name, self.where) from None
             return
-        if task["base_model"] != self.model_id:
+        if self.model_id is not None and not same_model(task["base_model"], self.model_id):
             raise RegisterError(f"task {self.name!r} belongs to base model {task['base_model']!r}, "
                                 f"but this run trains on {self.model_id!r}; pass the same --model")
-        if task["hidden_size"] != self.hidden_size:
+        if self.hidden_size is not None and task["hidden_size"] != self.hidden_size:
             raise RegisterError(f"task {self.name!r} has hidden size {task['hidden_size']}, "
                                 f"the model has {self.hidden_size}")
 
@@ -90,7 +108,7 @@ class ServerTarget:
         self.url, self.name, self.create, self.description = url.rstrip("/"), name, create, description
         self.timeout = timeout
         self.where = f"the server at {self.url}"
-        self.exists = False
+        self.exists, self.described = False, False
 
     def _client(self):
         import httpx
@@ -107,22 +125,45 @@ class ServerTarget:
         hint = " (set POLYPROMPT_ADMIN_KEY)" if r.status_code in (401, 403) else ""
         return RegisterError(f"{what}: HTTP {r.status_code}: {msg}{hint}")
 
-    def check(self) -> None:
+    def describe(self) -> tuple[str | None, str, str, dict[str, Any] | None]:
+        """(the served base model from GET /health, whose it is, why none is known, the task or
+        None). The server serves one base model, so that one is the task's, new or not."""
         import httpx
 
         check_name(self.name)
         try:
             with self._client() as c:
+                h = c.get("/health")
                 r = c.get(f"/v1/tasks/{quote(self.name)}")
         except httpx.HTTPError as e:
             raise RegisterError(f"cannot reach {self.url}: {e}") from None
+        self.described = True
+        model = None
+        if h.status_code == 200:
+            try:
+                model = h.json().get("model")
+            except (ValueError, AttributeError):
+                model = None
+        model = model if isinstance(model, str) and model else None
+        why = "" if model else f"GET {self.url}/health (HTTP {h.status_code}) names no model"
         if r.status_code == 404:
             if not self.create:
                 raise _missing_task(self.name, self.where)
-            return
+            return model, self.where, why, None
         if r.status_code != 200:
             raise self._fail(r, f"checking task {self.name!r}")
         self.exists = True
+        try:
+            task = r.json()
+        except ValueError:
+            raise self._fail(r, f"checking task {self.name!r}") from None
+        return model, self.where, why, task if isinstance(task, dict) else None
+
+    def check(self) -> None:
+        if not self.described:
+            self.describe()
+        if not self.exists and not self.create:
+            raise _missing_task(self.name, self.where)
 
     def register(self, prompt: torch.Tensor, *, meta: dict[str, Any], base_model: str | None = None,
                  num_layers: int, num_attention_heads: int) -> dict[str, Any]:

@@ -1,9 +1,16 @@
 """`python -m training.train` / `polyprompt train`: prompt-tune one task and register it.
 
-Exit codes: 0 registered; 2 bad data, bad flags, a checkpoint from another run or a
-registration target that refuses (nothing trained or registered); 1 another failure;
-130 interrupted (nothing registered; resume with --resume). Runs unchanged under
-`accelerate launch` (data parallel; only the main process registers).
+What is known is used: the base model is the task's (or, with `--server`, the server's; for
+a new task, the one the registry's tasks share), so `--model` is needed only where nothing
+is known, and an explicit one that names another model is refused. Training an existing task
+keeps its number of virtual tokens (changing it needs `--resize-prompt`) and its recorded
+init (`--init` / `--init-text` override that); a line on stderr says which settings were taken.
+
+Exit codes: 0 registered; 2 bad data, bad flags (a `--model` that is not the task's or
+server's base model, a `--num-virtual-tokens` that is not the task's), a checkpoint from
+another run or a registration target that refuses (nothing trained or registered); 1
+another failure; 130 interrupted (nothing registered; resume with --resume). Runs unchanged
+under `accelerate launch` (data parallel; only the main process registers).
 """
 
 from __future__ import annotations
@@ -16,22 +23,33 @@ from typing import Literal
 
 from pydantic import Field
 
-from registry.settings import RegistrySettings, add_flags, from_args
+from registry.settings import TaskToolSettings, add_flags, from_args
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD, EXIT_INTERRUPTED = 0, 1, 2, 130
+INIT_MODES = ("random", "text", "vocab")
+PEFT_INITS = {"RANDOM": "random", "TEXT": "text", "SAMPLE_VOCAB": "vocab"}
 
 
-class TrainSettings(RegistrySettings):
+class SettingsError(ValueError):
+    """Flags that contradict the task being trained (exit code 2, nothing trained)."""
+
+
+class TrainSettings(TaskToolSettings):
     """Every `polyprompt train` setting: a flag and a POLYPROMPT_* variable, generated."""
 
     task: str = Field(description="task name (a-z 0-9 . _ -)")
     data: str = Field(description='training JSONL: {"prompt": ..., "completion": ...} a line')
     eval_data: str | None = Field(None, description="evaluation JSONL (loss and exact-match accuracy each epoch)")
-    num_virtual_tokens: int = Field(20, description="virtual tokens of the soft prompt")
+    num_virtual_tokens: int = Field(20, description="virtual tokens of the soft prompt (an existing task keeps "
+                                                    "its own: a different number needs --resize-prompt)")
+    resize_prompt: bool = Field(False, description="let --num-virtual-tokens change an existing task's prompt "
+                                                   "length (its new version has that many)")
     init: Literal["random", "text", "vocab"] | None = Field(
         None, description="prompt init: random (PEFT RANDOM), text (embeddings of --init-text), vocab (sampled "
-                          "vocabulary embeddings); default: text with --init-text, else random")
-    init_text: str | None = Field(None, description="text whose embeddings start the prompt (--init text)")
+                          "vocabulary embeddings); default: an existing task's recorded init, else text with "
+                          "--init-text, else random")
+    init_text: str | None = Field(None, description="text whose embeddings start the prompt (--init text; "
+                                                    "default: an existing task's)")
     epochs: int = Field(10, description="passes over the training data")
     lr: float = Field(0.03, description="learning rate")
     batch_size: int = Field(8, description="examples per device per micro-batch")
@@ -72,10 +90,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
 
 
 def _check_args(p: argparse.ArgumentParser, a: TrainSettings) -> None:
-    if a.init is None:
-        a.init = "text" if a.init_text else "random"
-    if a.init == "text" and not a.init_text:
-        p.error("--init text needs --init-text")
     for name in ("num_virtual_tokens", "epochs", "batch_size", "grad_accum"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -93,16 +107,104 @@ def _err(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr, flush=True)
 
 
+def _note(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- an existing task's settings ----------------------------------------------------
+def recorded_init(version: dict) -> tuple[str, str | None] | None:
+    """(init, init_text) a version records: a training run's hyperparameters, the init of a task
+    created by `POST /v1/tasks` (its version 1), an uploaded or imported PEFT config's TEXT or
+    SAMPLE_VOCAB `prompt_tuning_init`; None if it records none usable. A PEFT config's RANDOM is
+    not taken as a record: it is PEFT's default, and what every adapter folder polyprompt writes
+    says (a `train --server` upload included), whatever the prompt started from."""
+    meta = version.get("meta") if isinstance(version.get("meta"), dict) else {}
+    found: list[tuple[object, object, bool]] = []  # (init, text, from a PEFT config)
+    if isinstance(meta.get("hyperparameters"), dict):
+        found.append((meta["hyperparameters"].get("init"), meta["hyperparameters"].get("init_text"), False))
+    found.append((meta.get("init"), meta.get("init_text"), False))
+    source = version.get("source")
+    if isinstance(source, str) and source.startswith("init:"):
+        found.append((source.removeprefix("init:"), None, False))
+    peft_config = meta.get("peft_config")
+    if isinstance(peft_config, dict):
+        found.append((peft_config.get("prompt_tuning_init"), peft_config.get("prompt_tuning_init_text"), True))
+    found.append((meta.get("prompt_tuning_init"), None, True))
+    for init, text, peft in found:
+        if not isinstance(init, str):
+            continue
+        init = PEFT_INITS.get(init.upper(), init.lower())
+        text = text if isinstance(text, str) and text else None
+        if init not in INIT_MODES or (init == "text" and text is None) or (peft and init == "random"):
+            continue
+        return init, text
+    return None
+
+
+def task_init(task: dict) -> tuple[str, str | None, int] | None:
+    """(init, init_text, version) recorded by the task's active version, else by its newest one
+    that records any."""
+    versions = [v for v in task.get("versions") or [] if isinstance(v, dict)]
+    for v in sorted(versions, key=lambda v: (not v.get("is_active"), -int(v.get("version") or 0))):
+        found = recorded_init(v)
+        if found is not None:
+            return (*found, int(v.get("version") or 0))
+    return None
+
+
+def apply_task_settings(args: TrainSettings, task: dict | None) -> str | None:
+    """Fill the prompt's settings in place: an existing `task`'s number of virtual tokens and
+    recorded init unless flags (or POLYPROMPT_* variables) say otherwise; defaults for a new
+    task. Returns the line to show for an existing task. Raises SettingsError when
+    --num-virtual-tokens would change an existing task's prompt length without --resize-prompt,
+    or when --init text has no text."""
+    given = args.model_fields_set
+    if task is None:
+        if args.init is None:
+            args.init = "text" if args.init_text else "random"
+        if args.init == "text" and not args.init_text:
+            raise SettingsError("--init text needs --init-text")
+        return None
+    name, n = args.task, int(task["num_virtual_tokens"])
+    if "num_virtual_tokens" in given and args.num_virtual_tokens != n:
+        if not args.resize_prompt:
+            raise SettingsError(
+                f"task {name!r} has {n} virtual tokens; --num-virtual-tokens {args.num_virtual_tokens} would "
+                f"change its prompt length: leave it out to keep {n}, or add --resize-prompt")
+        tokens = f"{args.num_virtual_tokens} virtual tokens (--num-virtual-tokens with --resize-prompt; it had {n})"
+    else:
+        args.num_virtual_tokens = n
+        tokens = f"{n} virtual tokens"
+    rec = task_init(task)
+    rec_desc = "none recorded" if rec is None else rec[0] + (f" {rec[1]!r}" if rec[1] else "")
+    if args.init is None and args.init_text is None and rec is not None:
+        args.init, args.init_text = rec[0], rec[1]
+        how = f" (from v{rec[2]})"
+    elif args.init is None:
+        args.init = "text" if args.init_text else "random"
+        how = " (--init-text)" if args.init_text else " (the task records none)"
+    else:
+        if args.init == "text" and not args.init_text and rec is not None and rec[0] == "text":
+            args.init_text = rec[1]
+        how = f" (--init; the task's: {rec_desc})"
+    if args.init == "text" and not args.init_text:
+        raise SettingsError("--init text needs --init-text (the task records no init text)")
+    init = f"init={args.init}" + (f" {args.init_text!r}" if args.init == "text" else "")
+    return f"using task {name}'s settings: {tokens}, {init}{how}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser, args = parse_args(argv)
     _check_args(parser, args)
+    from registry.cli_common import BaseModelError
+
     from .checkpoint import CheckpointError
     from .data import DataError
     from .register import RegisterError
 
     try:
         return _run(args)
-    except (DataError, CheckpointError, RegisterError) as e:
+    except (DataError, CheckpointError, RegisterError, BaseModelError, SettingsError) as e:
         _err(str(e))
         return EXIT_BAD
     except KeyboardInterrupt:
@@ -111,37 +213,63 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: TrainSettings) -> int:
-    import torch
-    from accelerate import Accelerator
-    from transformers import AutoConfig, AutoTokenizer
+    from registry.cli_common import BaseModelError, new_task_base_model, resolve_base_model, unloadable
 
-    from registry.paths import model_id_for
-
-    from .data import load_jsonl, tokenize
-    from .loop import train_loop
-    from .model import build_peft_model, context_length
+    from .data import load_jsonl
     from .register import LocalTarget, ServerTarget
 
     # 1. data (fails fast, before any model is loaded)
     train_ex = load_jsonl(args.data)
     eval_ex = load_jsonl(args.eval_data) if args.eval_data else None
 
-    # 2. the registration target must accept the result before we spend time training
-    config = AutoConfig.from_pretrained(args.model)
-    hidden = int(getattr(config, "n_embd", None) or config.hidden_size)
-    model_id = model_id_for(args.model)
-    if args.device.startswith("cuda:"):
-        torch.cuda.set_device(int(args.device.split(":", 1)[1]))
-    accelerator = Accelerator(cpu=args.device == "cpu")
-    main_proc = accelerator.is_main_process
-    log = print if main_proc else (lambda *a, **k: None)
+    # 2. the registration target: what it knows (the base model, the task and its settings), and
+    #    that it will accept the result, before any time is spent training
     if args.server:
         target = ServerTarget(args.server, args.task, create=args.create, description=args.description)
     else:
         from registry.cli_common import open_registry
 
-        target = LocalTarget(open_registry(args), args.task, create=args.create, model_id=model_id,
-                             hidden_size=hidden, description=args.description)
+        target = LocalTarget(open_registry(args), args.task, create=args.create, description=args.description)
+    known, owner, unknown, task = target.describe()
+    if task is None and isinstance(target, LocalTarget):  # a new task: --model, else the registry's one model
+        load, model_id, model_note = new_task_base_model(args.model, target.registry, name=args.task)
+        owner = "every task in the registry"
+    else:  # the task's, or the server's: an explicit --model must agree
+        load, model_id = resolve_base_model(args.model, known, owner=owner, unknown=unknown)
+        loaded = f" (loaded from {load})" if load != model_id else ""
+        model_note = "" if "model" in args.model_fields_set else \
+            f"using base model {model_id!r}, the one {owner} is on{loaded}"
+    if load is None:
+        raise unloadable(model_id, owner)
+    args.model = load
+    settings_line = apply_task_settings(args, task)
+
+    import torch  # only now: a refusal above comes at once
+    from accelerate import Accelerator
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .data import tokenize
+    from .loop import train_loop
+    from .model import build_peft_model, context_length
+
+    try:
+        config = AutoConfig.from_pretrained(load)
+    except Exception as e:  # a folder that is no model, a hub id while offline: one line, not a traceback
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BaseModelError(f"cannot load base model {load!r}: {first}; pass --model PATH to a local copy") from None
+    hidden = int(getattr(config, "n_embd", None) or config.hidden_size)
+    if args.device.startswith("cuda:"):
+        torch.cuda.set_device(int(args.device.split(":", 1)[1]))
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    main_proc = accelerator.is_main_process
+    log = print if main_proc else (lambda *a, **k: None)
+    if main_proc:
+        if model_note:
+            _note(model_note)
+        if settings_line:
+            _note(settings_line)
+    if isinstance(target, LocalTarget):
+        target.model_id, target.hidden_size = model_id, hidden
     if main_proc:
         target.check()
 
@@ -224,7 +352,7 @@ def _register_and_report(args: TrainSettings, res, config, target, cfg, hyper: d
 
         write_adapter_folder(cfg.output_dir / "adapter", res.prompt, base_model=args.model,
                              num_layers=layers, num_attention_heads=heads)
-    reg = target.register(res.prompt, meta=meta, base_model=args.model, num_layers=layers,
+    reg = target.register(res.prompt, meta=meta, base_model=model_id, num_layers=layers,
                           num_attention_heads=heads)
     secs = [h["seconds"] for h in res.history]
     parts = [f"train loss {res.first_step_loss:.4f} → {last['train_loss']:.4f}"

@@ -1,13 +1,20 @@
 """`polyprompt tasks {list,show,import,export,delete,activate}` — registry admin from the shell.
 
-Imports registry and adapters only (nothing else under server/).
+Imports registry and adapters only (nothing else under server/), and those lightly: no torch,
+transformers or peft unless a subcommand needs them (`import` and `export` of a prompt).
 
-Model shape (hidden size, layers, heads) comes from the `--model`'s config:
-a local folder is read with `AutoConfig.from_pretrained` (offline); the public GPT-2
-hub ids (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2) use their known shapes
-without touching the network; any other id tries `AutoConfig` and, if that fails
-(e.g. offline), falls back to the task's hidden size with the GPT-2 family's
-layer/head counts for that width (12/12 for 768, the GPT-2 rule of head_dim 64 otherwise).
+The base model is the task's own (`base_model` in the registry; see `registry.cli_common`):
+`import` into an existing task records its base model; `import` of a new task takes the one
+base model the registry's tasks share; `export` writes the task's base model into
+`adapter_config.json` and the README. `--model` (or POLYPROMPT_MODEL) is needed only where
+nothing is known, and must name the task's model where one is.
+
+Model shape (hidden size, layers, heads) for `export`'s config comes from the base model's
+config: a local folder is read with `AutoConfig.from_pretrained` (offline); the public GPT-2
+hub ids (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2) use their known shapes without
+touching the network; an `org/name` hub id tries `AutoConfig`; otherwise (a folder that is not
+here, the hub offline) the task's hidden size with the GPT-2 family's layer/head counts for
+that width (12/12 for 768, the GPT-2 rule of head_dim 64 otherwise).
 """
 
 from __future__ import annotations
@@ -18,19 +25,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from adapters.peft_format import AdapterError, read_adapter_folder, write_adapter_folder
+from adapters.peft_format import AdapterError, model_card, read_adapter_folder, write_adapter_folder
 from registry import RegistryError, TaskExists, TaskNotFound
-from registry.cli_common import add_registry_args, open_registry, resolve_registry_args
-from registry.paths import model_id_for
+from registry.cli_common import (
+    KNOWN_MODELS,
+    BaseModelError,
+    add_registry_args,
+    canonical_model,
+    new_task_base_model,
+    open_registry,
+    registry_base_models,
+    resolve_base_model,
+    resolve_registry_args,
+)
 
-# (hidden, layers, heads) of the public GPT-2 checkpoints
-KNOWN_MODELS: dict[str, tuple[int, int, int]] = {
-    "gpt2": (768, 12, 12),
-    "gpt2-medium": (1024, 24, 16),
-    "gpt2-large": (1280, 36, 20),
-    "gpt2-xl": (1600, 48, 25),
-    "distilgpt2": (768, 6, 12),
-}
+__all__ = ["KNOWN_MODELS", "CliError", "build_parser", "gpt2_defaults", "main", "model_shape"]
+
 # GPT-2 family defaults by width, for the offline fallback
 GPT2_BY_HIDDEN: dict[int, tuple[int, int]] = {h: (n, a) for h, n, a in KNOWN_MODELS.values()
                                                   if h != 768}
@@ -44,9 +54,11 @@ class CliError(Exception):
 def model_shape(model: str) -> tuple[int, int, int] | None:
     """(hidden, num_layers, num_heads) of `model`, or None if its config is unavailable."""
     if not Path(model).is_dir():
-        key = model.removeprefix("openai-community/").removeprefix("distilbert/")
+        key = canonical_model(model)
         if key in KNOWN_MODELS:
             return KNOWN_MODELS[key]
+        if "/" not in model:  # a bare name that is no folder here: only a slow, wrong hub lookup is left
+            return None
     try:
         from transformers import AutoConfig
 
@@ -133,19 +145,50 @@ def cmd_show(args: argparse.Namespace) -> Any:
     return "\n".join(lines)
 
 
+def _note(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _adapter_base(folder: Path) -> str | None:
+    """The base model an adapter folder's config names, for messages only."""
+    try:
+        cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        name = cfg.get("base_model_name_or_path")
+        return name if isinstance(name, str) and name else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _import_base_model(reg, args: argparse.Namespace, task: dict[str, Any] | None, folder: Path
+                       ) -> tuple[str | None, str]:
+    """(what to read the shape from, base model id) for importing into `task` (None: a new one)."""
+    if task is not None:  # the task's own; an explicit --model must agree
+        return resolve_base_model(args.model, task["base_model"], owner=f"task {args.name!r}")
+    try:
+        load, base, note = new_task_base_model(args.model, reg, name=args.name)
+    except BaseModelError as e:
+        named = _adapter_base(folder)
+        if named:
+            raise BaseModelError(f"{e} (the adapter says it was made for {named!r})") from None
+        raise
+    if note:
+        _note(note)
+    return load, base
+
+
 def cmd_import(args: argparse.Namespace) -> Any:
     folder = Path(args.folder)
     reg = open_registry(args)
-    base_model = model_id_for(args.model)
     try:
         task: dict[str, Any] | None = reg.get_task(args.name)
     except TaskNotFound:
         task = None
+    model, base_model = _import_base_model(reg, args, task, folder)
     if task is not None:
         expected = task["hidden_size"]
     else:
-        shape = model_shape(args.model)
-        expected = shape[0] if shape else _peek_hidden(folder)
+        shape = model_shape(model) if model else None
+        expected = (shape[0] if shape else None) or registry_base_models(reg).get(base_model) or _peek_hidden(folder)
     tensor, cfg = read_adapter_folder(folder, expected_hidden=expected)
     meta = {k: cfg[k] for k in ("base_model_name_or_path", "peft_version", "prompt_tuning_init") if cfg.get(k)}
     created = False
@@ -155,7 +198,9 @@ def cmd_import(args: argparse.Namespace) -> Any:
                                    embeddings=tensor, source="import", meta=meta)
             version, created = task["versions"][0], True
         except TaskExists:  # created meanwhile by someone else: add a version to it
-            pass
+            task = reg.get_task(args.name)
+            resolve_base_model(args.model, task["base_model"], owner=f"task {args.name!r}")
+            base_model = task["base_model"]
     if not created:
         version = reg.add_version(
             args.name, tensor, source="import", meta=meta, activate=not args.no_activate, base_model=base_model
@@ -179,21 +224,37 @@ def cmd_export(args: argparse.Namespace) -> Any:
         if wanted is None:
             raise CliError(f"task {args.name!r} has no versions to export")
         raise CliError(f"task {args.name!r} has no version {wanted}")
+    base_model = task["base_model"]  # what the task's prompts are for, whatever --model says
+    model, _ = resolve_base_model(args.model, base_model, owner=f"task {args.name!r}")
     emb = reg.load_prompt(v["sha256"])
-    shape = model_shape(args.model)
+    shape = model_shape(model) if model else None
     if shape is not None and shape[0] == task["hidden_size"]:
         _, layers, heads = shape
         shape_src = "model config"
     else:
         layers, heads = gpt2_defaults(task["hidden_size"])
         shape_src = "GPT-2 defaults for the hidden size (model config unavailable or another width)"
+    readme = model_card(base_model=base_model, title=f"{args.name} (polyprompt task, version {v['version']})", lines=[
+        f"A PEFT prompt-tuning adapter: {v['num_virtual_tokens']} virtual tokens on `{base_model}`, "
+        f"exported by `polyprompt tasks export`.", "",
+        f"- task: `{args.name}`" + (f" ({task['description']})" if task["description"] else ""),
+        f"- version: {v['version']} (source `{v['source']}`, created {v['created_at']})",
+        f"- sha256 of the prompt: `{v['sha256']}`", "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f"base = AutoModelForCausalLM.from_pretrained({base_model!r})",
+        "model = PeftModel.from_pretrained(base, \"path/to/this/folder\")",
+        "```"])
     folder = write_adapter_folder(
-        args.folder, emb, base_model=args.model, num_layers=layers, num_attention_heads=heads
+        args.folder, emb, base_model=base_model, num_layers=layers, num_attention_heads=heads, readme=readme
     )
     if args.json:
-        return {"folder": str(folder), "task": args.name, "version": v, "num_layers": layers,
-                "num_attention_heads": heads, "shape_from": shape_src}
-    return f"exported {args.name} v{v['version']} ({v['num_virtual_tokens']} virtual tokens) to {folder}"
+        return {"folder": str(folder), "task": args.name, "version": v, "base_model": base_model,
+                "num_layers": layers, "num_attention_heads": heads, "shape_from": shape_src}
+    return (f"exported {args.name} v{v['version']} ({v['num_virtual_tokens']} virtual tokens, "
+            f"base model {base_model}) to {folder}")
 
 
 def cmd_delete(args: argparse.Namespace) -> Any:
