@@ -288,7 +288,9 @@ def test_create_with_prompt_refuses_before_writing(reg, monkeypatch):
     def no_disk(*_a, **_k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(registry, "write_prompt_file", no_disk)
+    import registry.files
+
+    monkeypatch.setattr(registry.files, "write_prompt_file", no_disk)  # the registry imports it on use
     with pytest.raises(OSError):
         reg.create_task("t", base_model="gpt2", embeddings=torch.randn(3, 8), source="x")
     assert reg.list_tasks() == []

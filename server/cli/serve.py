@@ -31,6 +31,8 @@ def main(argv: list[str]) -> int:
                    help="the same as --no-engine-main-thread: the engine loop on a secondary thread")
     settings = from_args(Settings, p.parse_args(argv), p)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.log_level.lower() != "debug":  # alembic >= 1.16 logs each of its plugins at INFO on first use
+        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     import uvicorn
 
     from server.app import create_app
