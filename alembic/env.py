@@ -57,14 +57,15 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    from registry import make_engine
+    from registry import make_engine, migration_lock
 
     engine = make_engine(_url())
-    try:
-        with engine.connect() as connection:
+    try:  # the `alembic` command: under the lock Registry.upgrade takes (it passes its connection above)
+        with engine.connect() as connection, migration_lock(connection):
             _configure(connection=connection)
             with context.begin_transaction():
                 context.run_migrations()
+            connection.commit()
     finally:
         engine.dispose()
 

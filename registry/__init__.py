@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -37,6 +40,7 @@ __all__ = [
     "InvalidPrompt",
     "IntegrityError",
     "make_engine",
+    "migration_lock",
     "alembic_config",
     "MAX_VIRTUAL_TOKENS",
     "MAX_CHAT_TEMPLATE_CHARS",
@@ -45,11 +49,17 @@ __all__ = [
 # arbitrary constant key for pg_advisory_lock around migrations ("polyprmt")
 _PG_MIGRATION_LOCK = 0x706F6C7970726D74
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# alembic's `context` and `op` are module globals: one migration at a time per process, whatever the database
+_MIGRATING = threading.Lock()
 
 
 def make_engine(db_url: str) -> Engine:
-    """An Engine for `db_url`; SQLite gets foreign keys, WAL and a busy timeout."""
+    """An Engine for `db_url`; SQLite gets foreign keys, WAL and a busy timeout. A plain
+    `postgresql://` (or `postgres://`) URL uses psycopg 3, the driver the project depends on
+    (SQLAlchemy's own default for it is psycopg2)."""
     url = make_url(db_url)
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
     if url.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
     memory = url.database in (None, "", ":memory:")
@@ -72,6 +82,30 @@ def make_engine(db_url: str) -> Engine:
         cur.close()
 
     return engine
+
+
+@contextmanager
+def migration_lock(conn: Connection) -> Iterator[None]:
+    """Hold the database's migration lock on `conn` for the block, so that processes migrating one
+    database at the same moment (replicas starting together on an empty one) take turns: the first
+    migrates, the others find it at head. PostgreSQL: a session-level `pg_advisory_lock` on a fixed
+    key, released after the block (or when the connection dies). SQLite: its write lock
+    (`BEGIN IMMEDIATE`, waiting up to the busy timeout), held until the caller commits, so the
+    block runs in that one transaction (SQLite's DDL is transactional). Other databases: none."""
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.rollback()
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_MIGRATION_LOCK})
+            conn.commit()
+    else:
+        if dialect == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        yield
 
 
 def alembic_config(db_url: str | None = None):  # -> alembic.config.Config
@@ -124,24 +158,16 @@ class Registry:
 
     # -- schema -------------------------------------------------------------
     def upgrade(self, revision: str = "head") -> None:
-        """`alembic upgrade head` on this database (under an advisory lock on PostgreSQL)."""
+        """`alembic upgrade head` on this database, under `migration_lock` (an advisory lock on
+        PostgreSQL, the write lock on SQLite) and one migration at a time in this process: any
+        number of servers and tools opening one database at once migrate it once."""
         from alembic import command
 
         cfg = alembic_config(self.db_url)
-        is_pg = self.engine.dialect.name == "postgresql"
-        with self.engine.connect() as conn:
-            if is_pg:
-                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
-                conn.commit()
-            try:
-                cfg.attributes["connection"] = conn
-                command.upgrade(cfg, revision)
-                conn.commit()
-            finally:
-                if is_pg:
-                    conn.rollback()
-                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_MIGRATION_LOCK})
-                    conn.commit()
+        with _MIGRATING, self.engine.connect() as conn, migration_lock(conn):
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+            conn.commit()
 
     # -- reads ---------------------------------------------------------------
     def generation(self) -> int:

@@ -1,10 +1,14 @@
 """HTTP API, admin side: tasks CRUD, prompt uploads (PEFT parity, validation), versions,
-authorization, restart persistence. One app per module; separate small apps for auth/restart."""
+authorization, restart persistence. One app per module and database: the tests on `client`, the
+restart and the concurrent duplicate creation run on SQLite and on PostgreSQL (`module_db_url`,
+`db_url`: tests/conftest.py); separate small SQLite apps for auth."""
 
 from __future__ import annotations
 
 import io
 import pickle
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -27,9 +31,17 @@ def adapter(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(tiny_model_dir, tmp_path_factory):
+def client(tiny_model_dir, tmp_path_factory, module_db_url):
     data = tmp_path_factory.mktemp("data-tasks")
-    with TestClient(create_app(settings(tiny_model_dir, data))) as c:
+    with TestClient(create_app(settings(tiny_model_dir, data, db=module_db_url))) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client2(tiny_model_dir, client, module_db_url):
+    """A second server on `client`'s database and data folder (two replicas of one deployment)."""
+    data = client.app.state.runtime.registry.data_dir
+    with TestClient(create_app(settings(tiny_model_dir, data, db=module_db_url))) as c:
         yield c
 
 
@@ -90,6 +102,39 @@ def test_create_task_options(client):
 def test_create_duplicate_409(client):
     assert client.post("/v1/tasks", json={"name": "crud-dup"}).status_code == 201
     assert_error(client.post("/v1/tasks", json={"name": "crud-dup"}), 409, "crud-dup")
+
+
+def test_concurrent_duplicate_create_one_201_one_409(client, client2):
+    """Both replicas are asked to create the same task at the same moment, name after name: each
+    time exactly one 201 and one 409 naming the task (never a 500, whichever check catches the
+    loser: the existence check or the unique name at insert), and the task, made on one replica,
+    is listed and goes live on both."""
+    barrier = threading.Barrier(2)
+    names = [f"race-{i}" for i in range(6)]
+    for name in names:
+        out: list = [None, None]
+
+        def post(k: int, c) -> None:
+            barrier.wait(30)
+            out[k] = c.post("/v1/tasks", json={"name": name, "num_virtual_tokens": 2})
+
+        threads = [threading.Thread(target=post, args=(k, c)) for k, c in enumerate((client, client2))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert sorted(r.status_code for r in out) == [201, 409], [(r.status_code, r.text) for r in out]
+        assert_error(next(r for r in out if r.status_code == 409), 409, name)
+    for c in (client, client2):
+        listed = {t["name"] for t in c.get("/v1/tasks", params={"q": "race-"}).json()["data"]}
+        assert set(names) <= listed
+        deadline = time.monotonic() + 30  # the other replica's tasks go live at its next registry poll
+        while not set(names) <= {m["id"] for m in c.get("/v1/models").json()["data"]}:
+            assert time.monotonic() < deadline, "a replica never served the tasks the other created"
+            time.sleep(0.1)
+        assert len(greedy(c, names[0], "hi", max_tokens=2, ignore_eos=True)["choices"][0]["token_ids"]) == 2
+    for name in names:
+        assert client.delete(f"/v1/tasks/{name}").status_code == 204
 
 
 def test_create_base_model_id_409(client, base_id):
@@ -484,9 +529,9 @@ def test_auth_only_admin_key(tiny_model_dir, tmp_path, base_id):
 
 # ------------------------------------------------------------------ restart persistence
 
-def test_restart_keeps_tasks_versions_and_outputs(tiny_model_dir, tmp_path, adapter):
+def test_restart_keeps_tasks_versions_and_outputs(tiny_model_dir, tmp_path, adapter, db_url):
     folder, pm = adapter
-    s = settings(tiny_model_dir, tmp_path / "data")
+    s = settings(tiny_model_dir, tmp_path / "data", db=db_url)
     with TestClient(create_app(s)) as c:
         assert c.post("/v1/tasks", json={"name": "keep", "description": "kept"}).status_code == 201
         assert c.post("/v1/tasks/keep/prompt", files=adapter_files(folder)).status_code == 201
@@ -494,7 +539,7 @@ def test_restart_keeps_tasks_versions_and_outputs(tiny_model_dir, tmp_path, adap
         before_tasks = c.get("/v1/tasks").json()["data"]
         before = {p: greedy(c, "keep", p, 8)["choices"][0]["token_ids"] for p in PROMPTS}
         before2 = greedy(c, "keep2", "abc", 6, ignore_eos=True)["choices"][0]["token_ids"]
-    with TestClient(create_app(settings(tiny_model_dir, tmp_path / "data"))) as c:
+    with TestClient(create_app(settings(tiny_model_dir, tmp_path / "data", db=db_url))) as c:
         after_tasks = c.get("/v1/tasks").json()["data"]
         # the listing is non-trivial (two empty lists would compare equal) and identical field for field,
         # timestamps and prompt hashes included: a restart reads the registry, it does not rewrite it

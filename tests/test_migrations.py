@@ -5,10 +5,18 @@ The models (registry/models.py) are what the code reads and writes; the migratio
 migration works in tests that build tables from the models and fails on every real
 database, so the schema `alembic upgrade head` builds is compared with the models'
 metadata by Alembic's own autogenerate comparison: any difference it would write into a
-new migration is a failure here.
+new migration is a failure here. Each test runs on SQLite and on PostgreSQL (`db_url`), and so
+does the check that servers opening one empty database at the same moment migrate it once.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -17,7 +25,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from alembic import command
-from registry import Registry, alembic_config
+from registry import Registry, alembic_config, migration_lock
 from registry.models import Base
 
 # the same comparison options alembic/env.py gives autogenerate
@@ -30,9 +38,9 @@ def _drift(engine: sa.Engine, metadata: sa.MetaData) -> list:
 
 
 @pytest.fixture
-def upgraded(tmp_path):
-    """A file SQLite database at `alembic upgrade head`, through the registry's own upgrade."""
-    reg = Registry(f"sqlite:///{tmp_path / 'registry.db'}", tmp_path / "data")
+def upgraded(db_url, tmp_path):
+    """A fresh database (SQLite file, PostgreSQL) at `alembic upgrade head`, through the registry's own upgrade."""
+    reg = Registry(db_url, tmp_path / "data")
     reg.upgrade()
     yield reg
     reg.close()
@@ -51,11 +59,15 @@ def test_head_matches_the_models(upgraded):
 
 def test_partial_unique_index_has_its_where_clause(upgraded):
     """Autogenerate does not compare an index's WHERE clause, and without it the index would
-    allow one version per task instead of one *active* version: read it from SQLite."""
+    allow one version per task instead of one *active* version: read it from the database."""
     with upgraded.engine.connect() as conn:
-        sql = conn.execute(sa.text("SELECT sql FROM sqlite_master WHERE type = 'index' "
-                                   "AND name = 'uq_prompt_versions_one_active'")).scalar_one()
-    assert "UNIQUE" in sql.upper() and sql.split("WHERE", 1)[1].strip() == "is_active", sql
+        if conn.dialect.name == "sqlite":
+            sql = conn.execute(sa.text("SELECT sql FROM sqlite_master WHERE type = 'index' "
+                                       "AND name = 'uq_prompt_versions_one_active'")).scalar_one()
+        else:
+            sql = conn.execute(sa.text("SELECT indexdef FROM pg_indexes WHERE indexname = "
+                                       "'uq_prompt_versions_one_active'")).scalar_one()
+    assert "UNIQUE" in sql.upper() and sql.split("WHERE", 1)[1].strip() in ("is_active", "is_active)"), sql
 
 
 def test_downgrade_then_upgrade_gives_the_same_schema(upgraded):
@@ -79,11 +91,11 @@ def test_the_comparison_sees_a_drift(upgraded):
     assert kinds == {"add_column", "remove_index", "modify_type"}, kinds
 
 
-def test_0002_chat_template_keeps_data_both_ways(tmp_path):
+def test_0002_chat_template_keeps_data_both_ways(db_url, tmp_path):
     """0001 -> head adds tasks.chat_template (NULL for the tasks already there) and keeps every
     task and version; head -> 0001 drops the column in place, and keeps them too (a batch-mode
     table copy would drop `tasks` and, with foreign keys on, cascade into prompt_versions)."""
-    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    url = db_url
     reg = Registry(url, tmp_path / "data")
     reg.upgrade("0001_initial")
     with reg.engine.begin() as conn:
@@ -92,8 +104,8 @@ def test_0002_chat_template_keeps_data_both_ways(tmp_path):
                              "'2025-01-01 00:00:00')"))
         conn.execute(sa.text("INSERT INTO prompt_versions (task_id, version, is_active, sha256, path, "
                              "num_virtual_tokens, hidden_size, base_model, source, meta, created_at) VALUES "
-                             "(1, 1, 1, :sha, 'p', 2, 4, 'gpt2', 'init', '{}', '2025-01-01 00:00:00')"),
-                     {"sha": "a" * 64})
+                             "(1, 1, :active, :sha, 'p', 2, 4, 'gpt2', 'init', '{}', '2025-01-01 00:00:00')"),
+                     {"sha": "a" * 64, "active": True})
     reg.upgrade()
     t = reg.get_task("old")
     assert (t["description"], t["active_version"], t["sha256"], t["chat_template"]) == ("d", 1, "a" * 64, None)
@@ -114,4 +126,81 @@ def test_0002_chat_template_keeps_data_both_ways(tmp_path):
     reg.upgrade()
     assert rows() == kept and reg.get_task("old")["chat_template"] is None
     assert _drift(reg.engine, Base.metadata) == []
+    reg.close()
+
+
+# ------------------------------------------------------------------ replicas opening one empty database
+
+_OPENER = """
+import logging, sys
+from registry import Registry
+runs = []
+class Count(logging.Handler):
+    def emit(self, record):
+        if record.getMessage().startswith("Running upgrade"):
+            runs.append(record.getMessage())
+log = logging.getLogger("alembic.runtime.migration")
+log.setLevel(logging.INFO)
+log.addHandler(Count())
+reg = Registry(sys.argv[1], sys.argv[2])
+print("ready", flush=True)
+sys.stdin.readline()  # all start together
+reg.upgrade()
+reg.create_task(sys.argv[3], num_virtual_tokens=1, hidden_size=4, base_model="gpt2")
+print("migrations run:", len(runs), flush=True)
+reg.close()
+"""
+
+
+def test_replicas_opening_one_empty_database_at_once_migrate_it_once(db_url, tmp_path):
+    """Three processes (three servers starting together) open the registry on one empty database at
+    the same moment: all come up and can write, the schema is at head, and the migrations ran
+    once, in one of them (the migration lock: an advisory lock on PostgreSQL, the write lock on
+    SQLite; without it they race to create the same tables and all but one fail)."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", _OPENER, db_url, str(tmp_path / "data"), f"replica-{i}"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env, cwd=tmp_path) for i in range(3)]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready", p.stderr.read()
+        for p in procs:  # all at once: every one is waiting on its stdin
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+    scripts = ScriptDirectory.from_config(alembic_config())
+    runs = [int(out.rsplit("migrations run:", 1)[1]) for out, _ in outs]
+    assert sorted(runs) == [0, 0, len(list(scripts.walk_revisions()))], runs  # one ran them all, once
+    heads = scripts.get_heads()
+    reg = Registry(db_url, tmp_path / "data")
+    with reg.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all() == heads
+        assert conn.execute(sa.text("SELECT id FROM registry_state")).scalars().all() == [1]
+    assert [t["name"] for t in reg.list_tasks()] == ["replica-0", "replica-1", "replica-2"]
+    assert reg.generation() == 3 and _drift(reg.engine, Base.metadata) == []
+    reg.close()
+
+
+def test_upgrade_waits_for_the_migration_lock(db_url, tmp_path):
+    """The lock is real: while another connection holds it, `upgrade` waits (the database stays
+    empty); released, the upgrade runs."""
+    reg = Registry(db_url, tmp_path / "data")
+    holder = Registry(db_url, tmp_path / "data")
+    th = threading.Thread(target=reg.upgrade)
+    with holder.engine.connect() as conn, migration_lock(conn):
+        th.start()
+        time.sleep(0.5)
+        assert th.is_alive(), "upgrade did not wait for the lock"
+        assert "alembic_version" not in sa.inspect(holder.engine).get_table_names()
+        conn.rollback()  # SQLite: the lock is the open write transaction
+    th.join(60)
+    assert not th.is_alive()
+    assert reg.list_tasks() == [] and reg.generation() == 0
+    holder.close()
     reg.close()

@@ -1,16 +1,17 @@
-"""Registry: alembic schema, CRUD, versions, generation, content-addressed files."""
+"""Registry: alembic schema, CRUD, versions, generation, content-addressed files. The database
+tests run on SQLite and on PostgreSQL (`db_url`, tests/conftest.py: a fresh database each)."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import inspect, text
 
 from alembic import command
 from registry import (
@@ -21,34 +22,36 @@ from registry import (
     TaskNotFound,
     VersionNotFound,
     alembic_config,
+    make_engine,
 )
 from registry.errors import IntegrityError
 from registry.files import read_prompt_file, write_prompt_file
 from registry.paths import default_db_url, model_id_for
+from tests import pg
 
 
 @pytest.fixture()
-def reg(tmp_path: Path) -> Iterator[Registry]:
-    r = Registry(default_db_url(tmp_path / "data"), tmp_path / "data")
+def reg(db_url: str, tmp_path: Path) -> Iterator[Registry]:
+    r = Registry(db_url, tmp_path / "data")
     r.upgrade()
     yield r
     r.close()
 
 
 def _tables(url: str) -> set[str]:
-    eng = create_engine(url)
+    eng = make_engine(url)
     try:
         return set(inspect(eng).get_table_names())
     finally:
         eng.dispose()
 
 
-def test_upgrade_head_creates_schema(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'r.db'}"
+def test_upgrade_head_creates_schema(db_url: str, tmp_path: Path) -> None:
+    url = db_url
     r = Registry(url, tmp_path / "data")
     r.upgrade()
     assert {"tasks", "prompt_versions", "registry_state", "alembic_version"} <= _tables(url)
-    eng = create_engine(url)
+    eng = make_engine(url)
     with eng.connect() as c:
         assert c.execute(text("SELECT id, generation FROM registry_state")).all() == [(1, 0)]
         cols = {col["name"] for col in inspect(c).get_columns("prompt_versions")}
@@ -62,8 +65,8 @@ def test_upgrade_head_creates_schema(tmp_path: Path) -> None:
     r.close()
 
 
-def test_downgrade_then_upgrade(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'r.db'}"
+def test_downgrade_then_upgrade(db_url: str, tmp_path: Path) -> None:
+    url = db_url
     r = Registry(url, tmp_path / "data")
     r.upgrade()
     r.create_task("t", num_virtual_tokens=2, hidden_size=4, base_model="gpt2")
@@ -162,8 +165,16 @@ def test_content_addressed_atomic_file(tmp_path: Path) -> None:
         read_prompt_file(tmp_path, "0" * 64)
 
 
-def test_persists_across_instances(tmp_path: Path) -> None:
-    url, data = default_db_url(tmp_path / "d"), tmp_path / "d"
+def test_default_url_is_a_sqlite_file_in_the_data_dir(tmp_path: Path) -> None:
+    r = Registry(default_db_url(tmp_path / "d"), tmp_path / "d")
+    r.upgrade()
+    r.create_task("x", num_virtual_tokens=1, hidden_size=4, base_model="gpt2")
+    assert r.engine.dialect.name == "sqlite" and Path(r.engine.url.database).parent == (tmp_path / "d").resolve()
+    r.close()
+
+
+def test_persists_across_instances(db_url: str, tmp_path: Path) -> None:
+    url, data = db_url, tmp_path / "d"
     r1 = Registry(url, data)
     r1.upgrade()
     r1.create_task("keep", num_virtual_tokens=2, hidden_size=4, base_model="gpt2")
@@ -207,26 +218,102 @@ def test_model_id_for(tmp_path: Path) -> None:
     assert model_id_for("gpt2") == "gpt2"
 
 
-@pytest.mark.skipif(not os.environ.get("POLYPROMPT_TEST_PG_URL"), reason="set POLYPROMPT_TEST_PG_URL")
-def test_postgresql(tmp_path: Path) -> None:
-    """Against a scratch PostgreSQL database (it is downgraded to base first)."""
-    url = os.environ["POLYPROMPT_TEST_PG_URL"]
-    command.downgrade(alembic_config(url), "base")
-    r = Registry(url, tmp_path / "data")
-    threads = [threading.Thread(target=r.upgrade) for _ in range(3)]  # advisory lock
+# ------------------------------------------------------------------ PostgreSQL URLs, racing writers
+
+def test_plain_postgresql_url_uses_psycopg() -> None:
+    """`postgresql://` (and Heroku's `postgres://`) get psycopg 3, the driver the project depends
+    on, not SQLAlchemy's default psycopg2; an explicit driver is kept. No server needed."""
+    for given in ("postgresql://u:secret@127.0.0.1:5/db", "postgres://u:secret@127.0.0.1:5/db",
+                  "postgresql+psycopg://u:secret@127.0.0.1:5/db"):
+        eng = make_engine(given)
+        assert (eng.url.drivername, eng.dialect.driver) == ("postgresql+psycopg", "psycopg"), given
+        assert (eng.url.database, eng.url.password) == ("db", "secret")
+        eng.dispose()
+
+
+def test_plain_postgresql_url_against_the_server(tmp_path: Path) -> None:
+    from sqlalchemy.engine import make_url
+
+    with pg.fresh_database("plain-url") as url:
+        plain = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        assert plain.startswith("postgresql://")
+        r = Registry(plain, tmp_path / "data")
+        r.upgrade()
+        r.create_task("p", base_model="gpt2", embeddings=torch.randn(2, 4))
+        assert r.get_task("p")["active_version"] == 1 and r.engine.dialect.driver == "psycopg"
+        r.close()
+
+
+def _outcome(fn) -> object:
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 -- the test inspects what was raised
+        return e
+
+
+def test_duplicate_insert_racing_past_the_checks_is_task_exists(reg: Registry) -> None:
+    """Another writer has inserted the name in a transaction still open when `create_task` runs, so
+    no check can see it yet; when it commits, the insert trips the unique name, and the caller gets
+    TaskExists (what the API answers 409 for), not the database's IntegrityError (a 500). On
+    PostgreSQL `create_task` is seen waiting on that row's lock, past every check; on SQLite it waits
+    for the write lock up front and then finds the name taken."""
+    other = make_engine(reg.db_url)
+    conn = other.connect()
+    conn.execute(text("INSERT INTO tasks (name, description, num_virtual_tokens, hidden_size, base_model, "
+                      "created_at, updated_at) VALUES ('race', '', 2, 4, 'gpt2', '2025-01-01 00:00:00', "
+                      "'2025-01-01 00:00:00')"))
+    g = reg.generation()
+    box: dict[str, object] = {}
+    th = threading.Thread(target=lambda: box.setdefault("r", _outcome(lambda: reg.create_task(
+        "race", base_model="gpt2", embeddings=torch.randn(2, 4)))))
+    th.start()
+    if reg.engine.dialect.name == "postgresql":
+        deadline, waiting = time.monotonic() + 20, 0
+        while waiting == 0 and time.monotonic() < deadline:
+            with reg.engine.connect() as c:
+                waiting = c.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                         "AND wait_event_type = 'Lock'")).scalar_one()
+            time.sleep(0.02)
+        assert waiting == 1, "create_task never waited on the uncommitted row"
+    else:
+        time.sleep(0.3)
+        assert th.is_alive(), "create_task did not wait for the other writer"
+    conn.commit()
+    conn.close()
+    other.dispose()
+    th.join(60)
+    assert isinstance(box["r"], TaskExists), box["r"]
+    assert "race" in str(box["r"]) and reg.generation() == g
+    assert [t["name"] for t in reg.list_tasks()] == ["race"]
+    reg.create_task("after", num_virtual_tokens=1, hidden_size=4, base_model="gpt2")  # still usable
+
+
+def test_concurrent_duplicate_create_from_two_registries(reg: Registry) -> None:
+    """Two registries (two replicas) on one database create the same names at the same moment:
+    for each name exactly one succeeds and the other gets TaskExists, nothing else."""
+    twin = Registry(reg.db_url, reg.data_dir)
+    names = [f"dup-{i}" for i in range(8)]
+    results: dict[int, list[object]] = {0: [], 1: []}
+    barrier = threading.Barrier(2)
+
+    def worker(i: int, r: Registry) -> None:
+        for name in names:
+            barrier.wait(30)
+            results[i].append(_outcome(lambda: r.create_task(name, base_model="gpt2", embeddings=torch.randn(2, 4))))
+
+    threads = [threading.Thread(target=worker, args=(i, r)) for i, r in enumerate((reg, twin))]
     for th in threads:
         th.start()
     for th in threads:
-        th.join()
-    r.create_task("p", num_virtual_tokens=2, hidden_size=4, base_model="gpt2")
-    for i in range(3):
-        r.add_version("p", torch.full((2, 4), float(i)), source="x")
-    r.activate_version("p", 2)
-    t = r.get_task("p")
-    assert t["active_version"] == 2 and [v["is_active"] for v in t["versions"]] == [False, True, False]
-    r.delete_task("p")
-    assert r.snapshot() == {} and r.generation() == 6
-    r.close()
+        th.join(120)
+    twin.close()
+    for k, name in enumerate(names):
+        pair = [results[0][k], results[1][k]]
+        ok = [x for x in pair if isinstance(x, dict)]
+        lost = [x for x in pair if isinstance(x, TaskExists)]
+        assert len(ok) == 1 and len(lost) == 1, (name, pair)
+    tasks = reg.list_tasks()
+    assert [t["name"] for t in tasks] == names and all(len(t["versions"]) == 1 for t in tasks)
 
 
 # ------------------------------------------------------------------ the cap on virtual tokens
