@@ -6,7 +6,8 @@
 Two `polyprompt serve` processes share one registry (a SQLite file and a data folder), as
 replicas behind a load balancer do. The tasks are registered once through the first
 replica (random soft prompts of `--virtual-tokens` rows); each trial starts both replicas
-fresh (empty prefix caches), sends an untimed warm-up of `--warmup` requests, then the
+fresh (empty prefix caches), sends an untimed warm-up (one request per task, then `--warmup`
+random ones), then the
 timed `--requests`, both uniformly over the tasks, from `--clients` closed-loop users. A
 request goes to a replica by its policy:
 
@@ -41,6 +42,7 @@ from bench import http_bench as H
 from bench.baselines import ensure_model
 
 POLICIES = ("affine", "round-robin")
+IDLE_MAX_S = 2.0
 
 
 def _metric(text: str, name: str) -> float:
@@ -96,13 +98,18 @@ async def drive(urls: list[str], policy: str, reqs: list[tuple[str, list[int]]],
     async def user():
         nonlocal tokens
         conns = [H.Connection(u) for u in urls]
+        used = [0.0] * len(urls)
         try:
             while queue:
                 i, (task, ids) = queue.pop()
-                conn = conns[route(policy, task, i, len(urls))]
+                k = route(policy, task, i, len(urls))
+                conn = conns[k]
+                if time.monotonic() - used[k] > IDLE_MAX_S:  # uvicorn drops keep-alive connections idle 5 s
+                    await conn.aclose()
                 status, data = await conn.post_json("/v1/completions", {
                     "model": task, "prompt": ids, "max_tokens": new_tokens, "temperature": 0,
                     "ignore_eos": True})
+                used[k] = time.monotonic()
                 if status != 200:
                     raise RuntimeError(f"{status}: {data[:300]!r}")
                 tokens += json.loads(data)["usage"]["completion_tokens"]
@@ -132,7 +139,9 @@ def trial(model_dir: Path, shared: Path, args, policy: str, names: list[str] | N
             names = register(a.url, args.tasks, args.virtual_tokens)
         wait_tasks(urls, len(names))
         rng = random.Random(seed)  # the same requests for both policies of a round
-        warm = requests_for(names, args.warmup, args.prompt_len, rng)
+        warm = [(t, ids) for t, (_, ids) in zip(rng.sample(names, len(names)),  # every task once, then random
+                                                 requests_for(names, len(names), args.prompt_len, rng))]
+        warm += requests_for(names, args.warmup, args.prompt_len, rng)
         timed = requests_for(names, args.requests, args.prompt_len, rng)
         asyncio.run(drive(urls, policy, warm, args.clients, args.new_tokens))
         h0, m0 = prefix_counts(urls)
@@ -152,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", type=int, default=1000)
     ap.add_argument("--virtual-tokens", type=int, default=20)
     ap.add_argument("--requests", type=int, default=1500)
-    ap.add_argument("--warmup", type=int, default=1500)
+    ap.add_argument("--warmup", type=int, default=500, help="random requests after one per task")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--clients", type=int, default=32)

@@ -53,6 +53,9 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 _MIGRATING = threading.Lock()
 
 
+PG_CONNECT_TIMEOUT_S = 5
+
+
 def make_engine(db_url: str) -> Engine:
     """An Engine for `db_url`; SQLite gets foreign keys, WAL and a busy timeout. A plain
     `postgresql://` (or `postgres://`) URL uses psycopg 3, the driver the project depends on
@@ -61,7 +64,10 @@ def make_engine(db_url: str) -> Engine:
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")
     if url.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        # a stale pooled connection (the server restarted) is replaced, not an error; an
+        # unreachable server fails within seconds (admin writes answer 503), never hangs
+        args = {"connect_timeout": PG_CONNECT_TIMEOUT_S} if url.get_backend_name() == "postgresql" else {}
+        return create_engine(url, pool_pre_ping=True, connect_args=args)
     memory = url.database in (None, "", ":memory:")
     kwargs: dict[str, Any] = {
         "connect_args": {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}

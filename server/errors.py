@@ -66,6 +66,18 @@ class RequestTimeout(APIError):
     status, type, code = 408, "invalid_request_error", "timeout"
 
 
+class RegistryUnavailable(APIError):
+    """The task registry's database could not be reached: a write (or a read only it can
+    answer) cannot be done now; the tasks already loaded keep serving."""
+    status, type, code = 503, "server_error", "registry_unavailable"
+
+
+def _registry_unavailable(e: Exception) -> APIError:
+    first = (str(getattr(e, "orig", None) or e).strip().splitlines() or [""])[0][:200]
+    return RegistryUnavailable(f"the task registry (database) is unavailable, so this cannot be done now ({first}); "
+                               "the tasks already loaded keep serving; retry later", headers={"Retry-After": "2"})
+
+
 class ClientGone(APIError):
     """The client disconnected; nobody reads the answer (499, as nginx logs it)."""
     status, type, code = 499, "invalid_request_error", "client_closed_request"
@@ -78,11 +90,16 @@ def error_body(message: str, type_: str, code: str | None) -> dict:
 
 
 def _domain_table() -> list[tuple[type[Exception], Callable[[Exception], APIError]]]:
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
     from adapters.peft_format import AdapterError
     from registry.errors import InvalidName, InvalidPrompt, TaskExists, TaskNotFound, VersionNotFound
     from server.engine.request import QueueFull
 
     return [
+        # the database down, restarting or unreachable (connection refused or lost, a timeout)
+        (OperationalError, _registry_unavailable),
+        (InterfaceError, _registry_unavailable),
         (TaskNotFound, lambda e: NotFound(str(e), code="task_not_found")),
         (VersionNotFound, lambda e: NotFound(str(e), code="version_not_found")),
         (TaskExists, lambda e: Conflict(str(e))),

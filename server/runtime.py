@@ -96,6 +96,8 @@ class Runtime:
         self._prompts_lock = threading.Lock()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        self.registry_error: str | None = None  # set while the registry cannot be read (`_poll`)
+        self.registry_down_since: float | None = None
         self.engine_on_caller_thread = False  # `polyprompt serve` runs the engine on the main thread
         self.refresh(force=True)
 
@@ -117,8 +119,34 @@ class Runtime:
         while not self._stop.wait(self.settings.reload_interval):
             try:
                 self.refresh()
-            except Exception:  # the database may be briefly unavailable; try again next tick
-                log.exception("registry poll failed")
+            except Exception as e:  # the database may be unavailable: serve what is loaded, try again next tick
+                self._registry_failed(e)
+            else:
+                self._registry_recovered()
+
+    def _registry_failed(self, e: Exception) -> None:
+        """The registry could not be read: the tasks loaded keep serving, `/health` says the
+        registry is degraded, admin writes answer 503 (server.errors); logged once per outage."""
+        first = self.registry_error is None
+        self.registry_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        if first:
+            self.registry_down_since = time.monotonic()
+            log.error("the task registry (database) is unreachable; serving the %d tasks loaded until it "
+                      "returns: %s", len(self.tasks), self.registry_error)
+
+    def _registry_recovered(self) -> None:
+        if self.registry_error is not None:
+            log.warning("the task registry is reachable again after %.1f s",
+                        time.monotonic() - (self.registry_down_since or time.monotonic()))
+            self.registry_error = None
+            self.registry_down_since = None
+
+    def registry_status(self) -> dict:
+        """For /health: "ok", or "unreachable" with the error and for how long."""
+        if self.registry_error is None:
+            return {"status": "ok"}
+        return {"status": "unreachable", "error": self.registry_error,
+                "seconds": round(time.monotonic() - (self.registry_down_since or time.monotonic()), 1)}
 
     def _prefix_bytes_per_token(self) -> int:
         spec = self.model.spec

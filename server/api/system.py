@@ -30,9 +30,13 @@ _STARTED = int(time.time())
 def health(rt: RuntimeDep) -> dict:
     """`utilisation` (the engine's busy share of the last ~10 s) next to `target_utilisation`, so a
     readiness probe or an autoscaler can act before the queue grows; the status stays "ok" (a
-    busy replica still serves)."""
+    busy replica still serves). With the task registry's database unreachable, `status` is
+    "degraded" and `registry` says why and for how long, still with 200: the tasks loaded
+    keep serving (admin writes answer 503 `registry_unavailable` meanwhile)."""
+    registry = rt.registry_status()
     return {
-        "status": "ok", "model": rt.model_id, "device": str(rt.device),
+        "status": "ok" if registry["status"] == "ok" else "degraded", "registry": registry,
+        "model": rt.model_id, "device": str(rt.device),
         "dtype": str(rt.dtype).removeprefix("torch."), "tasks": len(rt.tasks),
         "running": rt.engine.num_running, "waiting": rt.engine.num_waiting,
         "utilisation": round(rt.engine.meter.utilisation(), 4), "target_utilisation": rt.settings.target_utilisation,
