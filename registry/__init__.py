@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from .errors import (
     VersionNotFound,
 )
 from .paths import alembic_dir, repo_root
-from .store import MAX_CHAT_TEMPLATE_CHARS, MAX_VIRTUAL_TOKENS
+from .store import MAX_CHAT_TEMPLATE_CHARS, MAX_VIRTUAL_TOKENS, NOTIFY_CHANNEL
 
 if TYPE_CHECKING:  # torch and safetensors load on first use: `polyprompt tasks list` needs neither
     import torch
@@ -39,6 +40,8 @@ __all__ = [
     "InvalidName",
     "InvalidPrompt",
     "IntegrityError",
+    "ChangeListener",
+    "NOTIFY_CHANNEL",
     "make_engine",
     "migration_lock",
     "alembic_config",
@@ -51,6 +54,7 @@ _PG_MIGRATION_LOCK = 0x706F6C7970726D74
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # alembic's `context` and `op` are module globals: one migration at a time per process, whatever the database
 _MIGRATING = threading.Lock()
+log = logging.getLogger("polyprompt.registry")
 
 
 PG_CONNECT_TIMEOUT_S = 5
@@ -114,8 +118,10 @@ def migration_lock(conn: Connection) -> Iterator[None]:
         yield
 
 
-def alembic_config(db_url: str | None = None):  # -> alembic.config.Config
-    """An alembic Config for `<repo root>/alembic.ini`, independent of the CWD."""
+def alembic_config(db_url: str | None = None, data_dir: str | os.PathLike[str] | None = None):
+    """An alembic Config (alembic.config.Config) for `<repo root>/alembic.ini`, independent of the
+    CWD. `data_dir`: the data folder whose prompt files revision 0003 imports into the database
+    (`attributes["data_dir"]`; the `alembic` command takes `-x data_dir=...`)."""
     from alembic.config import Config
 
     ini = repo_root() / "alembic.ini"
@@ -123,6 +129,8 @@ def alembic_config(db_url: str | None = None):  # -> alembic.config.Config
     cfg.set_main_option("script_location", str(alembic_dir()))
     if db_url is not None:
         cfg.attributes["url"] = db_url
+    if data_dir is not None:
+        cfg.attributes["data_dir"] = str(data_dir)
     return cfg
 
 
@@ -169,7 +177,7 @@ class Registry:
         number of servers and tools opening one database at once migrate it once."""
         from alembic import command
 
-        cfg = alembic_config(self.db_url)
+        cfg = alembic_config(self.db_url, self.data_dir)  # 0003 imports the prompt files found there
         with _MIGRATING, self.engine.connect() as conn, migration_lock(conn):
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
@@ -220,10 +228,41 @@ class Registry:
             return store.created_times(s, name=name)
 
     def load_prompt(self, sha256: str) -> torch.Tensor:
-        """The stored prompt `[n, hidden]` float32, sha256-verified."""
-        from .files import read_prompt_file
+        """The stored prompt `[n, hidden]` float32, sha256-verified. The data folder is this
+        replica's cache: its file is used if it is there and its sha256 matches; else (missing,
+        corrupt) the blob is read from the database, verified, written to the folder atomically
+        (the cache repaired; a folder that cannot be written only logs a warning) and returned.
+        Raises IntegrityError if neither holds the prompt intact."""
+        from .files import prompt_from_bytes, prompt_relpath, read_prompt_bytes, write_bytes_atomic
 
-        return read_prompt_file(self.data_dir, sha256)
+        rel = prompt_relpath(sha256)  # validates the digest's form
+        try:
+            return prompt_from_bytes(read_prompt_bytes(self.data_dir, sha256), f"prompt file {rel}")
+        except IntegrityError as e:
+            local = str(e)
+        with self._session() as s:
+            data = store.get_blob(s, sha256=sha256)  # verified; IntegrityError if corrupt there
+        if data is None:
+            raise IntegrityError(f"prompt {sha256} is not in the database, and {local}")
+        if "corrupt" in local:
+            log.warning("%s: replaced by the database's copy", local)
+        try:
+            write_bytes_atomic(self.data_dir / rel, data)
+        except OSError as e:
+            log.warning("could not cache prompt %s in %s: %s", sha256, self.data_dir, e)
+        return prompt_from_bytes(data, f"prompt blob {sha256}")
+
+    def blob_shas(self) -> set[str]:
+        """The sha256 of every prompt blob the database holds."""
+        with self._session() as s:
+            return store.blob_shas(s)
+
+    def listen(self, on_change: Any) -> ChangeListener | None:
+        """PostgreSQL: a started `ChangeListener` calling `on_change()` on every committed change
+        (and after each (re)connection); other databases: None (poll `generation()`)."""
+        if self.engine.dialect.name != "postgresql":
+            return None
+        return ChangeListener(self.engine.url, on_change).start()
 
     # -- mutations -----------------------------------------------------------
     def create_task(
@@ -248,6 +287,7 @@ class Registry:
         cannot be stored), all before anything is written."""
         store.check_chat_template(chat_template)
         file: tuple[str, str] | None = None
+        data: bytes | None = None
         if embeddings is not None:
             n, hidden = _prompt_shape(embeddings)
             if num_virtual_tokens not in (None, n) or hidden_size not in (None, hidden):
@@ -258,9 +298,10 @@ class Registry:
             with self._session() as s:  # fail fast before writing a file (the insert checks again)
                 if store.task_exists(s, name=name):
                     raise TaskExists(f"task {name!r} already exists")
-            from .files import write_prompt_file
+            from .files import prompt_bytes, write_prompt_file
 
-            file = write_prompt_file(self.data_dir, embeddings)
+            data = prompt_bytes(embeddings)
+            file = write_prompt_file(self.data_dir, data)  # this replica's cache; the blob goes in below
         elif num_virtual_tokens is None or hidden_size is None:
             raise InvalidPrompt("a task without embeddings needs num_virtual_tokens and hidden_size")
         with self._session() as s, s.begin():
@@ -283,6 +324,7 @@ class Registry:
                     hidden_size=hidden_size,
                     source=source,
                     meta=meta,
+                    data=data,
                 )
             return store.task_to_dict(task)
 
@@ -294,7 +336,9 @@ class Registry:
             return store.task_to_dict(store.update_task(s, name=name, chat_template=chat_template))
 
     def delete_task(self, name: str) -> None:
-        """Delete the task's rows (prompt files stay: they may be shared)."""
+        """Delete the task's rows and, in the same transaction, the prompt blobs no other version
+        references. Local cache files stay (content-addressed: harmless, reused if the same
+        prompt comes back)."""
         with self._session() as s, s.begin():
             store.delete_task(s, name=name)
 
@@ -314,9 +358,10 @@ class Registry:
             task = store.get_task(s, name=name)
             if task.hidden_size != hidden:
                 raise InvalidPrompt(f"hidden size {hidden} != task {name!r}'s {task.hidden_size}")
-        from .files import write_prompt_file
+        from .files import prompt_bytes, write_prompt_file
 
-        sha, rel = write_prompt_file(self.data_dir, embeddings)
+        data = prompt_bytes(embeddings)
+        sha, rel = write_prompt_file(self.data_dir, data)  # this replica's cache; the blob goes in below
         with self._session() as s, s.begin():
             pv = store.add_version(
                 s,
@@ -329,6 +374,7 @@ class Registry:
                 meta=meta,
                 activate=activate,
                 base_model=base_model,
+                data=data,
             )
             return store.version_to_dict(pv)
 
@@ -336,3 +382,76 @@ class Registry:
         """Make `version` the active one; raises TaskNotFound / VersionNotFound."""
         with self._session() as s, s.begin():
             return store.version_to_dict(store.activate_version(s, name=name, version=int(version)))
+
+
+class ChangeListener:
+    """`LISTEN polyprompt_registry` on a dedicated psycopg connection (PostgreSQL), in a daemon
+    thread: every committed registry change (each generation bump runs `pg_notify` in its
+    transaction) calls `on_change()` at once, and so does every (re)connection (changes made
+    while it was not listening). On a lost connection it reconnects with backoff (0.5 s doubling
+    to `max_backoff`); meanwhile the caller's polling is what notices changes. An idle
+    connection is checked every `ping_s` so that a silently dead one is found too. `on_change`
+    errors are logged, never raised."""
+
+    def __init__(self, url: Any, on_change: Any, *, max_backoff: float = 10.0, wait_s: float = 0.25,
+                 ping_s: float = 10.0) -> None:
+        url = make_url(str(url)) if isinstance(url, str) else url
+        self._conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._on_change = on_change
+        self._max_backoff, self._wait_s, self._ping_s = max_backoff, wait_s, ping_s
+        self._stop = threading.Event()
+        self.connected = threading.Event()
+        self.backend_pid: int | None = None  # the listening connection's server process
+        self.notifications = 0
+        self.connects = 0
+        self._thread = threading.Thread(target=self._run, name="polyprompt-registry-listen", daemon=True)
+
+    def start(self) -> ChangeListener:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _fire(self) -> None:
+        try:
+            self._on_change()
+        except Exception:  # noqa: BLE001 -- the poll retries; the listener keeps listening
+            log.exception("registry change handler failed")
+
+    def _run(self) -> None:
+        import psycopg
+
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self.backend_pid = conn.info.backend_pid
+                    self.connects += 1
+                    self.connected.set()
+                    if self.connects > 1:
+                        log.info("listening for registry changes again")
+                    backoff = 0.5
+                    self._fire()
+                    idle = 0.0
+                    while not self._stop.is_set():
+                        got = 0
+                        for _ in conn.notifies(timeout=self._wait_s):
+                            got += 1
+                            self.notifications += 1
+                            self._fire()
+                        idle = 0.0 if got else idle + self._wait_s
+                        if idle >= self._ping_s:
+                            conn.execute("SELECT 1")
+                            idle = 0.0
+            except Exception as e:  # noqa: BLE001 -- connection lost or refused: poll, retry later
+                self.connected.clear()
+                if self._stop.is_set():
+                    return
+                log.warning("registry LISTEN connection lost (%s); polling until it is back, retrying in %.1fs",
+                            str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self._max_backoff)
+        self.connected.clear()

@@ -12,6 +12,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -90,6 +91,21 @@ class PromptVersion(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
 
     task: Mapped[Task] = relationship(back_populates="versions")
+
+
+class PromptBlob(Base):
+    """The canonical safetensors bytes of a prompt, stored once per sha256 (content-addressed):
+    the source of truth every replica reads (a replica's data folder is only its cache). Written
+    in the transaction of the version row that first references it; removed in the one that
+    deletes the last version referencing it. No foreign key from `prompt_versions.sha256`:
+    versions registered before revision 0003 whose file was missing then have no blob."""
+
+    __tablename__ = "prompt_blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    size: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
 
 
 class RegistryState(Base):

@@ -2,7 +2,12 @@
 
 Every mutation bumps `registry_state.generation` as its *first* statement, in the
 caller's transaction: on SQLite that takes the write lock up front (no lock-upgrade
-deadlocks), on PostgreSQL the row lock serialises mutations.
+deadlocks), on PostgreSQL the row lock serialises mutations, and the bump also queues a
+`NOTIFY polyprompt_registry` (sent when, and only if, the transaction commits) so that
+servers listening on the channel reload at once instead of at their next poll.
+
+Prompt bytes live in `prompt_blobs`, one row per sha256, written with the first version row
+that references them and deleted with the last (`put_blob`, `delete_task`).
 """
 
 from __future__ import annotations
@@ -12,15 +17,17 @@ import re
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import exc, func, select, update
+from sqlalchemy import delete, exc, func, insert, select, text, update
 from sqlalchemy.orm import Session, joinedload, selectinload
 
-from common import TASK_NAME_RE
+from common import TASK_NAME_RE, sha256_bytes
 
-from .errors import InvalidName, InvalidPrompt, TaskExists, TaskNotFound, VersionNotFound
-from .models import PromptVersion, RegistryState, Task, utcnow
+from .errors import IntegrityError, InvalidName, InvalidPrompt, TaskExists, TaskNotFound, VersionNotFound
+from .models import PromptBlob, PromptVersion, RegistryState, Task, utcnow
 
 STATE_ID = 1
+# the PostgreSQL channel every generation bump notifies (payload: the new generation)
+NOTIFY_CHANNEL = "polyprompt_registry"
 # stored JSON deeper than this is cut on the way out: room for what the parsers accept (64 levels)
 # plus the response around it, well under pydantic-core's serializer limit (~255)
 MAX_SERVED_DEPTH = 128
@@ -72,7 +79,7 @@ def check_chat_template(template: str | None) -> str | None:
 
 
 def bump_generation(session: Session) -> int:
-    """Increment the registry generation; returns the new value."""
+    """Increment the registry generation (on PostgreSQL also queue its NOTIFY); returns the new value."""
     res = session.execute(
         update(RegistryState)
         .where(RegistryState.id == STATE_ID)
@@ -81,8 +88,19 @@ def bump_generation(session: Session) -> int:
     if res.rowcount == 0:  # schema created without the migration's seed row
         session.add(RegistryState(id=STATE_ID, generation=1))
         session.flush()
-        return 1
-    return int(session.scalar(select(RegistryState.generation).where(RegistryState.id == STATE_ID)))
+        gen = 1
+    else:
+        gen = int(session.scalar(select(RegistryState.generation).where(RegistryState.id == STATE_ID)))
+    notify(session, gen)
+    return gen
+
+
+def notify(session: Session, generation: int) -> None:
+    """PostgreSQL: `pg_notify(NOTIFY_CHANNEL, generation)` in the session's transaction (delivered
+    to the listeners at commit, dropped on rollback). Other databases: nothing (servers poll)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_notify(:channel, :payload)"),
+                        {"channel": NOTIFY_CHANNEL, "payload": str(generation)})
 
 
 def get_generation(session: Session) -> int:
@@ -226,12 +244,63 @@ def update_task(session: Session, *, name: str, chat_template: str | None = _UNS
     return task
 
 
-def delete_task(session: Session, *, name: str) -> None:
-    """Delete a task and (by cascade) its versions. Files are left in place."""
+def delete_task(session: Session, *, name: str) -> list[str]:
+    """Delete a task, (by cascade) its versions, and the prompt blobs no other version references
+    any more; returns those blobs' sha256s. Local cache files are left in place."""
     bump_generation(session)
     task = get_task(session, name=name)
+    shas = sorted({v.sha256 for v in task.versions})
     session.delete(task)
     session.flush()
+    return delete_orphan_blobs(session, shas)
+
+
+def delete_orphan_blobs(session: Session, shas: list[str]) -> list[str]:
+    """Delete the blobs among `shas` that no version references; returns their sha256s. Call it
+    after a bump in the same transaction: mutations are serialised, so no version can start
+    referencing one of them between the check and the delete."""
+    if not shas:
+        return []
+    still = set(session.scalars(select(PromptVersion.sha256).where(PromptVersion.sha256.in_(shas)).distinct()))
+    orphans = [sha for sha in shas if sha not in still]
+    if orphans:
+        session.execute(delete(PromptBlob).where(PromptBlob.sha256.in_(orphans)))
+    return orphans
+
+
+def put_blob(session: Session, *, sha256: str, data: bytes) -> bool:
+    """Store `data` as the blob of `sha256` unless it is there (content-addressed: once per
+    content); a stored blob whose bytes no longer match is rewritten. Returns whether a row was
+    written. Raises IntegrityError if `data` does not hash to `sha256`."""
+    actual = sha256_bytes(data)
+    if actual != sha256:
+        raise IntegrityError(f"prompt bytes hash to {actual}, not {sha256}")
+    stored = session.scalar(select(PromptBlob.data).where(PromptBlob.sha256 == sha256))
+    if stored is None:
+        session.execute(insert(PromptBlob).values(sha256=sha256, data=data, size=len(data), created_at=utcnow()))
+        return True
+    if sha256_bytes(bytes(stored)) != sha256:  # damaged in the database: the good bytes replace it
+        session.execute(update(PromptBlob).where(PromptBlob.sha256 == sha256).values(data=data, size=len(data)))
+        return True
+    return False
+
+
+def get_blob(session: Session, *, sha256: str) -> bytes | None:
+    """The stored bytes of `sha256`, verified; None if the database has no such blob. Raises
+    IntegrityError if the stored bytes do not hash to `sha256`."""
+    data = session.scalar(select(PromptBlob.data).where(PromptBlob.sha256 == sha256))
+    if data is None:
+        return None
+    data = bytes(data)
+    actual = sha256_bytes(data)
+    if actual != sha256:
+        raise IntegrityError(f"prompt blob {sha256} is corrupt in the database: sha256 {actual}")
+    return data
+
+
+def blob_shas(session: Session) -> set[str]:
+    """The sha256 of every stored blob (one light query)."""
+    return set(session.scalars(select(PromptBlob.sha256)))
 
 
 def _set_active(session: Session, task: Task, pv: PromptVersion) -> None:
@@ -260,8 +329,10 @@ def add_version(
     meta: dict[str, Any] | None = None,
     activate: bool = True,
     base_model: str | None = None,
+    data: bytes | None = None,
 ) -> PromptVersion:
-    """Add version max+1 of task `name`. The first version is always activated."""
+    """Add version max+1 of task `name`. The first version is always activated. `data`: the
+    prompt's bytes, stored as its blob if the database has none yet (`put_blob`)."""
     bump_generation(session)
     task = get_task(session, name=name)
     return insert_version(
@@ -275,6 +346,7 @@ def add_version(
         meta=meta,
         activate=activate,
         base_model=base_model,
+        data=data,
     )
 
 
@@ -290,10 +362,12 @@ def insert_version(
     meta: dict[str, Any] | None = None,
     activate: bool = True,
     base_model: str | None = None,
+    data: bytes | None = None,
 ) -> PromptVersion:
     """Add version max+1 of `task` *without* bumping the generation: the building block of a
     mutation that already bumped it in this transaction (add_version; a task created with its
-    first version). The first version is always activated."""
+    first version). The first version is always activated. `data`: the prompt's bytes, stored
+    as its blob in the same transaction (`put_blob`: checked against `sha256`)."""
     if hidden_size != task.hidden_size:
         raise InvalidPrompt(
             f"hidden size {hidden_size} != task {task.name!r}'s {task.hidden_size}"
@@ -316,6 +390,8 @@ def insert_version(
     )
     task.versions.append(pv)
     session.flush()
+    if data is not None:
+        put_blob(session, sha256=sha256, data=data)
     if activate or not has_active:
         _set_active(session, task, pv)
     else:

@@ -1,6 +1,6 @@
 """polyprompt as a Ray Serve application: N replicas, one engine each, behind Ray's HTTP proxy.
 
-    serve run server.ray_serve:build_app model=gpt2 db=postgresql://... data_dir=/shared/polyprompt \
+    serve run server.ray_serve:build_app model=gpt2 db=postgresql://... \
         num_replicas=2
 
 Two deployments:

@@ -107,12 +107,17 @@ class Runtime:
             self.engine.start()
         self._poller = threading.Thread(target=self._poll, name="polyprompt-registry-poll", daemon=True)
         self._poller.start()
+        # PostgreSQL: LISTEN for the NOTIFY every registry write sends, and reload at once (the
+        # poll above stays the fallback, and the only way on SQLite); None elsewhere
+        self._listener = self.registry.listen(self.refresh)
 
     def stop(self) -> None:
         self._stop.set()
         self.engine.shutdown()
         if self._poller is not None:
             self._poller.join(5)
+        if (listener := getattr(self, "_listener", None)) is not None:
+            listener.stop()
         self.registry.close()
 
     def _poll(self) -> None:

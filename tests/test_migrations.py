@@ -11,6 +11,9 @@ does the check that servers opening one empty database at the same moment migrat
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -203,4 +206,97 @@ def test_upgrade_waits_for_the_migration_lock(db_url, tmp_path):
     assert not th.is_alive()
     assert reg.list_tasks() == [] and reg.generation() == 0
     holder.close()
+    reg.close()
+
+
+def test_0003_imports_the_prompt_files_into_the_database(db_url, tmp_path, caplog):
+    """A registry at revision 0002 (prompts only as files in its data folder) upgraded to head: every
+    intact file a version references becomes a blob; a missing and a corrupt one are skipped with a
+    warning naming their tasks and versions (the rows stay, served from an intact local file only).
+    Then a replica with an empty data folder serves the imported ones. Downgrade drops the table and
+    leaves the files."""
+    import torch
+
+    from registry.errors import IntegrityError
+    from registry.files import write_prompt_file
+
+    data = tmp_path / "data"
+    reg = Registry(db_url, data)
+    reg.upgrade("0002_task_chat_template")
+    prompts = [torch.randn(2 + i, 4) for i in range(4)]
+    files = [write_prompt_file(data, e) for e in prompts]  # (sha, relpath)
+    rows = [("a", 1, 0), ("a", 2, 1), ("b", 1, 0), ("c", 1, 2), ("d", 1, 3)]  # (task, version, prompt)
+    with reg.engine.begin() as conn:
+        for i, name in enumerate("abcd", 1):
+            conn.execute(sa.text("INSERT INTO tasks (id, name, description, num_virtual_tokens, hidden_size, "
+                                 "base_model, created_at, updated_at) VALUES (:id, :n, '', 2, 4, 'gpt2', "
+                                 "'2025-01-01 00:00:00', '2025-01-01 00:00:00')"), {"id": i, "n": name})
+        for name, version, p in rows:
+            conn.execute(sa.text("INSERT INTO prompt_versions (task_id, version, is_active, sha256, path, "
+                                 "num_virtual_tokens, hidden_size, base_model, source, meta, created_at) VALUES "
+                                 "(:t, :v, :a, :s, :p, :n, 4, 'gpt2', 'x', '{}', '2025-01-01 00:00:00')"),
+                         {"t": "abcd".index(name) + 1, "v": version, "a": version == 1, "s": files[p][0],
+                          "p": files[p][1], "n": 2 + p})
+    (data / files[2][1]).unlink()  # task c's prompt: missing
+    corrupt = data / files[3][1]
+    corrupt.write_bytes(corrupt.read_bytes()[:-1] + b"!")  # task d's: corrupt
+    caplog.set_level(logging.INFO, logger="alembic.runtime.migration")
+    reg.upgrade()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "2 prompt file(s) missing or corrupt" in warnings[0], warnings
+    assert "c v1" in warnings[0] and "d v1" in warnings[0] and "a v1" not in warnings[0]
+    assert reg.blob_shas() == {files[0][0], files[1][0]}
+    with reg.engine.connect() as conn:
+        for sha, blob, size in conn.execute(sa.text("SELECT sha256, data, size FROM prompt_blobs")):
+            assert hashlib.sha256(bytes(blob)).hexdigest() == sha and size == len(blob)
+    assert _drift(reg.engine, Base.metadata) == []
+    replica = Registry(db_url, tmp_path / "replica")
+    for name, version, p in rows:
+        sha = files[p][0]
+        if p < 2:
+            assert torch.equal(replica.load_prompt(sha), prompts[p]), (name, version)
+        else:
+            with pytest.raises(IntegrityError, match="not in the database"):
+                replica.load_prompt(sha)
+    assert len(replica.get_task("c")["versions"]) == 1  # the rows stay
+    replica.close()
+    command.downgrade(alembic_config(db_url), "0002_task_chat_template")
+    assert "prompt_blobs" not in sa.inspect(reg.engine).get_table_names()
+    assert (data / files[0][1]).is_file() and (data / files[1][1]).is_file()
+    reg.upgrade()  # imports again
+    assert reg.blob_shas() == {files[0][0], files[1][0]}
+    reg.close()
+
+
+def test_0003_takes_the_data_folder_from_the_alembic_command_line(db_url, tmp_path, caplog, monkeypatch):
+    """`alembic -x data_dir=...` (no Registry around it) finds the files too; without any data
+    folder (a PostgreSQL URL, no variable) nothing is imported, with a warning saying so."""
+    import torch
+
+    from registry.files import write_prompt_file
+
+    data = tmp_path / "elsewhere"
+    reg = Registry(db_url, tmp_path / "unused")
+    reg.upgrade("0002_task_chat_template")
+    sha, rel = write_prompt_file(data, torch.randn(2, 4))
+    with reg.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO tasks (id, name, description, num_virtual_tokens, hidden_size, base_model, "
+                             "created_at, updated_at) VALUES (1, 'x', '', 2, 4, 'gpt2', '2025-01-01 00:00:00', "
+                             "'2025-01-01 00:00:00')"))
+        conn.execute(sa.text("INSERT INTO prompt_versions (task_id, version, is_active, sha256, path, "
+                             "num_virtual_tokens, hidden_size, base_model, source, meta, created_at) VALUES "
+                             "(1, 1, :a, :s, :p, 2, 4, 'gpt2', 'x', '{}', '2025-01-01 00:00:00')"),
+                     {"a": True, "s": sha, "p": rel})
+    caplog.set_level(logging.INFO, logger="alembic.runtime.migration")
+    cfg = alembic_config(db_url)
+    if db_url.startswith("postgresql"):  # no data folder anywhere: a warning, nothing imported
+        monkeypatch.delenv("POLYPROMPT_DATA_DIR", raising=False)
+        command.upgrade(cfg, "head")
+        assert any("no data folder given" in r.getMessage() for r in caplog.records)
+        assert reg.blob_shas() == set()
+        command.downgrade(alembic_config(db_url), "0002_task_chat_template")
+    cfg = alembic_config(db_url)
+    cfg.cmd_opts = argparse.Namespace(x=[f"data_dir={data}"])
+    command.upgrade(cfg, "head")
+    assert reg.blob_shas() == {sha}
     reg.close()

@@ -405,3 +405,150 @@ def test_chat_template_stored_changed_and_indexed(reg: Registry) -> None:
     reg.create_task("c", num_virtual_tokens=1, hidden_size=4, base_model="gpt2", chat_template=tpl)
     index = reg.serving_index()
     assert index["a"][3] is index["c"][3]  # equal templates held once
+
+
+# ------------------------------------------------------------------ prompt bytes in the database
+
+def _blob_rows(r: Registry) -> dict[str, tuple[bytes, int]]:
+    with r.engine.connect() as c:
+        return {sha: (bytes(data), size) for sha, data, size in c.execute(text(
+            "SELECT sha256, data, size FROM prompt_blobs"))}
+
+
+def _local(r: Registry, sha: str) -> Path:
+    return r.data_dir / "prompts" / sha[:2] / f"{sha}.safetensors"
+
+
+def test_a_replica_needs_only_the_database_url(reg: Registry, tmp_path: Path) -> None:
+    """Every prompt is stored once in the database (content-addressed, sha256-checked, with its
+    version row): a second registry on the same URL with an EMPTY data folder loads every version
+    of every task, identical, and caches each in its own folder."""
+    e1, e2, e3 = torch.randn(3, 8), torch.randn(5, 8), torch.randn(2, 8)
+    reg.create_task("a", base_model="gpt2", embeddings=e1)
+    reg.add_version("a", e2, source="upload")
+    reg.create_task("b", base_model="gpt2", embeddings=e1)  # same content: one blob
+    reg.create_task("c", num_virtual_tokens=2, hidden_size=8, base_model="gpt2")
+    reg.add_version("c", e3, source="upload", activate=False)
+    blobs = _blob_rows(reg)
+    assert len(blobs) == 3 and reg.blob_shas() == set(blobs)
+    for sha, (data, size) in blobs.items():
+        assert hashlib.sha256(data).hexdigest() == sha and size == len(data)
+        assert _local(reg, sha).read_bytes() == data  # the writer's own cache
+    replica = Registry(reg.db_url, tmp_path / "replica")
+    assert list(replica.data_dir.iterdir()) == []
+    want = {"a": [e1, e2], "b": [e1], "c": [e3]}
+    for name, tensors in want.items():
+        for v, e in zip(replica.get_task(name)["versions"], tensors):
+            assert torch.equal(replica.load_prompt(v["sha256"]), e), (name, v["version"])
+            assert _local(replica, v["sha256"]).read_bytes() == blobs[v["sha256"]][0]  # cached now
+    assert not [p for p in replica.data_dir.rglob("*") if p.name.startswith(".tmp-")]
+    replica.close()
+
+
+def test_a_missing_or_corrupt_cache_file_is_repaired_from_the_database(reg: Registry, tmp_path: Path) -> None:
+    e = torch.randn(4, 8)
+    sha = reg.create_task("t", base_model="gpt2", embeddings=e)["sha256"]
+    path = _local(reg, sha)
+    good = path.read_bytes()
+    path.write_bytes(good[:-4] + b"\0\0\0\0")  # corrupt
+    assert torch.equal(reg.load_prompt(sha), e) and path.read_bytes() == good
+    path.unlink()  # missing
+    assert torch.equal(reg.load_prompt(sha), e) and path.read_bytes() == good
+    path.write_bytes(b"")  # truncated
+    assert torch.equal(reg.load_prompt(sha), e) and path.read_bytes() == good
+    # neither holds it intact: a clear IntegrityError, never a wrong tensor
+    with reg.engine.begin() as c:
+        c.execute(text("UPDATE prompt_blobs SET data = :d WHERE sha256 = :s"), {"d": good[:-1] + b"!", "s": sha})
+    path.unlink()
+    with pytest.raises(IntegrityError, match="corrupt in the database"):
+        reg.load_prompt(sha)
+    assert not path.exists()
+    reg.add_version("t", e, source="upload")  # the same content uploaded again repairs the blob
+    assert _blob_rows(reg)[sha][0] == good
+    path.unlink()
+    assert torch.equal(reg.load_prompt(sha), e)
+    with reg.engine.begin() as c:
+        c.execute(text("DELETE FROM prompt_blobs"))
+    path.unlink()
+    with pytest.raises(IntegrityError, match="not in the database.*missing"):
+        reg.load_prompt(sha)
+    with pytest.raises(ValueError):
+        reg.load_prompt("../../etc/passwd")
+
+
+def test_a_blob_is_checked_against_its_sha256_on_write(reg: Registry) -> None:
+    from registry import store
+
+    with reg._session() as s, s.begin():
+        with pytest.raises(IntegrityError, match="hash to"):
+            store.put_blob(s, sha256="0" * 64, data=b"not those bytes")
+    assert _blob_rows(reg) == {}
+
+
+def test_deleting_a_task_removes_the_blobs_no_version_references(reg: Registry) -> None:
+    shared, own = torch.randn(3, 8), torch.randn(4, 8)
+    sha_shared = reg.create_task("a", base_model="gpt2", embeddings=shared)["sha256"]
+    sha_own = reg.add_version("a", own, source="upload")["sha256"]
+    reg.create_task("b", base_model="gpt2", embeddings=shared)
+    assert set(_blob_rows(reg)) == {sha_shared, sha_own}
+    g = reg.generation()
+    reg.delete_task("a")
+    assert set(_blob_rows(reg)) == {sha_shared} and reg.generation() == g + 1  # b still uses it
+    reg.delete_task("b")
+    assert _blob_rows(reg) == {}
+    assert _local(reg, sha_shared).is_file()  # local cache files stay (content-addressed, harmless)
+    reg.create_task("c", base_model="gpt2", embeddings=shared)  # the same prompt back: stored again
+    assert set(_blob_rows(reg)) == {sha_shared}
+    with pytest.raises(TaskNotFound):
+        reg.delete_task("a")
+    assert set(_blob_rows(reg)) == {sha_shared}
+
+
+def test_every_write_notifies_on_postgresql(reg: Registry) -> None:
+    """Each mutation runs `pg_notify('polyprompt_registry', <new generation>)` in its transaction:
+    delivered at commit, none for a mutation that failed (rolled back). SQLite: no listener."""
+    from registry import NOTIFY_CHANNEL
+
+    if reg.engine.dialect.name != "postgresql":
+        assert reg.listen(lambda: None) is None
+        return
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    conninfo = make_url(reg.db_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        reg.create_task("n", base_model="gpt2", embeddings=torch.randn(2, 4))
+        reg.add_version("n", torch.randn(3, 4), source="upload")
+        reg.activate_version("n", 1)
+        reg.update_task("n", chat_template="{{ messages }}")
+        with pytest.raises(TaskExists):
+            reg.create_task("n", num_virtual_tokens=1, hidden_size=4, base_model="gpt2")
+        reg.delete_task("n")
+        got = [n.payload for n in conn.notifies(timeout=2, stop_after=5)]
+        assert [(n.channel) for n in conn.notifies(timeout=0.3)] == []
+    assert got == [str(g) for g in range(1, 6)] and reg.generation() == 5
+
+
+def test_listener_calls_back_on_commit(reg: Registry) -> None:
+    """`Registry.listen`: on PostgreSQL a thread LISTENing calls back once connected and on every
+    committed change, in well under the default 0.5 s poll."""
+    if reg.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has no LISTEN/NOTIFY: servers poll")
+    calls: list[float] = []
+    listener = reg.listen(lambda: calls.append(time.perf_counter()))
+    try:
+        assert listener.connected.wait(10)
+        deadline = time.monotonic() + 5
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(calls) == 1  # the call after connecting
+        t0 = time.perf_counter()
+        reg.create_task("l", num_virtual_tokens=1, hidden_size=4, base_model="gpt2")
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        print(f"\n[notify] commit -> callback {1000 * (calls[1] - t0):.1f} ms (from before the write)")
+        assert len(calls) == 2 and calls[1] - t0 < 0.5
+    finally:
+        listener.stop()
+    assert not listener._thread.is_alive()
