@@ -1,9 +1,10 @@
 """Everything a running server holds: model, tokenizer, engine, registry, live task table.
 
 The task table is a snapshot of the registry, swapped whole whenever the registry's
-change counter moves (polled every `reload_interval` seconds, and at once after a
-change made through this server), so lookups are one dict access and a new version
-trained elsewhere goes live within a poll interval, without a restart.
+change counter moves (polled every `reload_interval` seconds, at once after a change made
+through this server, and on PostgreSQL at once on the NOTIFY every registry write sends:
+`Registry.listen`), so lookups are one dict access and a new version trained elsewhere goes
+live within a poll interval at most, without a restart.
 """
 
 from __future__ import annotations
