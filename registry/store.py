@@ -155,19 +155,10 @@ def list_tasks_page(session: Session, *, limit: int, offset: int = 0, q: str | N
     return list(session.scalars(stmt.limit(limit).offset(offset)).all())
 
 
-def active_index(session: Session) -> dict[str, tuple[int, int | None, str | None]]:
-    """`{name: (num_virtual_tokens, active version, its sha256)}` for every task, one
-    query, no ORM objects: what a server needs to route requests (fast at 10,000 tasks)."""
-    stmt = (
-        select(Task.name, Task.num_virtual_tokens, PromptVersion.version, PromptVersion.sha256)
-        .outerjoin(PromptVersion, (PromptVersion.task_id == Task.id) & PromptVersion.is_active)
-    )
-    return {name: (n, version, sha) for name, n, version, sha in session.execute(stmt)}
-
-
 def serving_index(session: Session) -> dict[str, tuple[int, int | None, str | None, str | None]]:
-    """`active_index` with each task's chat template as a fourth item (None: the server's), one
-    query: all a server holds per task. Equal templates come back as one string object."""
+    """`{name: (num_virtual_tokens, active version, its sha256, chat template)}` for every task,
+    one query, no ORM objects: all a server holds per task to route requests (fast at 10,000
+    tasks; template None: the server's). Equal templates come back as one string object."""
     stmt = (
         select(Task.name, Task.num_virtual_tokens, PromptVersion.version, PromptVersion.sha256, Task.chat_template)
         .outerjoin(PromptVersion, (PromptVersion.task_id == Task.id) & PromptVersion.is_active)

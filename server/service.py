@@ -16,7 +16,6 @@ from typing import AsyncIterator, Callable
 import anyio
 import torch
 
-from common import sha256_bytes
 from server.engine.engine import QueueFull, Request
 from server.engine.output import RequestOutput
 from server.engine.sampler import SamplingParams
@@ -363,112 +362,37 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _logprob_rows(rt: Runtime, rows, pos: int, end: int | None = None) -> dict:
+    """OpenAI's legacy `logprobs` columns for `(token id, TokenLogprob or None)` rows whose
+    text starts at offset `pos` (offsets capped at `end`, the text's length, where tokens
+    split a character); None: no log-prob (the prompt's first token)."""
+    dec = rt.tokenizer.decode
+    tokens, values, tops, offsets = [], [], [], []
+    for tok, lp in rows:
+        s = dec([tok])
+        tokens.append(s)
+        values.append(None if lp is None else lp.logprob)
+        tops.append({dec([t]): v for t, v in lp.top} if lp is not None and lp.top else None)
+        offsets.append(pos if end is None else min(pos, end))
+        pos += len(s)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
 def logprobs_json(rt: Runtime, out_logprobs, text_offset: int = 0) -> dict | None:
     """OpenAI legacy completions `logprobs` object."""
     if out_logprobs is None:
         return None
-    dec = rt.tokenizer.decode
-    tokens, lps, tops, offsets = [], [], [], []
-    pos = text_offset
-    for lp in out_logprobs:
-        s = dec([lp.token_id])
-        tokens.append(s)
-        lps.append(lp.logprob)
-        tops.append({dec([t]): v for t, v in lp.top} if lp.top else None)
-        offsets.append(pos)
-        pos += len(s)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+    return _logprob_rows(rt, ((lp.token_id, lp) for lp in out_logprobs), text_offset)
 
 
 def echo_logprobs(rt: Runtime, prompt_ids: list[int], prompt_lps, completion: dict | None,
                   prompt_chars: int) -> dict:
     """Legacy completions `logprobs` with echo: the prompt's tokens first (the first one's
     log-prob null: nothing comes before it), then the completion's (`completion`, offsets
-    already after the prompt's text, `prompt_chars` long)."""
-    dec = rt.tokenizer.decode
-    lps = prompt_lps or [None] * len(prompt_ids)
-    tokens, values, tops, offsets = [], [], [], []
-    pos = 0
-    for tok, lp in zip(prompt_ids, lps):
-        s = dec([tok])
-        tokens.append(s)
-        values.append(None if lp is None else lp.logprob)
-        tops.append({dec([t]): v for t, v in lp.top} if lp is not None and lp.top else None)
-        offsets.append(min(pos, prompt_chars))
-        pos += len(s)
+    from the completion's start; the prompt's text is `prompt_chars` long)."""
+    out = _logprob_rows(rt, zip(prompt_ids, prompt_lps or [None] * len(prompt_ids)), 0, prompt_chars)
     if completion is not None:
-        tokens += completion["tokens"]
-        values += completion["token_logprobs"]
-        tops += completion["top_logprobs"]
-        offsets += [prompt_chars + o for o in completion["text_offset"]]
-    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
-
-
-SCORE_KEY = "score"  # prefix-cache keys of scoring prefixes: "score:<task sha or ''>:<sha256 of the tokens>"
-
-
-async def prepare_score(rt: Runtime, name: str, prompt: str | list[int], candidates: list,
-                        timeout: float | None) -> tuple[list[Prepared], int]:
-    """One engine request per candidate, all sharing one prefix: the task's virtual tokens
-    followed by the prompt's tokens but its last. A causal model's keys and values of that
-    prefix depend on nothing after it, so it is computed once (the prefix cache, as for a
-    task's soft prompt) and copied into every candidate's slot; each candidate's request is
-    the prompt's last token + the candidate's tokens, asking for those tokens' log-probs
-    and no new token (`max_tokens` 0). The candidates then run as one batched prefill.
-    A candidate is tokenized on its own (include its leading space: " Paris"). Returns the
-    requests and the prompt's token count."""
-    try:
-        return await _prepare_score(rt, name, prompt, candidates, timeout)
-    except Exception as e:
-        _count_rejection(rt, e)
-        raise
-
-
-async def _prepare_score(rt, name, prompt, candidates, timeout) -> tuple[list[Prepared], int]:
-    check_count(rt, len(candidates))
-    info = _resolve(rt, name)
-
-    def work() -> tuple[list[Prepared], int]:
-        soft = rt.load_prompt(info.sha256) if info is not None else None
-        n_virt = 0 if soft is None else int(soft.shape[0])
-        ctx = rt.engine.max_len
-        ids = _tokenize(rt, prompt, max(0, ctx - n_virt - 1))
-        if isinstance(ids, int):
-            raise _too_long(ids, n_virt, 1, ctx, at_least=isinstance(prompt, str))
-        if not ids:
-            raise APIError("the prompt is empty: send at least one token")
-        room = ctx - n_virt - len(ids)
-        cands = []
-        for j, c in enumerate(candidates):
-            got = _tokenize(rt, c, room)
-            if isinstance(got, int) or len(got) > room:
-                n = got if isinstance(got, int) else len(got)
-                raise APIError(f"candidate {j} is {'at least ' if isinstance(got, int) else ''}{n} tokens; with the "
-                               f"prompt's {len(ids)} and {n_virt} virtual tokens at most {room} fit the {ctx} context",
-                               code="context_length_exceeded")
-            if not got:
-                raise APIError(f"candidate {j} is empty once tokenized: send at least one token")
-            cands.append(got)
-        head = ids[:-1]
-        wte = rt.model.wte.weight
-        parts = ([soft.float()] if soft is not None else []) + \
-            ([wte[torch.tensor(head, device=wte.device)].detach().float().cpu()] if head else [])
-        prefix = torch.cat(parts) if parts else None
-        version = info.sha256 if info else ""
-        key = f"{SCORE_KEY}:{version}:{sha256_bytes(str(head).encode())}" if prefix is not None else ""
-        params = SamplingParams(max_tokens=0, temperature=0.0, prompt_logprobs=0)
-        return [Prepared(name, [ids[-1]] + c, params, key, prefix, timeout, version) for c in cands], len(ids)
-
-    return await anyio.to_thread.run_sync(work)
-
-
-def score_results(outputs: list[RequestOutput]) -> dict:
-    """`/v1/score`'s answer from the candidates' outputs (each one's prompt log-probs after
-    the first: the candidate's tokens)."""
-    results = []
-    for out in outputs:
-        lps = [lp.logprob for lp in (out.prompt_logprobs or [])[1:]]
-        total = float(sum(lps))
-        results.append({"logprob": total, "mean_logprob": total / len(lps), "num_tokens": len(lps)})
-    best = max(range(len(results)), key=lambda i: results[i]["logprob"])
-    return {"results": results, "best": best}
+        for k in ("tokens", "token_logprobs", "top_logprobs"):
+            out[k] += completion[k]
+        out["text_offset"] += [prompt_chars + o for o in completion["text_offset"]]
+    return out

@@ -81,3 +81,24 @@ def greedy(client, model: str, prompt, max_tokens: int = 8, **kw) -> dict:
                                              "temperature": 0, "return_token_ids": True, **kw})
     assert r.status_code == 200, r.text
     return r.json()
+
+
+def complete(client, **body) -> dict:
+    """A /v1/completions answer that must be a 200."""
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def sse(r) -> list:
+    """Parse a text/event-stream body: list of JSON chunks, with the final '[DONE]' as a str."""
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = []
+    for block in r.text.split("\n\n"):
+        if not block.strip():
+            continue
+        assert block.startswith("data: "), block
+        payload = block[len("data: "):]
+        events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events

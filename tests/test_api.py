@@ -12,6 +12,8 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from tests.apiutil import assert_error, greedy, settings
+from tests.apiutil import complete as _complete
+from tests.apiutil import sse as _sse
 
 TASKS = {"alpha": {"num_virtual_tokens": 5, "seed": 1},
          "beta": {"num_virtual_tokens": 3, "init": "vocab", "seed": 2},
@@ -36,26 +38,6 @@ def client(tiny_model_dir, tmp_path_factory):
 
 def _encode(client, text: str) -> list[int]:
     return client.app.state.runtime.encode(text)
-
-
-def _complete(client, **body) -> dict:
-    r = client.post("/v1/completions", json=body)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def _sse(r) -> list:
-    """Parse a text/event-stream body: list of JSON chunks, with the final '[DONE]' as a str."""
-    assert r.status_code == 200, r.text
-    assert r.headers["content-type"].startswith("text/event-stream")
-    events = []
-    for block in r.text.split("\n\n"):
-        if not block.strip():
-            continue
-        assert block.startswith("data: "), block
-        payload = block[len("data: "):]
-        events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
 
 
 # ------------------------------------------------------------------ health, models

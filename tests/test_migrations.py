@@ -49,6 +49,17 @@ def upgraded(db_url, tmp_path):
     reg.close()
 
 
+
+def _insert_task_v1(conn, name: str, description: str, sha: str, path: str, source: str) -> None:
+    """Task 1 with an active version 1 (2 x 4), written with SQL as an older schema holds it."""
+    conn.execute(sa.text("INSERT INTO tasks (id, name, description, num_virtual_tokens, hidden_size, base_model, "
+                         "created_at, updated_at) VALUES (1, :n, :d, 2, 4, 'gpt2', '2025-01-01 00:00:00', "
+                         "'2025-01-01 00:00:00')"), {"n": name, "d": description})
+    conn.execute(sa.text("INSERT INTO prompt_versions (task_id, version, is_active, sha256, path, "
+                         "num_virtual_tokens, hidden_size, base_model, source, meta, created_at) VALUES "
+                         "(1, 1, :a, :s, :p, 2, 4, 'gpt2', :src, '{}', '2025-01-01 00:00:00')"),
+                 {"a": True, "s": sha, "p": path, "src": source})
+
 def test_one_head():
     """Migrations form one line: two heads would leave `upgrade head` ambiguous."""
     heads = ScriptDirectory.from_config(alembic_config()).get_heads()
@@ -102,13 +113,7 @@ def test_0002_chat_template_keeps_data_both_ways(db_url, tmp_path):
     reg = Registry(url, tmp_path / "data")
     reg.upgrade("0001_initial")
     with reg.engine.begin() as conn:
-        conn.execute(sa.text("INSERT INTO tasks (id, name, description, num_virtual_tokens, hidden_size, base_model, "
-                             "created_at, updated_at) VALUES (1, 'old', 'd', 2, 4, 'gpt2', '2025-01-01 00:00:00', "
-                             "'2025-01-01 00:00:00')"))
-        conn.execute(sa.text("INSERT INTO prompt_versions (task_id, version, is_active, sha256, path, "
-                             "num_virtual_tokens, hidden_size, base_model, source, meta, created_at) VALUES "
-                             "(1, 1, :active, :sha, 'p', 2, 4, 'gpt2', 'init', '{}', '2025-01-01 00:00:00')"),
-                     {"sha": "a" * 64, "active": True})
+        _insert_task_v1(conn, "old", "d", "a" * 64, "p", "init")
     reg.upgrade()
     t = reg.get_task("old")
     assert (t["description"], t["active_version"], t["sha256"], t["chat_template"]) == ("d", 1, "a" * 64, None)
@@ -280,13 +285,7 @@ def test_0003_takes_the_data_folder_from_the_alembic_command_line(db_url, tmp_pa
     reg.upgrade("0002_task_chat_template")
     sha, rel = write_prompt_file(data, torch.randn(2, 4))
     with reg.engine.begin() as conn:
-        conn.execute(sa.text("INSERT INTO tasks (id, name, description, num_virtual_tokens, hidden_size, base_model, "
-                             "created_at, updated_at) VALUES (1, 'x', '', 2, 4, 'gpt2', '2025-01-01 00:00:00', "
-                             "'2025-01-01 00:00:00')"))
-        conn.execute(sa.text("INSERT INTO prompt_versions (task_id, version, is_active, sha256, path, "
-                             "num_virtual_tokens, hidden_size, base_model, source, meta, created_at) VALUES "
-                             "(1, 1, :a, :s, :p, 2, 4, 'gpt2', 'x', '{}', '2025-01-01 00:00:00')"),
-                     {"a": True, "s": sha, "p": rel})
+        _insert_task_v1(conn, "x", "", sha, rel, "x")
     caplog.set_level(logging.INFO, logger="alembic.runtime.migration")
     cfg = alembic_config(db_url)
     if db_url.startswith("postgresql"):  # no data folder anywhere: a warning, nothing imported

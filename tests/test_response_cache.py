@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 
 import pytest
 from fastapi.testclient import TestClient
@@ -19,7 +18,7 @@ from server.engine.engine import QueueFull
 from server.engine.output import RequestOutput
 from server.engine.sampler import SamplingParams, TokenLogprob
 from server.response_cache import Entry, ResponseCache, deep_size, make_key
-from tests.apiutil import adapter_files, make_peft_adapter, peft_greedy, settings
+from tests.apiutil import adapter_files, complete, make_peft_adapter, peft_greedy, settings, sse
 
 PROMPT = "Once upon a time"
 
@@ -60,22 +59,6 @@ class Delta:
     def __call__(self, name: str, **labels) -> float:
         k = key(name, **labels)
         return self.after.get(k, 0.0) - self.before.get(k, 0.0)
-
-
-def complete(client, **body) -> dict:
-    r = client.post("/v1/completions", json=body)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def sse(r) -> list:
-    assert r.status_code == 200, r.text
-    events = []
-    for block in r.text.split("\n\n"):
-        if block.strip():
-            payload = block.removeprefix("data: ")
-            events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
 
 
 def stream(client, path: str = "/v1/completions", **body) -> list:

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from tests.apiutil import adapter_files, assert_error, make_peft_adapter, settings
+from tests.apiutil import complete as _complete
 
 TOL = 1e-4
 PROMPT = "The capital of France is a city where many people live and"
@@ -51,12 +52,6 @@ def _ref_base(tiny_model_dir, ids: list[int]) -> list[float]:
     base = GPT2LMHeadModel.from_pretrained(tiny_model_dir).eval()
     lp = torch.log_softmax(base(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
     return [float(lp[j - 1, ids[j]]) for j in range(1, len(ids))]
-
-
-def _complete(client, **body) -> dict:
-    r = client.post("/v1/completions", json=body)
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def test_echo_returns_the_prompt_log_probs_exactly(setup):

@@ -51,27 +51,28 @@ class LocalTarget:
         """(base model id or None, whose it is, why none is known, the task or None): an existing
         task's base model; for a new one (--create) None (`registry.cli_common.new_task_base_model`
         then decides)."""
-        from registry.errors import TaskNotFound
-
-        check_name(self.name)
-        try:
-            task = self.registry.get_task(self.name)
-        except TaskNotFound:
-            if not self.create:
-                raise _missing_task(self.name, self.where) from None
+        task = self._existing()
+        if task is None:
             return None, f"new task {self.name!r}", "", None
         return task["base_model"], f"task {self.name!r}", "", task
 
-    def check(self) -> None:
-        from registry.cli_common import same_model
+    def _existing(self) -> dict[str, Any] | None:
+        """The task, None if it is new (allowed only with --create)."""
         from registry.errors import TaskNotFound
 
         check_name(self.name)
         try:
-            task = self.registry.get_task(self.name)
+            return self.registry.get_task(self.name)
         except TaskNotFound:
             if not self.create:
                 raise _missing_task(self.name, self.where) from None
+            return None
+
+    def check(self) -> None:
+        from registry.cli_common import same_model
+
+        task = self._existing()
+        if task is None:
             return
         if self.model_id is not None and not same_model(task["base_model"], self.model_id):
             raise RegisterError(f"task {self.name!r} belongs to base model {task['base_model']!r}, "

@@ -2,13 +2,13 @@
 
 What classification with a prompt-tuned task needs: the candidates' summed and mean
 log-probs with the task's soft prompt in front, computed in one batched pass that shares
-the prompt's keys and values (`service.prepare_score`)."""
+the prompt's keys and values (`server.scoring`)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from server import service
+from server import scoring, service
 from server.api.deps import RuntimeDep, User
 from server.api.responses import BATCH
 from server.api.schemas import ScoreRequest
@@ -22,9 +22,9 @@ async def score(body: ScoreRequest, rt: RuntimeDep, request: Request) -> dict:
     tokens, `mean_logprob`, `num_tokens`) and `best`, the index of the highest `logprob`.
     A candidate is tokenized on its own and appended to the prompt's tokens: give it its
     leading space (`" Paris"`)."""
-    prepared, n_prompt = await service.prepare_score(rt, body.model, body.prompt, body.candidates, body.timeout)
+    prepared, n_prompt = await scoring.prepare_score(rt, body.model, body.prompt, body.candidates, body.timeout)
     finals = await service.collect(request, service.Submission(rt, prepared))
-    answer = service.score_results(finals)
+    answer = scoring.score_results(finals)
     for item, candidate in zip(answer["results"], body.candidates):
         item["candidate"] = candidate
     answer["model"] = body.model
