@@ -10,7 +10,15 @@ import torch
 
 from bench.baselines import Workload
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          # polyprompt serve --dtype D --quantize int8: int8 weights, activations in D between matmuls
+          "float32+int8": torch.float32, "bfloat16+int8": torch.bfloat16}
+
+
+def split_dtype(dtype: str) -> tuple[str, str | None]:
+    """"bfloat16+int8" -> ("bfloat16", "int8"); "float32" -> ("float32", None)."""
+    base, _, quantize = dtype.partition("+")
+    return base, quantize or None
 
 
 def load_engine_model(model_dir: Path, dtype: str, device: str = "cpu"):
@@ -18,7 +26,8 @@ def load_engine_model(model_dir: Path, dtype: str, device: str = "cpu"):
 
     from server.model import GPT2
 
-    model = GPT2.from_pretrained(str(model_dir), device=device, dtype=DTYPES[dtype])
+    model = GPT2.from_pretrained(str(model_dir), device=device, dtype=DTYPES[dtype],
+                                 quantize=split_dtype(dtype)[1])
     return model, AutoTokenizer.from_pretrained(str(model_dir))
 
 

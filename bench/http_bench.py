@@ -51,12 +51,17 @@ class Server:
         self.url = f"http://{HOST}:{self.port}"
         self.proc: subprocess.Popen | None = None
 
+    def _dtype_args(self) -> list[str]:
+        """`--dtype D`, and for "D+int8" (bench.engine_bench.DTYPES) `--quantize int8` too."""
+        base, _, quantize = self.dtype.partition("+")
+        return ["--dtype", base] + (["--quantize", quantize] if quantize else [])
+
     def __enter__(self) -> "Server":
         self.tmp = tempfile.mkdtemp(prefix="polyprompt-bench-")
         exe = shutil.which("polyprompt")
         cmd = [exe] if exe else [sys.executable, "-m", "server.cli"]
         cmd += ["serve", "--model", str(self.model_dir), "--data-dir", os.path.join(self.tmp, "data"),
-                "--host", HOST, "--port", str(self.port), "--device", "cpu", "--dtype", self.dtype,
+                "--host", HOST, "--port", str(self.port), "--device", "cpu", *self._dtype_args(),
                 "--max-batch-size", str(self.max_batch_size),
                 "--max-num-batched-tokens", str(self.max_num_batched_tokens),
                 "--max-queue", str(self.max_queue), "--log-level", "warning", *self.extra_args]

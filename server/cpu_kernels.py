@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -156,6 +157,10 @@ def load() -> ctypes.CDLL | None:
             fn = getattr(lib, name)
             fn.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, p, p, p, i64, i64, i32, i32, i32, f32, i32]
             fn.restype = i32
+        if hasattr(lib, "linear_int8"):  # built with AVX512-VNNI support (GCC, or the flag)
+            lib.linear_int8.argtypes = [p, i32, i64, i64, p, p, p, i64, p, p, i32, i32]
+            lib.linear_int8.restype = i32
+            lib.i8_available.restype = i32
         if hasattr(lib, "linear_amx_bf16"):  # built with AMX support
             lib.linear_amx_bf16.argtypes = [p, i64, i64, p, i64, p, p, i32, i32]
             lib.linear_amx_bf16.restype = i32
@@ -209,6 +214,71 @@ def linear_amx(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, n: int,
     if lib.linear_amx_bf16(x.data_ptr(), m, k, packed.data_ptr(), n, None if bias is None else bias.data_ptr(),
                            y.data_ptr(), int(gelu), torch.get_num_threads()):
         raise MemoryError("linear_amx: no memory for its row padding")
+    return y
+
+
+def int8(lib: ctypes.CDLL | None) -> bool:
+    """Whether `linear_int8` can run: built in, and this CPU has AVX512-VNNI."""
+    return lib is not None and hasattr(lib, "linear_int8") and bool(lib.i8_available())
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """A linear weight `[N, K]` quantized for `linear_int8`: per output channel symmetric
+    int8 (`scale[n] = max |W[n, :]| / 127`), packed in panels of 64 outputs
+    `[ceil(N/64), K/4, 64, 4]` (zero rows past N); `wsum` = 128 x each output's int8 sum
+    (the correction for the kernel's unsigned activations); `bias` float32 or None."""
+    packed: torch.Tensor
+    scale: torch.Tensor
+    wsum: torch.Tensor
+    bias: torch.Tensor | None
+    n: int
+    k: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.wsum))
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 of a `[N, K]` weight: (q int8 `[N, K]`, scale float32 `[N]`),
+    `w ~= q * scale[:, None]`."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def pack_int8(w: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Weight:
+    """`w` `[N, K]` (any float dtype, K % 4 == 0) quantized and packed for `linear_int8`."""
+    n, k = w.shape
+    if k % 4:
+        raise ValueError("pack_int8 needs a [N, K] weight with K a multiple of 4")
+    q, scale = quantize_int8(w)
+    n64 = -(-n // 64) * 64
+    qp = torch.cat([q, q.new_zeros(n64 - n, k)]) if n64 != n else q
+    packed = qp.reshape(n64 // 64, 64, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+    wsum = (q.to(torch.int32).sum(dim=1) * 128).to(torch.int32).contiguous()
+    return Int8Weight(packed, scale.contiguous(), wsum,
+                      None if bias is None else bias.detach().float().contiguous(), n, k)
+
+
+def linear_int8(lib: ctypes.CDLL, x: torch.Tensor, w: Int8Weight, gelu: bool = False) -> torch.Tensor:
+    """`F.linear(x, W, bias)` (then tanh-GELU if `gelu`) with W as `pack_int8` made it, for
+    float32 or bf16 rows `x` `[M, K]`: each row quantized to int8 on the fly (per-row
+    symmetric), int32 accumulation, the result in x's dtype `[M, N]`."""
+    if x.dim() != 2 or x.shape[1] != w.k or x.dtype not in (torch.float32, torch.bfloat16) or \
+            x.device.type != "cpu":
+        raise ValueError(f"linear_int8: x must be float32/bf16 [M, {w.k}] on CPU, got {x.dtype} {tuple(x.shape)}")
+    x = x.contiguous()
+    m = x.shape[0]
+    y = torch.empty((m, w.n), dtype=x.dtype)
+    if m and lib.linear_int8(x.data_ptr(), int(x.dtype == torch.bfloat16), m, w.k, w.packed.data_ptr(),
+                             w.scale.data_ptr(), w.wsum.data_ptr(), w.n,
+                             None if w.bias is None else w.bias.data_ptr(), y.data_ptr(), int(gelu),
+                             torch.get_num_threads()):
+        raise MemoryError("linear_int8: no memory for the quantized rows")
     return y
 
 

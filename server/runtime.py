@@ -58,18 +58,33 @@ class TaskInfo:
     chat_template: str | None = None  # the task's own chat template (None: the server's)
 
 
+def check_quantize(quantize: str, device: torch.device) -> None:
+    from server import cpu_kernels
+    from server.model.backend import QUANTIZE
+
+    if quantize not in QUANTIZE:
+        raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE)}; got {quantize!r}")
+    if quantize == "int8" and device.type != "cpu":
+        raise ValueError("--quantize int8 runs on the CPU (--device cpu); on CUDA, float16 is the fast path")
+    if quantize == "int8" and not cpu_kernels.int8(cpu_kernels.load()):
+        raise ValueError("--quantize int8 needs the native CPU kernels with AVX512-VNNI (a C compiler, AVX-512 "
+                         "and VNNI); this machine has not got them")
+
+
 class Runtime:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
+        check_quantize(settings.quantize, self.device)  # before migrations: a bad flag fails in one line
         if self.device.type == "cuda" and self.dtype == torch.float32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.registry = Registry(settings.db or default_db_url(settings.data_dir), settings.data_dir)
         self.registry.upgrade()
         self.model_id = model_id_for(settings.model)
-        self.model = GPT2.from_pretrained(settings.model, device=self.device, dtype=self.dtype)
+        self.model = GPT2.from_pretrained(settings.model, device=self.device, dtype=self.dtype,
+                                         quantize=settings.quantize)
         self._model_bytes = sum(p.nbytes for p in self.model.parameters())
         from transformers import AutoTokenizer
 

@@ -14,6 +14,9 @@ class Settings(RegistrySettings):
     port: int = Field(8000, description="port")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: str = Field("auto", description="auto (float16 on CUDA, float32 on CPU), float32, float16, bfloat16")
+    quantize: str = Field("none", description="none, or int8: every matmul on per-channel int8 weights with "
+                          "each row's activations quantized on the fly (CPU with AVX512-VNNI; changes outputs "
+                          "slightly, see the README)")
     max_batch_size: int = Field(64, description="running sequences at once (KV-cache slots)")
     max_queue: int = Field(1024, description="waiting requests before 503")
     max_queue_wait: float = Field(30.0, description="seconds: a request whose expected queue wait is longer "

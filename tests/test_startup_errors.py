@@ -85,3 +85,7 @@ def test_port_in_use_fails_before_the_model_loads(tiny_model_dir, tmp_path):
                          f"127.0.0.1:{port}", "cannot listen")
     assert "--port" in line
     assert not (tmp_path / "data").exists()  # nothing ran before the check: not even the data folder
+
+
+def test_unknown_quantization(tiny_model_dir, tmp_path):
+    _one_line(*_serve(tmp_path, "--model", str(tiny_model_dir), "--quantize", "int4"), "--quantize", "int8")

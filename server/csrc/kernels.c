@@ -373,6 +373,19 @@ PREFILL_ONE(prefill_one_bf16, uint16_t, load_bf16, store_bf16, f32_of_bf16)
 PREFILL_ATTENTION(prefill_attention_f32, prefill_one_f32, float)
 PREFILL_ATTENTION(prefill_attention_bf16, prefill_one_bf16, uint16_t)
 
+/* tanh-approximation GELU (GPT-2's gelu_new) in float32 */
+static inline __m512 gelu_tanh(__m512 v) {
+    const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                   _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), v),
+                                                   _mm512_mul_ps(v, v), v));
+    const __m512 au = _mm512_abs_ps(u);
+    const __m512 e = exp_nonpos(_mm512_mul_ps(_mm512_set1_ps(-2.0f), au));
+    __m512 t = _mm512_div_ps(_mm512_sub_ps(_mm512_set1_ps(1.0f), e), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    t = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), _mm512_and_si512(
+        _mm512_castps_si512(u), _mm512_set1_epi32((int)0x80000000)))); /* tanh(u) = sign(u) tanh|u| */
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(_mm512_set1_ps(1.0f), t));
+}
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 /* ---------------------------------------------------------------------------------------
  * linear_amx_bf16: y = x . W^T + bias (optionally tanh-GELU), bf16 in and out, float32
@@ -411,19 +424,6 @@ typedef struct {
     uint16_t colsb[16];
     uint8_t rows[16];
 } tile_config;
-
-/* tanh-approximation GELU (GPT-2's gelu_new) in float32 */
-static inline __m512 gelu_tanh(__m512 v) {
-    const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
-                                   _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), v),
-                                                   _mm512_mul_ps(v, v), v));
-    const __m512 au = _mm512_abs_ps(u);
-    const __m512 e = exp_nonpos(_mm512_mul_ps(_mm512_set1_ps(-2.0f), au));
-    __m512 t = _mm512_div_ps(_mm512_sub_ps(_mm512_set1_ps(1.0f), e), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-    t = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), _mm512_and_si512(
-        _mm512_castps_si512(u), _mm512_set1_epi32((int)0x80000000)))); /* tanh(u) = sign(u) tanh|u| */
-    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(_mm512_set1_ps(1.0f), t));
-}
 
 int linear_amx_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *wp, int64_t N,
                     const uint16_t *bias, uint16_t *y, int gelu, int threads) {
@@ -486,4 +486,164 @@ int linear_amx_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *wp,
     free(pad);
     return 0;
 }
+#endif
+
+/* ------------------------------------------------------------------------------------------
+ * linear_int8: y = x W^T + b (then tanh-GELU if asked) with int8 weights, on AVX512-VNNI.
+ *
+ * W is quantized per output channel (symmetric, scale ws[n], int8 in -127..127) and packed
+ * by cpu_kernels.pack_int8 in panels of 64 outputs: wp[p][k/4][64][4] holds W[64p + c, k..k+3].
+ * Each row of x (float32 or bf16) is quantized on the fly, symmetric per row (scale sa[m]),
+ * and stored biased by 128 as uint8, because vpdpbusd multiplies unsigned by signed bytes:
+ *   sum_k (qa + 128) qw = sum_k qa qw + 128 colsum(qw),  so  y = sa ws (acc - 128 colsum) + b.
+ * The accumulation is exact int32 (|acc| <= K 255 127 < 2^31 for K < 66,000); one float
+ * multiply per output. A 6-row x 64-column tile keeps 24 accumulators in registers and reads
+ * 256 bytes of weights per 4 k; rows go in blocks of I8_MB so a block's activations stay in
+ * cache while every panel passes over them, the panels split over the threads.
+ * ------------------------------------------------------------------------------------------ */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx512vnni")
+#define I8_OK 1
+#elif defined(__AVX512VNNI__)
+#define I8_OK 1
+#endif
+
+#ifdef I8_OK
+#define I8_MR 6
+#define I8_MB 96
+
+/* row m of x (K values, float32 or bf16) -> q (K bytes, round(x / s) + 128), returns s */
+static float quant_row(const void *x, int bf16, int64_t K, uint8_t *q) {
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 live = live_lanes(K - k);
+        const __m512 v = bf16 ? load_bf16_masked((const uint16_t *)x + k, live)
+                              : _mm512_maskz_loadu_ps(live, (const float *)x + k);
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+    }
+    const float amax = _mm512_reduce_max_ps(mx);
+    const float s = amax > 0.0f && isfinite(amax) ? amax / 127.0f : 0.0f;
+    const __m512 inv = _mm512_set1_ps(s > 0.0f ? 1.0f / s : 0.0f);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), bias = _mm512_set1_epi32(128);
+    for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 live = live_lanes(K - k);
+        const __m512 v = bf16 ? load_bf16_masked((const uint16_t *)x + k, live)
+                              : _mm512_maskz_loadu_ps(live, (const float *)x + k);
+        __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv)); /* round to nearest even */
+        r = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(r, lo), hi), bias);
+        _mm_mask_storeu_epi8(q + k, live, _mm512_cvtepi32_epi8(r));
+    }
+    return s;
+}
+
+/* acc = a (mr rows, stride lda bytes) x panel w (kq groups of 4 k); the sums live in
+ * registers (locals, the loops unrolled: GCC keeps an output array in memory otherwise) */
+static inline __attribute__((always_inline)) void i8_tile(const int mr, const uint8_t *a, int64_t lda,
+                                                          const int8_t *w, int64_t kq, __m512i acc[I8_MR][4]) {
+    __m512i c00 = _mm512_setzero_si512(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00,
+            c13 = c00, c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00,
+            c40 = c00, c41 = c00, c42 = c00, c43 = c00, c50 = c00, c51 = c00, c52 = c00, c53 = c00;
+    for (int64_t g = 0; g < kq; g++) {
+        const int8_t *wg = w + g * 256;
+        const uint8_t *ag = a + g * 4;
+        const __m512i w0 = _mm512_load_si512(wg), w1 = _mm512_load_si512(wg + 64),
+                      w2 = _mm512_load_si512(wg + 128), w3 = _mm512_load_si512(wg + 192);
+        __m512i b;
+#define I8_ROW(i)                                                                                  \
+        if (mr > i) {                                                                              \
+            int32_t quad;                                                                          \
+            memcpy(&quad, ag + i * lda, 4);                                                        \
+            b = _mm512_set1_epi32(quad);                                                           \
+            c##i##0 = _mm512_dpbusd_epi32(c##i##0, b, w0);                                         \
+            c##i##1 = _mm512_dpbusd_epi32(c##i##1, b, w1);                                         \
+            c##i##2 = _mm512_dpbusd_epi32(c##i##2, b, w2);                                         \
+            c##i##3 = _mm512_dpbusd_epi32(c##i##3, b, w3);                                         \
+        }
+        I8_ROW(0) I8_ROW(1) I8_ROW(2) I8_ROW(3) I8_ROW(4) I8_ROW(5)
+#undef I8_ROW
+    }
+#define I8_OUT(i) acc[i][0] = c##i##0; acc[i][1] = c##i##1; acc[i][2] = c##i##2; acc[i][3] = c##i##3;
+    I8_OUT(0) I8_OUT(1) I8_OUT(2) I8_OUT(3) I8_OUT(4) I8_OUT(5)
+#undef I8_OUT
+}
+
+static void i8_panel_rows(int mr, const uint8_t *a, int64_t K, const int8_t *w, __m512i acc[I8_MR][4]) {
+    switch (mr) { /* a constant row count per call: the accumulators stay in registers */
+    case 6: i8_tile(6, a, K, w, K / 4, acc); break;
+    case 5: i8_tile(5, a, K, w, K / 4, acc); break;
+    case 4: i8_tile(4, a, K, w, K / 4, acc); break;
+    case 3: i8_tile(3, a, K, w, K / 4, acc); break;
+    case 2: i8_tile(2, a, K, w, K / 4, acc); break;
+    default: i8_tile(1, a, K, w, K / 4, acc); break;
+    }
+}
+
+int i8_available(void) {
+    unsigned a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+    return (c >> 11) & 1; /* AVX512_VNNI */
+}
+
+/* x [M, K] (float32, or bf16 when x_bf16), weights as pack_int8 gives them, ws [N] float32
+ * scales, wsum [N] int32 = 128 x the column sums of the int8 weights, bias [N] float32 or
+ * NULL; y [M, N] in x's dtype. K % 4 == 0. Returns 1 when scratch memory ran out. */
+int linear_int8(const void *x, int x_bf16, int64_t M, int64_t K, const int8_t *wp, const float *ws,
+                const int32_t *wsum, int64_t N, const float *bias, void *y, int gelu, int threads) {
+    const int64_t panels = (N + 63) / 64, esz = x_bf16 ? 2 : 4;
+    uint8_t *q = aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
+    float *sa = malloc((size_t)(M > 0 ? M : 1) * sizeof(float));
+    if (q == NULL || sa == NULL) { free(q); free(sa); return 1; }
+    _Pragma("omp parallel num_threads(threads)")
+    {
+        _Pragma("omp for schedule(static)")
+        for (int64_t m = 0; m < M; m++) sa[m] = quant_row((const char *)x + m * K * esz, x_bf16, K, q + m * K);
+        for (int64_t m0 = 0; m0 < M; m0 += I8_MB) {
+            const int64_t mend = m0 + I8_MB < M ? m0 + I8_MB : M;
+            _Pragma("omp for schedule(static)")
+            for (int64_t p = 0; p < panels; p++) {
+                const int8_t *w = wp + p * K * 64;
+                __mmask16 live[4];
+                __m512 wsv[4], bv[4];
+                __m512i sv[4];
+                for (int j = 0; j < 4; j++) {
+                    const int64_t n0 = p * 64 + j * 16;
+                    live[j] = N > n0 ? live_lanes(N - n0) : 0;
+                    wsv[j] = _mm512_maskz_loadu_ps(live[j], ws + n0);
+                    sv[j] = _mm512_maskz_loadu_epi32(live[j], wsum + n0);
+                    bv[j] = bias ? _mm512_maskz_loadu_ps(live[j], bias + n0) : _mm512_setzero_ps();
+                }
+                for (int64_t m = m0; m < mend; m += I8_MR) {
+                    const int mr = (int)(mend - m < I8_MR ? mend - m : I8_MR);
+                    __m512i acc[I8_MR][4];
+                    i8_panel_rows(mr, q + m * K, K, w, acc);
+                    for (int i = 0; i < mr; i++) {
+                        const __m512 s = _mm512_set1_ps(sa[m + i]);
+                        for (int j = 0; j < 4; j++) {
+                            if (!live[j]) continue;
+                            __m512 r = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], sv[j]));
+                            r = _mm512_fmadd_ps(r, _mm512_mul_ps(s, wsv[j]), bv[j]);
+                            if (gelu) r = gelu_tanh(r);
+                            const int64_t off = (m + i) * N + p * 64 + j * 16;
+                            if (x_bf16) {
+                                uint16_t tmp[16];
+                                store_bf16(tmp, r);
+                                _mm256_mask_storeu_epi16((uint16_t *)y + off, live[j],
+                                                         _mm256_loadu_si256((const __m256i *)tmp));
+                            } else {
+                                _mm512_mask_storeu_ps((float *)y + off, live[j], r);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    free(q);
+    free(sa);
+    return 0;
+}
+#endif
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
 #endif

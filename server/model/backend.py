@@ -24,6 +24,7 @@ class Backend:
     head_full: torch.Tensor | None = None  # CUDA: the LM head zero-padded to HEAD_ALIGN rows
     screen: GreedyScreen | None = None  # CPU fp32: bf16 screen for exact greedy
     native: object | None = None  # the native CPU kernels (ctypes library) for attention, KV writes, argmax
+    quantize: str | None = None  # "int8": every CPU matmul on int8 weights (`Linear.set_int8`)
 
     @property
     def screening(self) -> bool:
@@ -36,34 +37,60 @@ class Backend:
 
     def describe(self, model: "GPT2") -> dict[str, str]:
         """Which path each part takes (the startup log)."""
-        amx = any(m.amx is not None for m in self.linears(model))
+        linears = self.linears(model)
+        amx = any(m.amx is not None for m in linears)
+        if any(m.int8 is not None for m in linears):
+            matmuls = "native int8 kernel (AVX512-VNNI: per-channel int8 weights, per-row int8 activations)"
+        elif self.head is None:
+            matmuls = "torch"
+        elif amx:
+            matmuls = "native AMX-BF16 kernel (decode), oneDNN (prefill)"
+        else:
+            matmuls = "oneDNN (pre-packed%s)" % (", AVX512-BF16" if model.wte.weight.dtype == torch.bfloat16
+                                                  and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "")
         return {"attention": "native CPU kernels" if self.native is not None else "SDPA",
-                "matmuls": ("native AMX kernel (decode), oneDNN (prefill)" if amx else "oneDNN (pre-packed)")
-                if self.head is not None else "torch",
+                "matmuls": matmuls,
                 "greedy": "bf16 screen + fp32 rescoring" if self.screening else "full LM head + argmax"}
 
 
+QUANTIZE = ("none", "int8")
+
+
 def choose(model: "GPT2", *, native: bool = True, amx: bool = True, screen: bool | None = None,
-           batch_hint: int = 128) -> Backend:
+           batch_hint: int = 128, quantize: str | None = None) -> Backend:
     """The backend for `model` on its device and dtype. CPU fp32/bf16: every matmul weight
     pre-packed for oneDNN, the LM head too; the native kernels when `native` and they can run
     here (AVX-512, a C compiler), with `amx` the AMX matmul of bf16 decode steps where the CPU
     has it; for fp32 the greedy screen where bf16 matmuls are native (`screen` forces it on or
-    off). CUDA: the LM head padded for aligned cuBLAS kernels."""
+    off). `quantize="int8"`: every matmul, the LM head's too, on the native int8 kernel
+    instead (CPU with AVX512-VNNI only; a ValueError elsewhere). CUDA: the LM head padded
+    for aligned cuBLAS kernels."""
+    quantize = None if quantize in (None, "none") else quantize
+    if quantize not in (None, "int8"):
+        raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE)}; got {quantize!r}")
     w = model.wte.weight
+    if quantize and (w.device.type != "cpu" or not can_pack(w.dtype)):
+        raise ValueError("--quantize int8 runs on the CPU with float32 or bfloat16 (on CUDA, FP16 is faster)")
     if w.device.type == "cuda":
         return Backend(head_full=pad_head(model))
     if w.device.type != "cpu" or not can_pack(w.dtype):
         return Backend()
     for m in model.modules():
         if isinstance(m, Linear):
-            m.pack(batch_hint)
-    b = Backend(head=Linear.frozen(model.head_weight().detach(), batch_hint))
+            m.pack(0 if quantize else batch_hint)
+    b = Backend(head=Linear.frozen(model.head_weight().detach(), 0 if quantize else batch_hint), quantize=quantize)
     if screen is None:
-        screen = w.dtype == torch.float32 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        screen = not quantize and w.dtype == torch.float32 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     if screen:
         b.screen = GreedyScreen(model.head_weight(), batch_hint)
     set_native(model, b, native, amx)
+    if quantize:
+        lib = b.native or cpu_kernels.load()
+        if not cpu_kernels.int8(lib):
+            raise ValueError("--quantize int8 needs the native CPU kernels with AVX512-VNNI (a C compiler, "
+                             "AVX-512 and VNNI); this machine has not got them")
+        for m in b.linears(model):
+            m.set_int8(lib)
     return b
 
 

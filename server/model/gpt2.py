@@ -95,18 +95,21 @@ class GPT2(nn.Module):
         self.ln_f = nn.LayerNorm(spec.n_embd, eps=spec.layer_norm_epsilon)
         self.lm_head: torch.Tensor | None = None  # None: tied to wte
         self.backend = backends.Backend()  # plain torch until `pack` chooses for the device
+        self.quantize: str | None = None  # "int8": `pack` puts every CPU matmul on int8 weights
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "GPT2":
-        """Load any HF GPT-2 checkpoint (hub id or local folder)."""
+                        dtype: torch.dtype = torch.float32, quantize: str | None = None) -> "GPT2":
+        """Load any HF GPT-2 checkpoint (hub id or local folder); `quantize="int8"`: every
+        matmul on int8 weights (CPU, `server.model.backend.choose`)."""
         from transformers import GPT2LMHeadModel
 
         hf = GPT2LMHeadModel.from_pretrained(name_or_path, dtype=torch.float32)
         model = cls.from_hf(hf)
         del hf
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        model.quantize = quantize
         model.pack()
         return model
 
@@ -114,7 +117,7 @@ class GPT2(nn.Module):
         """Choose the backend for the device and dtype (again after the weights changed)."""
         if self.backend.head_full is not None:  # CUDA: already padded, the weights are views of it
             return
-        self.backend = backends.choose(self, batch_hint=batch_hint)
+        self.backend = backends.choose(self, batch_hint=batch_hint, quantize=self.quantize)
 
     def set_native_kernels(self, on: bool, amx: bool = True) -> bool:
         """Use the native CPU kernels (`server.cpu_kernels`: decode and prefill attention,
@@ -275,7 +278,7 @@ class GPT2(nn.Module):
         `max_rows` (the LM head), so no request pays for building them. CPU only; returns
         how many row counts were warmed."""
         b = self.backend
-        if b.head is None:
+        if b.head is None or b.quantize:  # the int8 kernel builds nothing per shape
             return 0
         blk, c = self.h[0], self.spec.n_embd
         sizes = sorted({bucket_rows(n) for n in range(1, min(max_tokens, self.WARM_MAX_TOKENS) + 1)})

@@ -1,5 +1,5 @@
-"""CPU linear layers: oneDNN pre-packed weights, the AMX matmul for bf16 decode steps, and
-the row buckets every CPU matmul is padded to."""
+"""CPU linear layers: oneDNN pre-packed weights, the AMX matmul for bf16 decode steps, the
+int8 VNNI matmul of `--quantize int8`, and the row buckets every CPU matmul is padded to."""
 
 from __future__ import annotations
 
@@ -51,6 +51,9 @@ class Linear(nn.Linear):
     # layout (kept when switched off: switching back is free)
     _amx_lib = None
     _amx_packed: torch.Tensor | None = None
+    # with --quantize int8 (see `set_int8`): the kernel library and the weight quantized for it
+    _int8_lib = None
+    _int8: "cpu_kernels.Int8Weight | None" = None
     AMX_MAX_ROWS = 64  # past ~64-96 rows oneDNN is as fast (bench kernels scenario), and prefill is compute-bound
 
     @classmethod
@@ -78,12 +81,33 @@ class Linear(nn.Linear):
         self._amx_lib = lib if ok else None
         return ok
 
-    def pack(self, batch_hint: int) -> None:
+    @property
+    def int8(self) -> "cpu_kernels.Int8Weight | None":
+        """The int8 weight every step runs on, None while int8 is off."""
+        return self._int8 if self._int8_lib is not None else None
+
+    def set_int8(self, lib) -> bool:
+        """Run every step on `cpu_kernels.linear_int8` (per-channel int8 weights, each row
+        quantized on the fly) with `lib` the loaded kernels; `None` turns it off. Returns
+        whether it is on (the weight needs inputs a multiple of 4 and to be on the CPU)."""
         w = self.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_hint) if can_pack(w.dtype) and \
-            w.device.type == "cpu" else None
+        ok = lib is not None and w.device.type == "cpu" and self.in_features % 4 == 0
+        if ok and self._int8 is None:
+            self._int8 = cpu_kernels.pack_int8(w, self.bias)
+        self._int8_lib = lib if ok else None
+        return ok
+
+    def pack(self, batch_hint: int) -> None:
+        """Pre-pack the weight for oneDNN (`batch_hint` 0: don't; the int8 path needs no copy)."""
+        w = self.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_hint) if batch_hint and \
+            can_pack(w.dtype) and w.device.type == "cpu" else None
 
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        if self._int8_lib is not None:
+            shape = x.shape
+            y = cpu_kernels.linear_int8(self._int8_lib, x.reshape(-1, shape[-1]), self._int8, gelu)
+            return y.view(*shape[:-1], y.shape[-1])
         if self._amx_lib is not None and x.dim() == 2 and x.shape[0] <= self.AMX_MAX_ROWS:
             return cpu_kernels.linear_amx(self._amx_lib, x, self._amx_packed, self.out_features, self.bias, gelu)
         if self.packed is None:
