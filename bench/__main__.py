@@ -24,9 +24,10 @@ import torch
 
 from bench import baselines as B
 from bench import engine_bench as E
+from bench import peers as P
 
 SCENARIOS = ("naive", "grouped", "engine", "http", "tasks", "kernels", "latency")
-EXTRA_SCENARIOS = ("overload",)  # minutes long: only when named in --scenarios
+EXTRA_SCENARIOS = ("overload",) + P.NAMES  # only when named in --scenarios (peers: or their --*-python given)
 
 
 def _csv(kind):
@@ -37,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--scenarios", type=_csv(str), default=list(SCENARIOS),
-                   help="comma list of " + ",".join(SCENARIOS + EXTRA_SCENARIOS) + " (overload only when named)")
+                   help="comma list of " + ",".join(SCENARIOS + EXTRA_SCENARIOS) + " (" + ", ".join(EXTRA_SCENARIOS)
+                   + " only when named; the peers also when their --*-python is given)")
     p.add_argument("--size", choices=["small", "tiny"], default="small", help="random GPT-2: 124M shape or tiny")
     p.add_argument("--model", type=Path, default=None, help="use this GPT-2 folder instead of bench/out/model-SIZE")
     p.add_argument("--dtype", type=_csv(str), default=["float32"], help="engine/HTTP dtypes, e.g. float32,bfloat16")
@@ -70,9 +72,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     o.add_argument("--capacity-clients", type=int, default=0, help="capacity phase clients (0: 2 x --max-num-seqs)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads here and OMP_NUM_THREADS for the server (0: torch's default)")
+    P.add_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
     a = p.parse_args(argv)
+    a.scenarios += [n for n in P.selected(a) if n not in a.scenarios]
     bad = [s for s in a.scenarios if s not in SCENARIOS + EXTRA_SCENARIOS]
     if bad:
         p.error(f"unknown scenario(s) {bad}; choose from {','.join(SCENARIOS + EXTRA_SCENARIOS)}")
@@ -168,7 +172,7 @@ def main(argv=None) -> int:
         gc.collect()
 
     for d in a.dtype:
-        model = etok = srv = None
+        model = etok = srv = peers = None
         try:
             if sc & {"engine", "tasks", "kernels"}:
                 model, etok = E.load_engine_model(model_dir, d)
@@ -176,10 +180,13 @@ def main(argv=None) -> int:
                 from bench import http_bench as H
 
                 _log(f"http {d}: starting polyprompt serve")
-                srv = H.Server(model_dir, dtype=d, max_batch_size=a.max_num_seqs,
-                               max_num_batched_tokens=a.max_num_batched_tokens, threads=a.threads).__enter__()
+                srv = H.Server(model_dir, dtype=d, max_batch_size=a.max_num_seqs,  # every answer computed:
+                               max_num_batched_tokens=a.max_num_batched_tokens, threads=a.threads,  # the warm-up and
+                               extra_args=["--response-cache-mb", "0"]).__enter__()  # repeats resend the prompts
                 srv.register(wl.tasks)
                 _log(f"http {d}: serving on {srv.url}, {len(wl.tasks)} tasks registered")
+            if sc & set(P.NAMES):
+                peers = P.Peers(a, model_dir, wl, d, _log).__enter__()
             kw = dict(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens)
             runs: dict[str, list[dict]] = {"engine": [], "http": []}
             # in-process and HTTP runs alternate, so drift of the machine's speed hits both alike
@@ -187,9 +194,13 @@ def main(argv=None) -> int:
                 if "engine" in sc:
                     _log(f"engine {d}: {a.requests} requests, {a.tasks} tasks, run {rep + 1}/{a.repeats}")
                     runs["engine"].append(E.run_engine(model, etok, wl, **kw))
+                if peers:  # engine, openvino, engine, openvino, ...
+                    peers.after_engine(rep, runs["engine"][-1] if "engine" in sc else None)
                 if "http" in sc:
                     _log(f"http {d}: {a.clients} clients, run {rep + 1}/{a.repeats}")
                     runs["http"].append(H.run_http_throughput(srv, wl, a.clients))
+                if peers:  # polyprompt HTTP, vllm, polyprompt HTTP, vllm, ...
+                    peers.after_http(rep, runs["http"][-1] if "http" in sc else None)
             names = (("engine", "polyprompt engine (in-process)"), ("http", f"polyprompt HTTP ({a.clients} clients)"))
             for key, name in names:
                 if not runs[key]:
@@ -202,6 +213,8 @@ def main(argv=None) -> int:
                 if len(runs[key]) > 1:
                     extra[f"runs_{key}_{d}"] = [x["tokens"] / x["seconds"] for x in runs[key]]
                 row(name, d, wl.requests, r, note=f"median of {len(runs[key])}" if len(runs[key]) > 1 else "")
+            if peers:
+                extra[f"peers_{d}"] = peers.finish(row)
             if "tasks" in sc:
                 nv = (a.virtual_tokens[0] + a.virtual_tokens[1]) // 2
                 ns = a.tasks_compare
@@ -234,6 +247,8 @@ def main(argv=None) -> int:
         finally:
             if srv is not None:
                 srv.__exit__(None, None, None)
+            if peers is not None:
+                peers.__exit__(None, None, None)
             del model
             gc.collect()
         if "overload" in sc:  # its own server, once the others are gone
@@ -335,6 +350,8 @@ def _report(a, rows, extra, roof) -> str:
                          f"{v['ratio']:.2f} (median of interleaved runs: "
                          + ", ".join(f"{x:.2f}" for x in v["pair_ratios"])
                          + f"); requests with identical tokens: {100 * v['same_tokens']:.0f}%")
+        if k.startswith("peers_"):
+            lines += P.report_lines(k[6:], v)
         if k.startswith("overload_"):
             from bench import overload as O
 

@@ -64,6 +64,24 @@ def _cpu_has_flags() -> bool:
     return False
 
 
+def cpu_summary() -> str:
+    """The CPU's name and the instruction sets the fast paths depend on (the startup log)."""
+    name, have = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name == "unknown CPU":
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    isa = [f"{label} {'yes' if flag in have else 'no'}" for label, flag in
+           (("AVX-512", "avx512f"), ("AVX512-BF16", "avx512_bf16"), ("AVX512-VNNI", "avx512_vnni"),
+            ("AMX-BF16", "amx_bf16"), ("AMX-INT8", "amx_int8"))]
+    return f"{name} ({os.cpu_count()} CPUs; {', '.join(isa)})"
+
+
 def _switched_off(var: str) -> bool:
     return os.environ.get(var, "1").lower() in ("0", "false", "no", "off")
 

@@ -97,8 +97,8 @@ class Runtime:
         t0 = time.perf_counter()
         if warmed := self.engine.warm_kernels():
             log.info("built CPU matmul kernels for %d step sizes in %.1fs", warmed, time.perf_counter() - t0)
-        paths = self.model.backend.describe(self.model)
-        log.info("serving paths: %s", "; ".join(f"{k}: {v}" for k, v in paths.items()))
+        self.paths = self.model.backend.describe(self.model)
+        log.info("serving paths: %s", "; ".join(f"{k}: {v}" for k, v in self.paths.items()))
         self.metrics = Metrics()
         self.engine.listeners.append(self.metrics.on_finish)
         # answers of identical deterministic requests (server/response_cache.py, service.Submission)

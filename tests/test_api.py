@@ -50,6 +50,8 @@ def test_health(client, base_id):
     assert h["model"] == base_id
     assert h["device"] == "cpu" and h["dtype"] == "float32"
     assert h["tasks"] == len(TASKS)
+    assert h["quantize"] == "none"
+    assert {"attention", "matmuls", "greedy"} <= set(h["paths"])  # which path each part takes here
 
 
 def test_models(client, base_id):

@@ -41,7 +41,7 @@ def health(rt: RuntimeDep) -> dict:
         "tasks": len(rt.tasks),
         "running": rt.engine.num_running, "waiting": rt.engine.num_waiting,
         "utilisation": round(rt.engine.meter.utilisation(), 4), "target_utilisation": rt.settings.target_utilisation,
-        "memory": rt.memory_report(),
+        "memory": rt.memory_report(), "paths": rt.paths,
     }
 
 

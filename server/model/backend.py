@@ -36,21 +36,29 @@ class Backend:
         return [m for m in model.modules() if isinstance(m, Linear)] + extra
 
     def describe(self, model: "GPT2") -> dict[str, str]:
-        """Which path each part takes (the startup log)."""
+        """Which path each part takes on this machine (the startup log, /health `paths`)."""
+        w = model.wte.weight
+        greedy = "bf16 screen + fp32 rescoring" if self.screening else "full LM head + argmax"
+        if w.device.type != "cpu":
+            return {"device": str(w.device), "attention": "SDPA", "greedy": greedy, "matmuls": "cuBLAS" +
+                    (f" (LM head padded to a multiple of {HEAD_ALIGN} rows)" if self.head_full is not None else "")}
         linears = self.linears(model)
-        amx = any(m.amx is not None for m in linears)
         if any(m.int8 is not None for m in linears):
-            matmuls = "native int8 kernel (AVX512-VNNI: per-channel int8 weights, per-row int8 activations)"
+            matmuls = "native int8 kernel (AVX512-VNNI; per-channel int8 weights, per-row int8 activations)"
         elif self.head is None:
             matmuls = "torch"
-        elif amx:
-            matmuls = "native AMX-BF16 kernel (decode), oneDNN (prefill)"
+        elif any(m.amx is not None for m in linears):
+            matmuls = "native AMX-BF16 kernel (decode steps), oneDNN (prefill)"
+        elif w.dtype == torch.bfloat16:
+            matmuls = "oneDNN, pre-packed (%s)" % (
+                "AVX512-BF16/AMX" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "bf16 emulated")
         else:
-            matmuls = "oneDNN (pre-packed%s)" % (", AVX512-BF16" if model.wte.weight.dtype == torch.bfloat16
-                                                  and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "")
-        return {"attention": "native CPU kernels" if self.native is not None else "SDPA",
-                "matmuls": matmuls,
-                "greedy": "bf16 screen + fp32 rescoring" if self.screening else "full LM head + argmax"}
+            matmuls = "oneDNN, pre-packed (fp32)"
+        native = self.native is not None
+        return {"cpu": cpu_kernels.cpu_summary(),
+                "attention": "native CPU kernels (decode and prefill)" if native else "SDPA",
+                "kv-cache write": "native row copy" if native else "index_put",
+                "matmuls": matmuls, "greedy": greedy}
 
 
 QUANTIZE = ("none", "int8")
