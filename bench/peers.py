@@ -44,7 +44,8 @@ OUT_DIR = Path(__file__).resolve().parent / "out"
 NAMES = ("openvino", "vllm")
 CHECK_REQUESTS = 8  # requests whose tokens are checked against HF's greedy ones
 
-# name -> (weight format for optimum-cli, compile properties, the engine dtype it is compared with)
+# name -> (weight format for optimum-cli, compile properties, the engine dtype it is compared with;
+# the int8 ones also run in the pass of that dtype with --quantize int8, "D+int8")
 OV_VARIANTS = {
     "fp32": ("fp32", {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}, "float32"),
     "fp32-kvf16": ("fp32", {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f16"}, "float32"),
@@ -600,7 +601,8 @@ class Peers:
         if "openvino" in self.names:
             variants = [v for v in a.openvino_variants.split(",") if v]
             bad = [v for v in variants if v not in OV_VARIANTS]
-            variants = [v for v in variants if v in OV_VARIANTS and OV_VARIANTS[v][2] == self.dtype]
+            variants = [v for v in variants if v in OV_VARIANTS and (OV_VARIANTS[v][2] == self.dtype or (
+                OV_VARIANTS[v][0] == "int8" and f"{OV_VARIANTS[v][2]}+int8" == self.dtype))]
             why = missing(a.openvino_python, "openvino_genai") or (
                 f"unknown variant(s) {bad}" if bad else None) or (
                 None if variants else f"no variant of --openvino-variants is compared with {self.dtype}")
@@ -617,7 +619,8 @@ class Peers:
                 except Exception as e:
                     self._skip("openvino", f"{type(e).__name__}: {e}")
         if "vllm" in self.names:
-            why = missing(a.vllm_python, "vllm")
+            why = missing(a.vllm_python, "vllm") or (
+                "no vLLM run is compared with polyprompt's --quantize int8" if "+" in self.dtype else None)
             if why:
                 self._skip("vllm", why)
             else:

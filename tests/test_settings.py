@@ -35,7 +35,7 @@ def test_flag_beats_variable_beats_default(monkeypatch):
 
     p = argparse.ArgumentParser()
     add_flags(p, Settings)
-    assert from_args(Settings, p.parse_args([])).max_batch_size == 64
+    assert from_args(Settings, p.parse_args([])).max_batch_size == 128
     monkeypatch.setenv("POLYPROMPT_MAX_BATCH_SIZE", "8")
     monkeypatch.setenv("POLYPROMPT_CUDA_GRAPHS", "false")
     s = from_args(Settings, p.parse_args([]))

@@ -50,6 +50,11 @@ class Engine:
         per_slot = slot_bytes(n_layer=spec.n_layer, n_head=spec.n_head, head_dim=spec.head_dim,
                               max_len=self.max_len, dtype=self.dtype)
         num_slots = min(self.config.max_num_seqs, self.config.kv_cache_bytes // per_slot)
+        if num_slots < self.config.max_num_seqs:
+            log.warning("the KV-cache budget (%.1f GiB) holds %d slots of %d positions, fewer than the %d "
+                        "sequences asked for: at most %d run at once (raise --kv-cache-gb)",
+                        self.config.kv_cache_bytes / (1 << 30), num_slots, self.max_len,
+                        self.config.max_num_seqs, num_slots)
         self.cache = KVCache(n_layer=spec.n_layer, n_head=spec.n_head, head_dim=spec.head_dim,
                              max_len=self.max_len, num_slots=num_slots, device=self.device, dtype=self.dtype,
                              token_major=self.config.kv_token_major)

@@ -28,10 +28,10 @@ class QueueFull(RuntimeError):
 
 @dataclass
 class EngineConfig:
-    max_num_seqs: int = 64
+    max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     max_queue: int = 1024
-    kv_cache_bytes: int = 6 << 30
+    kv_cache_bytes: int = 10 << 30
     prefix_cache_bytes: int = 1 << 30
     max_model_len: int | None = None  # default: the model's n_positions
     # An idle engine that just got a request waits until arrivals pause for this long
