@@ -162,6 +162,19 @@ class Connection:
         status, _, data = await self.request("POST", path, obj)
         return status, data
 
+    async def read_head(self) -> tuple[int, dict[str, str], int | None, bool, bool]:
+        """The status line and headers of an answer: (status, headers with lower-case names,
+        Content-Length or None, chunked, Connection: close)."""
+        status = int((await self.reader.readline()).split()[1])
+        headers: dict[str, str] = {}
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            key, _, value = line.decode("latin-1").partition(":")
+            headers[key.strip().lower()] = value.strip()
+        length = headers.get("content-length")
+        return (status, headers, None if length is None else int(length),
+                "chunked" in headers.get("transfer-encoding", "").lower(),
+                headers.get("connection", "").lower() == "close")
+
     async def request(self, method: str, path: str, obj: dict | None = None) -> tuple[int, dict[str, str], bytes]:
         """One request (a JSON body when `obj` is given); (status, headers with lower-case
         names, body). The connection stays open unless the server said `Connection: close`."""
@@ -171,20 +184,7 @@ class Connection:
         if obj is not None:
             head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
         self.writer.write((head + "\r\n").encode() + body)
-        status = int((await self.reader.readline()).split()[1])
-        headers: dict[str, str] = {}
-        length, chunked, close = None, False, False
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
-            key, _, value = line.decode("latin-1").partition(":")
-            key, value = key.strip().lower(), value.strip()
-            headers[key] = value
-            value = value.lower()
-            if key == "content-length":
-                length = int(value)
-            elif key == "transfer-encoding":
-                chunked = "chunked" in value
-            elif key == "connection":
-                close = value == "close"
+        status, headers, length, chunked, close = await self.read_head()
         if chunked:
             parts = []
             while size := int((await self.reader.readline()).split(b";")[0], 16):

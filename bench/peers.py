@@ -460,7 +460,8 @@ def _b64_tensor(t) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _load_wte(model_dir: Path):
+def load_wte(model_dir: Path):
+    """The model's token embedding `[V, C]` (float32), read from its safetensors."""
     from safetensors import safe_open
 
     for f in sorted(Path(model_dir).glob("*.safetensors")):
@@ -481,7 +482,7 @@ def vllm_bodies(model_dir: Path, wl, dtype: str, *, embeds: bool, model_name: st
 
     from bench.engine_bench import DTYPES
 
-    wte = _load_wte(model_dir) if embeds else None
+    wte = load_wte(model_dir) if embeds else None
     bodies = []
     for task, ids in wl.requests:
         ids = list(ids)

@@ -248,17 +248,6 @@ class Requests:
         return self.items[i]
 
 
-def load_wte(model_dir: Path) -> torch.Tensor:
-    from safetensors import safe_open
-
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
-                if key.endswith("wte.weight"):
-                    return st.get_tensor(key).float()
-    raise KeyError(f"no wte.weight in {model_dir}")
-
-
 def task_seed(seed: int, i: int) -> int:
     return seed * 1_000_003 + i
 
@@ -315,17 +304,7 @@ class StreamConnection(H.Connection):
         head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
                 f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n")
         self.writer.write(head.encode() + body)
-        status = int((await self.reader.readline()).split()[1])
-        length, chunked, close = None, False, False
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
-            key, _, value = line.decode("latin-1").partition(":")
-            key, value = key.strip().lower(), value.strip().lower()
-            if key == "content-length":
-                length = int(value)
-            elif key == "transfer-encoding":
-                chunked = "chunked" in value
-            elif key == "connection":
-                close = value == "close"
+        status, _, length, chunked, close = await self.read_head()
         buf, errbody = b"", []
 
         def feed(piece: bytes) -> None:
@@ -744,6 +723,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"the longest request needs {need} positions > the model's {cfg['n_positions']}")
     n_tasks = max(p.tasks for p in order)
     names = [f"task-{i:04d}" for i in range(n_tasks)]
+    from bench.peers import load_wte
+
     wte = load_wte(model_dir)
     batch_pts = set(dims.get("batch", []))
     extra_batches = [b for b in a.batch_sizes if b != a.max_num_seqs] if batch_pts else []

@@ -1,12 +1,15 @@
 """Native CPU kernels, compiled on first use with the machine's C compiler.
 
-Five kernels, in `csrc/kernels.c`: decode and prefill attention (`decode_attention`,
+In `csrc/kernels.c`: decode and prefill attention (`decode_attention`,
 `prefill_attention`), the argmax of bf16 logits (`argmax_rows`), the KV-cache write
-of a step (`write_kv`), and where the compiler and CPU have AMX-BF16, the bf16 matmul of
-decode-sized steps (`linear_amx`, on weights packed by `pack_amx`; README, CPU speed, has
-why). SDPA's CPU kernel pads every row of a decode step to the step's longest and masks
-it; the native kernel reads each row's own keys only, straight from the cache, all heads
-of a position together with software prefetch. The argmax replaces block-wise reductions
+of a step (`write_kv`), and three matmuls: where the compiler and CPU have AMX-BF16, the
+bf16 matmul of decode-sized steps (`linear_amx`, on weights packed by `pack_amx`; README,
+CPU speed, has why); on CPUs with AVX512-BF16 but no AMX (AMD Zen 4/5) the same on
+`vdpbf16ps` (`linear_bf16`, `pack_bf16`); and with AVX512-VNNI the int8 matmul of
+`--quantize int8` (`linear_int8`, `pack_int8`). SDPA's CPU kernel pads every row of a
+decode step to the step's longest and masks it; the native kernel reads each row's own
+keys only, straight from the cache, all heads of a position together with software
+prefetch. The argmax replaces block-wise reductions
 with one pass; the cache write is a row copy per token instead of an advanced-indexing
 `index_put_`; prefill attention reads each row's keys once, unpadded, with no mask or
 gather. What each saves, measured in-process and inside a server: bench/results/HISTORY.md.
@@ -179,6 +182,10 @@ def load() -> ctypes.CDLL | None:
             lib.linear_int8.argtypes = [p, i32, i64, i64, p, p, p, i64, p, p, i32, i32]
             lib.linear_int8.restype = i32
             lib.i8_available.restype = i32
+        if hasattr(lib, "linear_bf16"):  # built with AVX512-BF16 support
+            lib.linear_bf16.argtypes = [p, i64, i64, p, i64, p, p, i32, i32]
+            lib.linear_bf16.restype = None
+            lib.bf16_available.restype = i32
         if hasattr(lib, "linear_amx_bf16"):  # built with AMX support
             lib.linear_amx_bf16.argtypes = [p, i64, i64, p, i64, p, p, i32, i32]
             lib.linear_amx_bf16.restype = i32
@@ -297,6 +304,47 @@ def linear_int8(lib: ctypes.CDLL, x: torch.Tensor, w: Int8Weight, gelu: bool = F
                              None if w.bias is None else w.bias.data_ptr(), y.data_ptr(), int(gelu),
                              torch.get_num_threads()):
         raise MemoryError("linear_int8: no memory for the quantized rows")
+    return y
+
+
+def bf16(lib: ctypes.CDLL | None) -> bool:
+    """Whether `linear_bf16` can run: built in, and this CPU has AVX512-BF16."""
+    return lib is not None and hasattr(lib, "linear_bf16") and bool(lib.bf16_available())
+
+
+@dataclass(frozen=True)
+class BF16Weight:
+    """A bf16 linear weight `[N, K]` in `linear_bf16`'s panels of 64 outputs
+    `[ceil(N/64), K/2, 64, 2]` (zero rows past N); `bias` float32 or None."""
+    packed: torch.Tensor
+    bias: torch.Tensor | None
+    n: int
+    k: int
+
+
+def pack_bf16(w: torch.Tensor, bias: torch.Tensor | None = None) -> BF16Weight:
+    """`w` `[N, K]` (bf16, K % 2 == 0) packed for `linear_bf16`."""
+    n, k = w.shape
+    if w.dtype != torch.bfloat16 or k % 2:
+        raise ValueError("pack_bf16 needs a bf16 [N, K] weight with K even")
+    n64 = -(-n // 64) * 64
+    w = w.detach()
+    wp = torch.cat([w, w.new_zeros(n64 - n, k)]) if n64 != n else w
+    packed = wp.reshape(n64 // 64, 64, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return BF16Weight(packed, None if bias is None else bias.detach().float().contiguous(), n, k)
+
+
+def linear_bf16(lib: ctypes.CDLL, x: torch.Tensor, w: BF16Weight, gelu: bool = False) -> torch.Tensor:
+    """`F.linear(x, W, bias)` (then tanh-GELU if `gelu`) for bf16 rows `x` `[M, K]` with W as
+    `pack_bf16` made it; float32 sums, one rounding to bf16. Returns `[M, N]` bf16."""
+    if x.dim() != 2 or x.shape[1] != w.k or x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        raise ValueError(f"linear_bf16: x must be bf16 [M, {w.k}] on CPU, got {x.dtype} {tuple(x.shape)}")
+    x = x.contiguous()
+    y = torch.empty((x.shape[0], w.n), dtype=torch.bfloat16)
+    if x.shape[0]:
+        lib.linear_bf16(x.data_ptr(), x.shape[0], w.k, w.packed.data_ptr(), w.n,
+                        None if w.bias is None else w.bias.data_ptr(), y.data_ptr(), int(gelu),
+                        torch.get_num_threads())
     return y
 
 

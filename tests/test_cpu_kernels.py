@@ -363,6 +363,78 @@ def test_bf16_model_runs_decode_sized_matmuls_on_amx(tiny_model_dir, monkeypatch
     assert [m.amx is not None for m in layers] == [False] * (len(layers) - 1) + [True]
 
 
+BF16 = cpu_kernels.bf16(LIB)
+needs_bf16 = pytest.mark.skipif(not BF16, reason="no AVX512-BF16 here (or the kernels were built without it)")
+
+
+@needs_bf16
+@pytest.mark.parametrize("n,k", [(384, 128), (50257, 64), (40, 96), (130, 2)], ids=["blocks", "vocab-tail", "small",
+                                                                                  "one-pair"])
+@pytest.mark.parametrize("m", [1, 7, 13, 64, 97, 130])
+def test_linear_bf16_is_the_rounded_exact_matmul(n, k, m):
+    """The AVX512-BF16 kernel of CPUs without AMX, against float64 as the AMX kernel is:
+    within one rounding to bf16 of the exact value, any row count (6-row tiles, 96-row
+    blocks), output counts that are not a multiple of 64."""
+    g = torch.Generator().manual_seed(m * 11 + n)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    b = torch.randn(n, generator=g).to(torch.bfloat16)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    for bias in (b, None):
+        packed = cpu_kernels.pack_bf16(w, bias)
+        exact = x.double() @ w.double().t() + (0 if bias is None else bias.double())
+        for gelu in (False, True):
+            ref = F.gelu(exact, approximate="tanh") if gelu else exact
+            got = cpu_kernels.linear_bf16(LIB, x, packed, gelu)
+            assert got.shape == (m, n) and got.dtype == torch.bfloat16
+            assert ((got.double() - ref).abs() <= ref.abs() * 2**-8 * 1.01 + 1e-5 * k).all()
+            assert (got == ref.to(torch.bfloat16)).double().mean() > 0.75
+
+
+@needs_bf16
+def test_linear_bf16_refuses_what_the_c_code_cannot_check():
+    with pytest.raises(ValueError):
+        cpu_kernels.pack_bf16(torch.randn(48, 63).to(torch.bfloat16))  # odd inputs
+    with pytest.raises(ValueError):
+        cpu_kernels.pack_bf16(torch.randn(48, 64))  # float32
+    packed = cpu_kernels.pack_bf16(torch.randn(48, 64).to(torch.bfloat16))
+    for bad in (torch.randn(3, 64), torch.randn(3, 96).to(torch.bfloat16), torch.randn(64).to(torch.bfloat16)):
+        with pytest.raises(ValueError):
+            cpu_kernels.linear_bf16(LIB, bad, packed)
+
+
+@pytest.mark.skipif(not BF16 or AMX, reason="AVX512-BF16 without AMX only (with AMX the AMX kernel runs)")
+def test_bf16_model_runs_decode_sized_matmuls_on_avx512_bf16(tiny_model_dir, monkeypatch):
+    """Without AMX, a bf16 model's matmuls of up to AMX_MAX_ROWS rows go to the AVX512-BF16
+    kernel (blocks and LM head), larger ones to oneDNN; off and on agree up to bf16 rounding;
+    an fp32 model uses it for its bf16 greedy screen only; POLYPROMPT_CPU_BF16=0 turns it off."""
+    from server.model import GPT2, Linear
+
+    model = GPT2.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
+    assert all(m.bf16 is not None for m in model.backend.linears(model))
+    assert "AVX512-BF16 kernel" in model.backend.describe(model)["matmuls"]
+    calls = []
+    real = cpu_kernels.linear_bf16
+    monkeypatch.setattr(cpu_kernels, "linear_bf16", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
+    blk = model.h[0]
+    g = torch.Generator().manual_seed(0)
+    for rows in (5, Linear.AMX_MAX_ROWS, Linear.AMX_MAX_ROWS + 1):
+        x = (torch.randn(rows, model.spec.n_embd, generator=g)).to(torch.bfloat16)
+        calls.clear()
+        on = blk.mlp.c_fc(x, gelu=True)
+        assert calls == ([rows] if rows <= Linear.AMX_MAX_ROWS else [])
+        model.set_native_kernels(True, amx=False)
+        assert not any(m.bf16 is not None for m in model.backend.linears(model))
+        off = blk.mlp.c_fc(x, gelu=True)
+        model.set_native_kernels(True)
+        assert ((on.float() - off.float()).abs() <= off.float().abs() * 2**-7 + 2e-2).all()
+    f32 = GPT2.from_pretrained(str(tiny_model_dir))
+    layers = f32.backend.linears(f32)
+    assert [m.bf16 is not None for m in layers] == [False] * (len(layers) - 1) + [True]
+    monkeypatch.setenv("POLYPROMPT_CPU_BF16", "0")
+    model.set_native_kernels(True)
+    assert not any(m.bf16 is not None for m in model.backend.linears(model))
+
+
 def test_kernels_build_without_amx(tmp_path, monkeypatch):
     """A compiler without AMX support still builds every other kernel."""
     monkeypatch.setenv("POLYPROMPT_KERNEL_CACHE", str(tmp_path))

@@ -647,3 +647,110 @@ int linear_int8(const void *x, int x_bf16, int64_t M, int64_t K, const int8_t *w
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif
+
+/* ------------------------------------------------------------------------------------------
+ * linear_bf16: y = x W^T + b (then tanh-GELU if asked) for bf16 x and W on AVX512-BF16, for
+ * decode-sized steps on CPUs without AMX. W packed by cpu_kernels.pack_bf16 in panels of 64
+ * outputs: wp[p][k/2][64][2] holds W[64p + c, k], W[64p + c, k+1]; vdpbf16ps adds both
+ * products of a pair into a float32 lane. The same 6-row x 64-column register tile as
+ * linear_int8 (24 float32 accumulators, 256 bytes of weights per 2 k), float32 sums, one
+ * rounding to bf16 at the end.
+ * ------------------------------------------------------------------------------------------ */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx512bf16")
+#define BF_OK 1
+#elif defined(__AVX512BF16__)
+#define BF_OK 1
+#endif
+
+#ifdef BF_OK
+#define BF_MR 6
+#define BF_MB 96
+
+static inline __attribute__((always_inline)) void bf_tile(const int mr, const uint16_t *a, int64_t lda,
+                                                          const uint16_t *w, int64_t kp, __m512 acc[BF_MR][4]) {
+    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00,
+           c13 = c00, c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00,
+           c40 = c00, c41 = c00, c42 = c00, c43 = c00, c50 = c00, c51 = c00, c52 = c00, c53 = c00;
+    for (int64_t g = 0; g < kp; g++) {
+        const uint16_t *wg = w + g * 128;
+        const uint16_t *ag = a + g * 2;
+        const __m512bh w0 = (__m512bh)_mm512_load_si512(wg), w1 = (__m512bh)_mm512_load_si512(wg + 32),
+                       w2 = (__m512bh)_mm512_load_si512(wg + 64), w3 = (__m512bh)_mm512_load_si512(wg + 96);
+        __m512bh b;
+#define BF_ROW(i)                                                                                  \
+        if (mr > i) {                                                                              \
+            int32_t pair;                                                                          \
+            memcpy(&pair, ag + i * lda, 4);                                                        \
+            b = (__m512bh)_mm512_set1_epi32(pair);                                                 \
+            c##i##0 = _mm512_dpbf16_ps(c##i##0, b, w0);                                            \
+            c##i##1 = _mm512_dpbf16_ps(c##i##1, b, w1);                                            \
+            c##i##2 = _mm512_dpbf16_ps(c##i##2, b, w2);                                            \
+            c##i##3 = _mm512_dpbf16_ps(c##i##3, b, w3);                                            \
+        }
+        BF_ROW(0) BF_ROW(1) BF_ROW(2) BF_ROW(3) BF_ROW(4) BF_ROW(5)
+#undef BF_ROW
+    }
+#define BF_OUT(i) acc[i][0] = c##i##0; acc[i][1] = c##i##1; acc[i][2] = c##i##2; acc[i][3] = c##i##3;
+    BF_OUT(0) BF_OUT(1) BF_OUT(2) BF_OUT(3) BF_OUT(4) BF_OUT(5)
+#undef BF_OUT
+}
+
+static void bf_panel_rows(int mr, const uint16_t *a, int64_t K, const uint16_t *w, __m512 acc[BF_MR][4]) {
+    switch (mr) {
+    case 6: bf_tile(6, a, K, w, K / 2, acc); break;
+    case 5: bf_tile(5, a, K, w, K / 2, acc); break;
+    case 4: bf_tile(4, a, K, w, K / 2, acc); break;
+    case 3: bf_tile(3, a, K, w, K / 2, acc); break;
+    case 2: bf_tile(2, a, K, w, K / 2, acc); break;
+    default: bf_tile(1, a, K, w, K / 2, acc); break;
+    }
+}
+
+int bf16_available(void) {
+    unsigned a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(1));
+    return (a >> 5) & 1; /* AVX512_BF16 */
+}
+
+/* x [M, K] bf16 (K % 2 == 0), weights as pack_bf16 gives them, bias [N] float32 or NULL;
+ * y [M, N] bf16. */
+void linear_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *wp, int64_t N, const float *bias,
+                 uint16_t *y, int gelu, int threads) {
+    const int64_t panels = (N + 63) / 64;
+    _Pragma("omp parallel num_threads(threads)")
+    for (int64_t m0 = 0; m0 < M; m0 += BF_MB) {
+        const int64_t mend = m0 + BF_MB < M ? m0 + BF_MB : M;
+        _Pragma("omp for schedule(static)")
+        for (int64_t p = 0; p < panels; p++) {
+            const uint16_t *w = wp + p * K * 64;
+            __mmask16 live[4];
+            __m512 bv[4];
+            for (int j = 0; j < 4; j++) {
+                const int64_t n0 = p * 64 + j * 16;
+                live[j] = N > n0 ? live_lanes(N - n0) : 0;
+                bv[j] = bias ? _mm512_maskz_loadu_ps(live[j], bias + n0) : _mm512_setzero_ps();
+            }
+            for (int64_t m = m0; m < mend; m += BF_MR) {
+                const int mr = (int)(mend - m < BF_MR ? mend - m : BF_MR);
+                __m512 acc[BF_MR][4];
+                bf_panel_rows(mr, x + m * K, K, w, acc);
+                for (int i = 0; i < mr; i++)
+                    for (int j = 0; j < 4; j++) {
+                        if (!live[j]) continue;
+                        __m512 r = _mm512_add_ps(acc[i][j], bv[j]);
+                        if (gelu) r = gelu_tanh(r);
+                        uint16_t tmp[16];
+                        store_bf16(tmp, r);
+                        _mm256_mask_storeu_epi16(y + (m + i) * N + p * 64 + j * 16, live[j],
+                                                 _mm256_loadu_si256((const __m256i *)tmp));
+                    }
+            }
+        }
+    }
+}
+#endif
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif

@@ -49,6 +49,9 @@ class Backend:
             matmuls = "torch"
         elif any(m.amx is not None for m in linears):
             matmuls = "native AMX-BF16 kernel (decode steps), oneDNN (prefill)"
+        elif any(m.bf16 is not None for m in linears):
+            matmuls = "native AVX512-BF16 kernel (bf16 steps of <= %d rows%s), oneDNN (the rest)" % (
+                Linear.AMX_MAX_ROWS, ", the fp32 greedy screen's among them" if w.dtype == torch.float32 else "")
         elif w.dtype == torch.bfloat16:
             matmuls = "oneDNN, pre-packed (%s)" % (
                 "AVX512-BF16/AMX" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "bf16 emulated")
@@ -68,9 +71,9 @@ def choose(model: "GPT2", *, native: bool = True, amx: bool = True, screen: bool
            batch_hint: int = 128, quantize: str | None = None) -> Backend:
     """The backend for `model` on its device and dtype. CPU fp32/bf16: every matmul weight
     pre-packed for oneDNN, the LM head too; the native kernels when `native` and they can run
-    here (AVX-512, a C compiler), with `amx` the AMX matmul of bf16 decode steps where the CPU
-    has it; for fp32 the greedy screen where bf16 matmuls are native (`screen` forces it on or
-    off). `quantize="int8"`: every matmul, the LM head's too, on the native int8 kernel
+    here (AVX-512, a C compiler), with `amx` the native bf16 matmul of decode steps (AMX where
+    the CPU has it, else AVX512-BF16); for fp32 the greedy screen where bf16 matmuls are
+    native (`screen` forces it on or off). `quantize="int8"`: every matmul, the LM head's too, on the native int8 kernel
     instead (CPU with AVX512-VNNI only; a ValueError elsewhere). CUDA: the LM head padded
     for aligned cuBLAS kernels."""
     quantize = None if quantize in (None, "none") else quantize
@@ -91,7 +94,7 @@ def choose(model: "GPT2", *, native: bool = True, amx: bool = True, screen: bool
         screen = not quantize and w.dtype == torch.float32 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     if screen:
         b.screen = GreedyScreen(model.head_weight(), batch_hint)
-    set_native(model, b, native, amx)
+    set_native(model, b, native, amx and not quantize)  # int8 needs no bf16 copy of the weights
     if quantize:
         lib = b.native or cpu_kernels.load()
         if not cpu_kernels.int8(lib):
@@ -103,7 +106,8 @@ def choose(model: "GPT2", *, native: bool = True, amx: bool = True, screen: bool
 
 
 def set_native(model: "GPT2", b: Backend, on: bool, amx: bool = True) -> bool:
-    """Switch `b`'s native CPU kernels (and with `amx` the AMX matmul) on or off; whether on."""
+    """Switch `b`'s native CPU kernels (and with `amx` the native bf16 matmul of decode steps:
+    AMX where the CPU has it, else AVX512-BF16) on or off; whether on."""
     w = model.wte.weight
     lib = None
     if on and w.device.type == "cpu" and cpu_kernels.supports(
@@ -111,8 +115,12 @@ def set_native(model: "GPT2", b: Backend, on: bool, amx: bool = True) -> bool:
         lib = cpu_kernels.load()
     b.native = lib
     amx_lib = lib if amx and cpu_kernels.amx(lib) else None
+    # no AMX: the AVX512-BF16 kernel for bf16 decode steps (POLYPROMPT_CPU_BF16=0 leaves them to oneDNN)
+    bf_lib = lib if amx and amx_lib is None and cpu_kernels.bf16(lib) and \
+        not cpu_kernels._switched_off("POLYPROMPT_CPU_BF16") else None
     for m in b.linears(model):
         m.set_amx(amx_lib)
+        m.set_bf16(bf_lib)
     return lib is not None
 
 

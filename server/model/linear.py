@@ -1,5 +1,6 @@
-"""CPU linear layers: oneDNN pre-packed weights, the AMX matmul for bf16 decode steps, the
-int8 VNNI matmul of `--quantize int8`, and the row buckets every CPU matmul is padded to."""
+"""CPU linear layers: oneDNN pre-packed weights, the AMX matmul for bf16 decode steps (or the
+AVX512-BF16 one where there is no AMX), the int8 VNNI matmul of `--quantize int8`, and the
+row buckets every CPU matmul is padded to."""
 
 from __future__ import annotations
 
@@ -51,6 +52,10 @@ class Linear(nn.Linear):
     # layout (kept when switched off: switching back is free)
     _amx_lib = None
     _amx_packed: torch.Tensor | None = None
+    # bf16 on CPUs with AVX512-BF16 but no AMX (see `set_bf16`): the kernel library while steps of
+    # at most AMX_MAX_ROWS rows run on `cpu_kernels.linear_bf16`, and the weight in its panels
+    _bf16_lib = None
+    _bf16_packed: "cpu_kernels.BF16Weight | None" = None
     # with --quantize int8 (see `set_int8`): the kernel library and the weight quantized for it
     _int8_lib = None
     _int8: "cpu_kernels.Int8Weight | None" = None
@@ -82,6 +87,22 @@ class Linear(nn.Linear):
         return ok
 
     @property
+    def bf16(self) -> "cpu_kernels.BF16Weight | None":
+        """The packed weight the native bf16 kernel runs on, None while it is off."""
+        return self._bf16_packed if self._bf16_lib is not None else None
+
+    def set_bf16(self, lib) -> bool:
+        """Run steps of up to AMX_MAX_ROWS rows on `cpu_kernels.linear_bf16` (AVX512-BF16; for
+        CPUs without AMX) when this weight suits it (bf16, on the CPU, inputs even); `None`
+        turns it off. Returns whether it is on."""
+        w = self.weight.detach()
+        ok = lib is not None and w.dtype == torch.bfloat16 and w.device.type == "cpu" and self.in_features % 2 == 0
+        if ok and self._bf16_packed is None:
+            self._bf16_packed = cpu_kernels.pack_bf16(w, self.bias)
+        self._bf16_lib = lib if ok else None
+        return ok
+
+    @property
     def int8(self) -> "cpu_kernels.Int8Weight | None":
         """The int8 weight every step runs on, None while int8 is off."""
         return self._int8 if self._int8_lib is not None else None
@@ -110,6 +131,8 @@ class Linear(nn.Linear):
             return y.view(*shape[:-1], y.shape[-1])
         if self._amx_lib is not None and x.dim() == 2 and x.shape[0] <= self.AMX_MAX_ROWS:
             return cpu_kernels.linear_amx(self._amx_lib, x, self._amx_packed, self.out_features, self.bias, gelu)
+        if self._bf16_lib is not None and x.dim() == 2 and x.shape[0] <= self.AMX_MAX_ROWS:
+            return cpu_kernels.linear_bf16(self._bf16_lib, x, self._bf16_packed, gelu)
         if self.packed is None:
             y = F.linear(x, self.weight, self.bias)
             return F.gelu(y, approximate="tanh") if gelu else y
