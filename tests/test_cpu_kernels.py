@@ -404,7 +404,7 @@ def test_linear_bf16_refuses_what_the_c_code_cannot_check():
 
 @pytest.mark.skipif(not BF16 or AMX, reason="AVX512-BF16 without AMX only (with AMX the AMX kernel runs)")
 def test_bf16_model_runs_decode_sized_matmuls_on_avx512_bf16(tiny_model_dir, monkeypatch):
-    """Without AMX, a bf16 model's matmuls of up to AMX_MAX_ROWS rows go to the AVX512-BF16
+    """Without AMX, a bf16 model's matmuls of up to BF16_MAX_ROWS rows go to the AVX512-BF16
     kernel (blocks and LM head), larger ones to oneDNN; off and on agree up to bf16 rounding;
     an fp32 model uses it for its bf16 greedy screen only; POLYPROMPT_CPU_BF16=0 turns it off."""
     from server.model import GPT2, Linear
@@ -417,11 +417,12 @@ def test_bf16_model_runs_decode_sized_matmuls_on_avx512_bf16(tiny_model_dir, mon
     monkeypatch.setattr(cpu_kernels, "linear_bf16", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
     blk = model.h[0]
     g = torch.Generator().manual_seed(0)
-    for rows in (5, Linear.AMX_MAX_ROWS, Linear.AMX_MAX_ROWS + 1):
+    monkeypatch.setattr(Linear, "BF16_MAX_ROWS", 200)
+    for rows in (5, 200, 201):
         x = (torch.randn(rows, model.spec.n_embd, generator=g)).to(torch.bfloat16)
         calls.clear()
         on = blk.mlp.c_fc(x, gelu=True)
-        assert calls == ([rows] if rows <= Linear.AMX_MAX_ROWS else [])
+        assert calls == ([rows] if rows <= 200 else [])
         model.set_native_kernels(True, amx=False)
         assert not any(m.bf16 is not None for m in model.backend.linears(model))
         off = blk.mlp.c_fc(x, gelu=True)

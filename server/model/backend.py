@@ -50,8 +50,8 @@ class Backend:
         elif any(m.amx is not None for m in linears):
             matmuls = "native AMX-BF16 kernel (decode steps), oneDNN (prefill)"
         elif any(m.bf16 is not None for m in linears):
-            matmuls = "native AVX512-BF16 kernel (bf16 steps of <= %d rows%s), oneDNN (the rest)" % (
-                Linear.AMX_MAX_ROWS, ", the fp32 greedy screen's among them" if w.dtype == torch.float32 else "")
+            matmuls = "native AVX512-BF16 kernel (bf16 matmuls of <= %d rows%s), oneDNN (the rest)" % (
+                Linear.BF16_MAX_ROWS, ", the fp32 greedy screen's" if w.dtype == torch.float32 else "")
         elif w.dtype == torch.bfloat16:
             matmuls = "oneDNN, pre-packed (%s)" % (
                 "AVX512-BF16/AMX" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "bf16 emulated")

@@ -53,13 +53,16 @@ class Linear(nn.Linear):
     _amx_lib = None
     _amx_packed: torch.Tensor | None = None
     # bf16 on CPUs with AVX512-BF16 but no AMX (see `set_bf16`): the kernel library while steps of
-    # at most AMX_MAX_ROWS rows run on `cpu_kernels.linear_bf16`, and the weight in its panels
+    # at most BF16_MAX_ROWS rows run on `cpu_kernels.linear_bf16`, and the weight in its panels
     _bf16_lib = None
     _bf16_packed: "cpu_kernels.BF16Weight | None" = None
     # with --quantize int8 (see `set_int8`): the kernel library and the weight quantized for it
     _int8_lib = None
     _int8: "cpu_kernels.Int8Weight | None" = None
-    AMX_MAX_ROWS = 64  # past ~64-96 rows oneDNN is as fast (bench kernels scenario), and prefill is compute-bound
+    AMX_MAX_ROWS = 64
+    # the AVX512-BF16 kernel beat oneDNN at every size measured, 8 to 1,024 rows, by 3-16 % from
+    # 64 rows on (bench/results/HISTORY.md), so prefill chunks run on it too
+    BF16_MAX_ROWS = 4096  # past ~64-96 rows oneDNN is as fast (bench kernels scenario), and prefill is compute-bound
 
     @classmethod
     def frozen(cls, weight: torch.Tensor, batch_hint: int) -> "Linear":
@@ -92,7 +95,7 @@ class Linear(nn.Linear):
         return self._bf16_packed if self._bf16_lib is not None else None
 
     def set_bf16(self, lib) -> bool:
-        """Run steps of up to AMX_MAX_ROWS rows on `cpu_kernels.linear_bf16` (AVX512-BF16; for
+        """Run steps of up to BF16_MAX_ROWS rows on `cpu_kernels.linear_bf16` (AVX512-BF16; for
         CPUs without AMX) when this weight suits it (bf16, on the CPU, inputs even); `None`
         turns it off. Returns whether it is on."""
         w = self.weight.detach()
@@ -131,7 +134,7 @@ class Linear(nn.Linear):
             return y.view(*shape[:-1], y.shape[-1])
         if self._amx_lib is not None and x.dim() == 2 and x.shape[0] <= self.AMX_MAX_ROWS:
             return cpu_kernels.linear_amx(self._amx_lib, x, self._amx_packed, self.out_features, self.bias, gelu)
-        if self._bf16_lib is not None and x.dim() == 2 and x.shape[0] <= self.AMX_MAX_ROWS:
+        if self._bf16_lib is not None and x.dim() == 2 and x.shape[0] <= self.BF16_MAX_ROWS:
             return cpu_kernels.linear_bf16(self._bf16_lib, x, self._bf16_packed, gelu)
         if self.packed is None:
             y = F.linear(x, self.weight, self.bias)
