@@ -422,3 +422,18 @@ def test_write_prefix_into_several_slots(token_major):
         for layer in (0, 1):
             assert torch.equal(c.k[layer][s, :, :5], p[layer, 0]) and torch.equal(c.v[layer][s, :, :5], p[layer, 1])
     assert not c._kv[:, :, [1, 3]].any() and not c.k[0][0, :, 5:].any()
+
+
+def test_a_kv_budget_smaller_than_the_batch_is_named(setup, caplog):
+    """The KV-cache budget caps the running sequences; the engine says so instead of silently
+    running fewer than --max-batch-size."""
+    from server.engine.kv_cache import slot_bytes
+
+    _, model, tok, _ = setup
+    s = model.spec
+    per_slot = slot_bytes(n_layer=s.n_layer, n_head=s.n_head, head_dim=s.head_dim, max_len=s.n_positions,
+                          dtype=torch.float32)
+    with caplog.at_level("WARNING", logger="polyprompt.engine"):
+        eng = Engine(model, tok, EngineConfig(max_num_seqs=8, kv_cache_bytes=3 * per_slot))
+    assert eng.cache.num_slots == 3
+    assert "fewer than the 8 sequences" in caplog.text and "--kv-cache-gb" in caplog.text

@@ -58,7 +58,7 @@ class Linear(nn.Linear):
     _bf16_packed: "cpu_kernels.BF16Weight | None" = None
     # with --quantize int8 (see `set_int8`): the kernel library and the weight quantized for it
     _int8_lib = None
-    _int8: "cpu_kernels.Int8Weight | None" = None
+    _int8_packed: "cpu_kernels.Int8Weight | None" = None
     AMX_MAX_ROWS = 64
     # the AVX512-BF16 kernel beat oneDNN at every size measured, 8 to 1,024 rows, by 3-16 % from
     # 64 rows on (bench/results/HISTORY.md), so prefill chunks run on it too
@@ -78,16 +78,23 @@ class Linear(nn.Linear):
         """The packed weight the AMX kernel runs on, None while it is off."""
         return self._amx_packed if self._amx_lib is not None else None
 
+    def _use(self, name: str, lib, suits: bool, pack) -> bool:
+        """Turn native kernel `name` on with `lib` (off with None) where the weight is on the CPU
+        and `suits` it; its packed weight, `pack()`, is made once and kept while off (switching
+        back is free). Returns whether it is on."""
+        ok = lib is not None and suits and self.weight.device.type == "cpu"
+        if ok and getattr(self, f"_{name}_packed") is None:
+            setattr(self, f"_{name}_packed", pack())
+        setattr(self, f"_{name}_lib", lib if ok else None)
+        return ok
+
     def set_amx(self, lib) -> bool:
         """Run steps of up to AMX_MAX_ROWS rows on the native AMX kernel (`lib`: the loaded
         kernels, with AMX) when this weight suits it (bf16, inputs a multiple of 32); `None`
         turns it off. Returns whether it is on."""
         w = self.weight.detach()
-        ok = lib is not None and w.dtype == torch.bfloat16 and w.device.type == "cpu" and self.in_features % 32 == 0
-        if ok and self._amx_packed is None:
-            self._amx_packed = cpu_kernels.pack_amx(w)
-        self._amx_lib = lib if ok else None
-        return ok
+        return self._use("amx", lib, w.dtype == torch.bfloat16 and self.in_features % 32 == 0,
+                         lambda: cpu_kernels.pack_amx(w))
 
     @property
     def bf16(self) -> "cpu_kernels.BF16Weight | None":
@@ -99,27 +106,20 @@ class Linear(nn.Linear):
         CPUs without AMX) when this weight suits it (bf16, on the CPU, inputs even); `None`
         turns it off. Returns whether it is on."""
         w = self.weight.detach()
-        ok = lib is not None and w.dtype == torch.bfloat16 and w.device.type == "cpu" and self.in_features % 2 == 0
-        if ok and self._bf16_packed is None:
-            self._bf16_packed = cpu_kernels.pack_bf16(w, self.bias)
-        self._bf16_lib = lib if ok else None
-        return ok
+        return self._use("bf16", lib, w.dtype == torch.bfloat16 and self.in_features % 2 == 0,
+                         lambda: cpu_kernels.pack_bf16(w, self.bias))
 
     @property
     def int8(self) -> "cpu_kernels.Int8Weight | None":
         """The int8 weight every step runs on, None while int8 is off."""
-        return self._int8 if self._int8_lib is not None else None
+        return self._int8_packed if self._int8_lib is not None else None
 
     def set_int8(self, lib) -> bool:
         """Run every step on `cpu_kernels.linear_int8` (per-channel int8 weights, each row
         quantized on the fly) with `lib` the loaded kernels; `None` turns it off. Returns
         whether it is on (the weight needs inputs a multiple of 4 and to be on the CPU)."""
         w = self.weight.detach()
-        ok = lib is not None and w.device.type == "cpu" and self.in_features % 4 == 0
-        if ok and self._int8 is None:
-            self._int8 = cpu_kernels.pack_int8(w, self.bias)
-        self._int8_lib = lib if ok else None
-        return ok
+        return self._use("int8", lib, self.in_features % 4 == 0, lambda: cpu_kernels.pack_int8(w, self.bias))
 
     def pack(self, batch_hint: int) -> None:
         """Pre-pack the weight for oneDNN (`batch_hint` 0: don't; the int8 path needs no copy)."""
@@ -130,7 +130,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         if self._int8_lib is not None:
             shape = x.shape
-            y = cpu_kernels.linear_int8(self._int8_lib, x.reshape(-1, shape[-1]), self._int8, gelu)
+            y = cpu_kernels.linear_int8(self._int8_lib, x.reshape(-1, shape[-1]), self._int8_packed, gelu)
             return y.view(*shape[:-1], y.shape[-1])
         if self._amx_lib is not None and x.dim() == 2 and x.shape[0] <= self.AMX_MAX_ROWS:
             return cpu_kernels.linear_amx(self._amx_lib, x, self._amx_packed, self.out_features, self.bias, gelu)
