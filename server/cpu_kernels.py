@@ -43,7 +43,7 @@ log = logging.getLogger("polyprompt.kernels")
 SOURCE = Path(__file__).resolve().parent / "csrc" / "kernels.c"
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma",
          "-shared", "-fPIC"]
-AMX_FLAGS = ["-mamx-tile", "-mamx-bf16"]  # tried first; a compiler without them builds the rest
+AMX_FLAGS = ["-mamx-tile", "-mamx-bf16", "-mamx-int8"]  # tried first; a compiler without them builds the rest
 MAX_HEAD_DIM = 256  # these three as in the C source
 MAX_HEADS = 256
 MAX_LEN = 8192
@@ -53,6 +53,7 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 _amx: bool | None = None
+_amx_int8: bool | None = None
 
 
 def _cpu_has_flags() -> bool:
@@ -182,6 +183,10 @@ def load() -> ctypes.CDLL | None:
             lib.linear_int8.argtypes = [p, i32, i64, i64, p, p, p, i64, p, p, i32, i32]
             lib.linear_int8.restype = i32
             lib.i8_available.restype = i32
+        if hasattr(lib, "linear_int8_amx"):  # and with AMX-INT8
+            lib.linear_int8_amx.argtypes = lib.linear_int8.argtypes
+            lib.linear_int8_amx.restype = i32
+            lib.amx_int8_available.restype = i32
         if hasattr(lib, "linear_bf16"):  # built with AVX512-BF16 support
             lib.linear_bf16.argtypes = [p, i64, i64, p, i64, p, p, i32, i32]
             lib.linear_bf16.restype = None
@@ -247,6 +252,18 @@ def int8(lib: ctypes.CDLL | None) -> bool:
     return lib is not None and hasattr(lib, "linear_int8") and bool(lib.i8_available())
 
 
+def amx_int8(lib: ctypes.CDLL | None) -> bool:
+    """Whether `linear_int8` runs on AMX-INT8 tiles where K % 64 == 0: built in, this CPU has
+    AMX-INT8 and granted the tile state, and `POLYPROMPT_CPU_AMX` is not 0."""
+    global _amx_int8
+    if not int8(lib) or not hasattr(lib, "linear_int8_amx") or _switched_off("POLYPROMPT_CPU_AMX"):
+        return False
+    with _lock:
+        if _amx_int8 is None:
+            _amx_int8 = bool(lib.amx_int8_available())
+        return _amx_int8
+
+
 @dataclass(frozen=True)
 class Int8Weight:
     """A linear weight `[N, K]` quantized for `linear_int8`: per output channel symmetric
@@ -289,17 +306,25 @@ def pack_int8(w: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Weight:
                       None if bias is None else bias.detach().float().contiguous(), n, k)
 
 
-def linear_int8(lib: ctypes.CDLL, x: torch.Tensor, w: Int8Weight, gelu: bool = False) -> torch.Tensor:
+def linear_int8(lib: ctypes.CDLL, x: torch.Tensor, w: Int8Weight, gelu: bool = False,
+                amx: bool | None = None) -> torch.Tensor:
     """`F.linear(x, W, bias)` (then tanh-GELU if `gelu`) with W as `pack_int8` made it, for
     float32 or bf16 rows `x` `[M, K]`: each row quantized to int8 on the fly (per-row
-    symmetric), int32 accumulation, the result in x's dtype `[M, N]`."""
+    symmetric), int32 accumulation, the result in x's dtype `[M, N]`. On AMX-INT8 tiles
+    when `amx` (default: where `amx_int8(lib)` and K % 64 == 0), else on AVX512-VNNI; the
+    two give the same bits (exact int32 sums, the same float epilogue)."""
     if x.dim() != 2 or x.shape[1] != w.k or x.dtype not in (torch.float32, torch.bfloat16) or \
             x.device.type != "cpu":
         raise ValueError(f"linear_int8: x must be float32/bf16 [M, {w.k}] on CPU, got {x.dtype} {tuple(x.shape)}")
     x = x.contiguous()
     m = x.shape[0]
     y = torch.empty((m, w.n), dtype=x.dtype)
-    if m and lib.linear_int8(x.data_ptr(), int(x.dtype == torch.bfloat16), m, w.k, w.packed.data_ptr(),
+    if amx is None:
+        amx = w.k % 64 == 0 and amx_int8(lib)
+    elif amx and (w.k % 64 or not amx_int8(lib)):
+        raise ValueError("linear_int8: the AMX-INT8 path needs AMX-INT8 and K a multiple of 64")
+    fn = lib.linear_int8_amx if amx else lib.linear_int8
+    if m and fn(x.data_ptr(), int(x.dtype == torch.bfloat16), m, w.k, w.packed.data_ptr(),
                              w.scale.data_ptr(), w.wsum.data_ptr(), w.n,
                              None if w.bias is None else w.bias.data_ptr(), y.data_ptr(), int(gelu),
                              torch.get_num_threads()):

@@ -18,6 +18,8 @@ LIB = cpu_kernels.load()
 INT8 = cpu_kernels.int8(LIB)
 needs_int8 = pytest.mark.skipif(not INT8, reason="SKIPPED LOUDLY: no AVX512-VNNI int8 kernel here (CPU or compiler "
                                 "lacks it), so --quantize int8 cannot run on this machine")
+needs_amx_int8 = pytest.mark.skipif(not cpu_kernels.amx_int8(LIB), reason="SKIPPED LOUDLY: no AMX-INT8 here (CPU, "
+                                    "compiler or kernel), so the AMX path of --quantize int8 is untested on this machine")
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, bias, gelu: bool) -> torch.Tensor:
@@ -54,6 +56,27 @@ def test_kernel_matches_integer_arithmetic(dtype, m, k, n, gelu):
     exact = F.linear(x.float(), w, bias)
     exact = F.gelu(exact, approximate="tanh") if gelu else exact
     assert (y.float() - exact).norm() / exact.norm() < 0.05
+
+
+@needs_amx_int8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 16), (7, 128, 100), (64, 768, 2304), (65, 192, 64), (300, 128, 200),
+                                   (530, 64, 77)])
+@pytest.mark.parametrize("gelu", [False, True], ids=["linear", "gelu"])
+def test_amx_int8_gives_the_vnni_bits(dtype, m, k, n, gelu):
+    """AMX-INT8 tiles and AVX512-VNNI sum the same int8 products exactly: the same bits, for
+    partial row tiles, several row blocks (> 256 rows) and partial output tiles."""
+    g = torch.Generator().manual_seed(m + k + n)
+    w = torch.randn(n, k, generator=g) * 0.1
+    w8 = cpu_kernels.pack_int8(w, torch.randn(n, generator=g))
+    x = (torch.randn(m, k, generator=g) * 2).to(dtype)
+    x[-1] = 0  # a zero row (scale 0) in the last, padded tile
+    amx = cpu_kernels.linear_int8(LIB, x, w8, gelu, amx=True)
+    assert torch.equal(amx, cpu_kernels.linear_int8(LIB, x, w8, gelu, amx=False))
+    torch.testing.assert_close(amx.float(), _reference(x, w, w8.bias, gelu).float(),
+                               rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5 if dtype == torch.float32 else 1e-2)
+    with pytest.raises(ValueError, match="AMX-INT8"):  # K % 64 != 0: only VNNI takes it
+        cpu_kernels.linear_int8(LIB, torch.zeros(2, 96), cpu_kernels.pack_int8(torch.randn(8, 96)), amx=True)
 
 
 @needs_int8

@@ -44,7 +44,8 @@ class Backend:
                     (f" (LM head padded to a multiple of {HEAD_ALIGN} rows)" if self.head_full is not None else "")}
         linears = self.linears(model)
         if any(m.int8 is not None for m in linears):
-            matmuls = "native int8 kernel (AVX512-VNNI; per-channel int8 weights, per-row int8 activations)"
+            matmuls = "native int8 kernel (%s; per-channel int8 weights, per-row int8 activations)" % (
+                "AMX-INT8" if cpu_kernels.amx_int8(cpu_kernels.load()) else "AVX512-VNNI")
         elif self.head is None:
             matmuls = "torch"
         elif any(m.amx is not None for m in linears):
