@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=64, help="concurrent HTTP clients")
     p.add_argument("--max-num-seqs", type=int, default=64, help="engine running sequences (server --max-batch-size)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--warm-prefixes", action="store_true",
+                   help="engine: every task's prefix cached before each timed run (a server's steady state, as "
+                        "in the http scenario, whose tasks' prefixes are computed at registration); default cold")
     p.add_argument("--grouped-batch", type=int, default=64, help="largest HF batch in the grouped baseline")
     p.add_argument("--tasks-compare", type=_csv(int), default=[1, 64], help="task counts for the 'tasks' scenario")
     p.add_argument("--tasks-repeats", type=int, default=5,
@@ -193,7 +196,7 @@ def main(argv=None) -> int:
             for rep in range(a.repeats):
                 if "engine" in sc:
                     _log(f"engine {d}: {a.requests} requests, {a.tasks} tasks, run {rep + 1}/{a.repeats}")
-                    runs["engine"].append(E.run_engine(model, etok, wl, **kw))
+                    runs["engine"].append(E.run_engine(model, etok, wl, warm_prefixes=a.warm_prefixes, **kw))
                 if peers:  # engine, openvino, engine, openvino, ...
                     peers.after_engine(rep, runs["engine"][-1] if "engine" in sc else None)
                 if "http" in sc:
@@ -201,7 +204,7 @@ def main(argv=None) -> int:
                     runs["http"].append(H.run_http_throughput(srv, wl, a.clients))
                 if peers:  # polyprompt HTTP, vllm, polyprompt HTTP, vllm, ...
                     peers.after_http(rep, runs["http"][-1] if "http" in sc else None)
-            names = (("engine", "polyprompt engine (in-process)"), ("http", f"polyprompt HTTP ({a.clients} clients)"))
+            names = (("engine", "polyprompt engine (in-process%s)" % (", warm prefixes" if a.warm_prefixes else "")), ("http", f"polyprompt HTTP ({a.clients} clients)"))
             for key, name in names:
                 if not runs[key]:
                     continue
