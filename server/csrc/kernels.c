@@ -429,6 +429,15 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
+/* this thread's tiles: eight of 16 rows x 64 bytes (the kernels use 0-3 as C, 4-5 as A, 6 as B) */
+static void load_tile_config(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
+    _tile_loadconfig(&cfg);
+}
+
 int linear_amx_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *wp, int64_t N,
                     const uint16_t *bias, uint16_t *y, int gelu, int threads) {
     const int64_t nblk = (N + 15) / 16, kblk = K / 32, Mp = (M + 15) / 16 * 16;
@@ -442,11 +451,7 @@ int linear_amx_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *wp,
     }
     _Pragma("omp parallel num_threads(threads)")
     {
-        tile_config cfg;
-        memset(&cfg, 0, sizeof cfg);
-        cfg.palette = 1;
-        for (int t = 0; t < 8; t++) { cfg.colsb[t] = 64; cfg.rows[t] = 16; } /* 0-3 C, 4-5 A, 6 B */
-        _tile_loadconfig(&cfg);
+        load_tile_config();
         float acc[64 * 16] __attribute__((aligned(64)));
         _Pragma("omp for schedule(static)")
         for (int64_t nb = 0; nb < nblk; nb++) {
@@ -682,11 +687,7 @@ int linear_int8_amx(const void *x, int x_bf16, int64_t M, int64_t K, const int8_
     memset(q + M * K, 0, (size_t)((Mp - M) * K)); /* tiles load 16 rows: padding rows of zeros */
     _Pragma("omp parallel num_threads(threads)")
     {
-        tile_config cfg;
-        memset(&cfg, 0, sizeof cfg);
-        cfg.palette = 1;
-        for (int t = 0; t < 8; t++) { cfg.colsb[t] = 64; cfg.rows[t] = 16; } /* 0-3 C, 4-5 A, 6 B */
-        _tile_loadconfig(&cfg);
+        load_tile_config();
         int32_t acc[64 * 16] __attribute__((aligned(64)));
         _Pragma("omp for schedule(static)")
         for (int64_t m = 0; m < M; m++) sa[m] = quant_row((const char *)x + m * K * esz, x_bf16, K, q + m * K);
