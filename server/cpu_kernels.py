@@ -256,12 +256,13 @@ def amx_int8(lib: ctypes.CDLL | None) -> bool:
     """Whether `linear_int8` runs on AMX-INT8 tiles where K % 64 == 0: built in, this CPU has
     AMX-INT8 and granted the tile state, and `POLYPROMPT_CPU_AMX` is not 0."""
     global _amx_int8
-    if not int8(lib) or not hasattr(lib, "linear_int8_amx") or _switched_off("POLYPROMPT_CPU_AMX"):
+    if lib is None or not hasattr(lib, "linear_int8_amx"):
         return False
-    with _lock:
-        if _amx_int8 is None:
-            _amx_int8 = bool(lib.amx_int8_available())
-        return _amx_int8
+    if _amx_int8 is None:  # asked once: CPUID exits to the hypervisor on a VM, and this runs per matmul
+        with _lock:
+            if _amx_int8 is None:
+                _amx_int8 = int8(lib) and bool(lib.amx_int8_available()) and not _switched_off("POLYPROMPT_CPU_AMX")
+    return _amx_int8
 
 
 @dataclass(frozen=True)
