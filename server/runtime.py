@@ -59,14 +59,14 @@ class TaskInfo:
 
 
 def check_quantize(quantize: str, device: torch.device) -> None:
-    from server import cpu_kernels
+    from server import cpu_kernels, cpu_matmul
     from server.model.backend import QUANTIZE
 
     if quantize not in QUANTIZE:
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE)}; got {quantize!r}")
     if quantize == "int8" and device.type != "cpu":
         raise ValueError("--quantize int8 runs on the CPU (--device cpu); on CUDA, float16 is the fast path")
-    if quantize == "int8" and not cpu_kernels.int8(cpu_kernels.load()):
+    if quantize == "int8" and not cpu_matmul.int8(cpu_kernels.load()):
         raise ValueError("--quantize int8 needs the native CPU kernels with AVX512-VNNI (a C compiler, AVX-512 "
                          "and VNNI); this machine has not got them")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server import cpu_kernels
+from server import cpu_kernels, cpu_matmul
 from server.engine.kv_cache import KVCache
 
 LIB = cpu_kernels.load()
@@ -286,7 +286,7 @@ def test_masks_are_built_only_by_the_sdpa_path(tiny_model_dir, monkeypatch):
         assert all(built) if not native else not any(built)
 
 
-AMX = cpu_kernels.amx(LIB)
+AMX = cpu_matmul.amx(LIB)
 needs_amx = pytest.mark.skipif(not AMX, reason="no AMX-BF16 here (or the kernels were built without it)")
 
 
@@ -302,12 +302,12 @@ def test_linear_amx_is_the_rounded_exact_matmul(n, k, m):
     w = torch.randn(n, k, generator=g).to(torch.bfloat16)
     b = torch.randn(n, generator=g).to(torch.bfloat16)
     x = torch.randn(m, k, generator=g).to(torch.bfloat16)
-    packed = cpu_kernels.pack_amx(w)
+    packed = cpu_matmul.pack_amx(w)
     for bias in (b, None):
         exact = x.double() @ w.double().t() + (0 if bias is None else bias.double())
         for gelu in (False, True):
             ref = F.gelu(exact, approximate="tanh") if gelu else exact
-            got = cpu_kernels.linear_amx(LIB, x, packed, n, bias, gelu)
+            got = cpu_matmul.linear_amx(LIB, x, packed, n, bias, gelu)
             assert got.shape == (m, n) and got.dtype == torch.bfloat16
             assert ((got.double() - ref).abs() <= ref.abs() * 2**-8 * 1.01 + 1e-5 * k).all()
             # nearly always exactly the correctly rounded value
@@ -318,16 +318,16 @@ def test_linear_amx_is_the_rounded_exact_matmul(n, k, m):
 def test_linear_amx_refuses_what_the_c_code_cannot_check():
     w = torch.randn(48, 64).to(torch.bfloat16)
     with pytest.raises(ValueError):
-        cpu_kernels.pack_amx(torch.randn(48, 40).to(torch.bfloat16))  # inputs not a multiple of 32
+        cpu_matmul.pack_amx(torch.randn(48, 40).to(torch.bfloat16))  # inputs not a multiple of 32
     with pytest.raises(ValueError):
-        cpu_kernels.pack_amx(torch.randn(48, 64))  # float32
-    packed = cpu_kernels.pack_amx(w)
+        cpu_matmul.pack_amx(torch.randn(48, 64))  # float32
+    packed = cpu_matmul.pack_amx(w)
     x = torch.randn(3, 64).to(torch.bfloat16)
     for bad in (dict(x=torch.randn(3, 64)), dict(x=torch.randn(3, 96).to(torch.bfloat16)),
                 dict(n=49), dict(bias=torch.zeros(47, dtype=torch.bfloat16)), dict(bias=torch.zeros(48))):
         args = {"x": x, "n": 48, "bias": None, **bad}
         with pytest.raises(ValueError):
-            cpu_kernels.linear_amx(LIB, args["x"], packed, args["n"], args["bias"])
+            cpu_matmul.linear_amx(LIB, args["x"], packed, args["n"], args["bias"])
 
 
 @needs_amx
@@ -340,8 +340,8 @@ def test_bf16_model_runs_decode_sized_matmuls_on_amx(tiny_model_dir, monkeypatch
     model = GPT2.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
     assert model.amx_kernels and all(m.amx is not None for m in model.backend.linears(model))
     calls = []
-    real = cpu_kernels.linear_amx
-    monkeypatch.setattr(cpu_kernels, "linear_amx", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
+    real = cpu_matmul.linear_amx
+    monkeypatch.setattr(cpu_matmul, "linear_amx", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
     blk = model.h[0]
     g = torch.Generator().manual_seed(0)
     for rows in (5, Linear.AMX_MAX_ROWS, Linear.AMX_MAX_ROWS + 1):
@@ -363,7 +363,7 @@ def test_bf16_model_runs_decode_sized_matmuls_on_amx(tiny_model_dir, monkeypatch
     assert [m.amx is not None for m in layers] == [False] * (len(layers) - 1) + [True]
 
 
-BF16 = cpu_kernels.bf16(LIB)
+BF16 = cpu_matmul.bf16(LIB)
 needs_bf16 = pytest.mark.skipif(not BF16, reason="no AVX512-BF16 here (or the kernels were built without it)")
 
 
@@ -380,11 +380,11 @@ def test_linear_bf16_is_the_rounded_exact_matmul(n, k, m):
     b = torch.randn(n, generator=g).to(torch.bfloat16)
     x = torch.randn(m, k, generator=g).to(torch.bfloat16)
     for bias in (b, None):
-        packed = cpu_kernels.pack_bf16(w, bias)
+        packed = cpu_matmul.pack_bf16(w, bias)
         exact = x.double() @ w.double().t() + (0 if bias is None else bias.double())
         for gelu in (False, True):
             ref = F.gelu(exact, approximate="tanh") if gelu else exact
-            got = cpu_kernels.linear_bf16(LIB, x, packed, gelu)
+            got = cpu_matmul.linear_bf16(LIB, x, packed, gelu)
             assert got.shape == (m, n) and got.dtype == torch.bfloat16
             assert ((got.double() - ref).abs() <= ref.abs() * 2**-8 * 1.01 + 1e-5 * k).all()
             assert (got == ref.to(torch.bfloat16)).double().mean() > 0.75
@@ -393,13 +393,13 @@ def test_linear_bf16_is_the_rounded_exact_matmul(n, k, m):
 @needs_bf16
 def test_linear_bf16_refuses_what_the_c_code_cannot_check():
     with pytest.raises(ValueError):
-        cpu_kernels.pack_bf16(torch.randn(48, 63).to(torch.bfloat16))  # odd inputs
+        cpu_matmul.pack_bf16(torch.randn(48, 63).to(torch.bfloat16))  # odd inputs
     with pytest.raises(ValueError):
-        cpu_kernels.pack_bf16(torch.randn(48, 64))  # float32
-    packed = cpu_kernels.pack_bf16(torch.randn(48, 64).to(torch.bfloat16))
+        cpu_matmul.pack_bf16(torch.randn(48, 64))  # float32
+    packed = cpu_matmul.pack_bf16(torch.randn(48, 64).to(torch.bfloat16))
     for bad in (torch.randn(3, 64), torch.randn(3, 96).to(torch.bfloat16), torch.randn(64).to(torch.bfloat16)):
         with pytest.raises(ValueError):
-            cpu_kernels.linear_bf16(LIB, bad, packed)
+            cpu_matmul.linear_bf16(LIB, bad, packed)
 
 
 @pytest.mark.skipif(not BF16 or AMX, reason="AVX512-BF16 without AMX only (with AMX the AMX kernel runs)")
@@ -413,8 +413,8 @@ def test_bf16_model_runs_decode_sized_matmuls_on_avx512_bf16(tiny_model_dir, mon
     assert all(m.bf16 is not None for m in model.backend.linears(model))
     assert "AVX512-BF16 kernel" in model.backend.describe(model)["matmuls"]
     calls = []
-    real = cpu_kernels.linear_bf16
-    monkeypatch.setattr(cpu_kernels, "linear_bf16", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
+    real = cpu_matmul.linear_bf16
+    monkeypatch.setattr(cpu_matmul, "linear_bf16", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
     blk = model.h[0]
     g = torch.Generator().manual_seed(0)
     monkeypatch.setattr(Linear, "BF16_MAX_ROWS", 200)
@@ -446,14 +446,14 @@ def test_kernels_build_without_amx(tmp_path, monkeypatch):
 
     lib = ctypes.CDLL(str(cpu_kernels._build(shutil.which("cc") or shutil.which("gcc"), cpu_kernels.FLAGS)))
     assert hasattr(lib, "decode_attention_bf16") and not hasattr(lib, "linear_amx_bf16")
-    assert not cpu_kernels.amx(lib)
+    assert not cpu_matmul.amx(lib)
 
 
 @needs_amx
 def test_amx_kernel_can_be_switched_off_alone(tmp_path):
     """POLYPROMPT_CPU_AMX=0: the other native kernels stay on, bf16 matmuls go to oneDNN."""
-    code = ("from server import cpu_kernels; lib = cpu_kernels.load(); "
-            "print(lib is not None, cpu_kernels.amx(lib))")
+    code = ("from server import cpu_kernels, cpu_matmul; lib = cpu_kernels.load(); "
+            "print(lib is not None, cpu_matmul.amx(lib))")
     for value, want in (("0", "True False"), ("1", "True True")):
         assert _load_in_subprocess(tmp_path, code, POLYPROMPT_CPU_AMX=value) == want
 

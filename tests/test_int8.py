@@ -9,16 +9,16 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from server import cpu_kernels
+from server import cpu_kernels, cpu_matmul
 from server.engine.engine import Engine, EngineConfig, Request
 from server.engine.sampler import SamplingParams
 from server.model import GPT2
 
 LIB = cpu_kernels.load()
-INT8 = cpu_kernels.int8(LIB)
+INT8 = cpu_matmul.int8(LIB)
 needs_int8 = pytest.mark.skipif(not INT8, reason="SKIPPED LOUDLY: no AVX512-VNNI int8 kernel here (CPU or compiler "
                                 "lacks it), so --quantize int8 cannot run on this machine")
-needs_amx_int8 = pytest.mark.skipif(not cpu_kernels.amx_int8(LIB), reason="SKIPPED LOUDLY: no AMX-INT8 here (CPU, "
+needs_amx_int8 = pytest.mark.skipif(not cpu_matmul.amx_int8(LIB), reason="SKIPPED LOUDLY: no AMX-INT8 here (CPU, "
                                     "compiler or kernel), so the AMX path of --quantize int8 is untested on this machine")
 
 
@@ -29,7 +29,7 @@ def _reference(x: torch.Tensor, w: torch.Tensor, bias, gelu: bool) -> torch.Tens
     sa = xf.abs().amax(1) / 127
     inv = torch.where(sa > 0, 1 / sa, torch.zeros_like(sa))
     qa = torch.round(xf * inv[:, None]).clamp(-127, 127).double()
-    q, scale = cpu_kernels.quantize_int8(w)
+    q, scale = cpu_matmul.quantize_int8(w)
     y = (qa @ q.double().T) * (sa[:, None].double() * scale[None].double())
     if bias is not None:
         y = y + bias.double()
@@ -47,7 +47,7 @@ def test_kernel_matches_integer_arithmetic(dtype, m, k, n, gelu):
     bias = torch.randn(n, generator=g) if n != 64 else None
     x = (torch.randn(m, k, generator=g) * 3).to(dtype)
     x[0, :3] = torch.tensor([40.0, -40.0, 0.0])  # an outlier sets the row's scale
-    y = cpu_kernels.linear_int8(LIB, x, cpu_kernels.pack_int8(w, bias), gelu)
+    y = cpu_matmul.linear_int8(LIB, x, cpu_matmul.pack_int8(w, bias), gelu)
     ref = _reference(x, w, bias, gelu)
     assert y.shape == (m, n) and y.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: at most one rounding apart
@@ -68,38 +68,38 @@ def test_amx_int8_gives_the_vnni_bits(dtype, m, k, n, gelu):
     partial row tiles, several row blocks (> 256 rows) and partial output tiles."""
     g = torch.Generator().manual_seed(m + k + n)
     w = torch.randn(n, k, generator=g) * 0.1
-    w8 = cpu_kernels.pack_int8(w, torch.randn(n, generator=g))
+    w8 = cpu_matmul.pack_int8(w, torch.randn(n, generator=g))
     x = (torch.randn(m, k, generator=g) * 2).to(dtype)
     x[-1] = 0  # a zero row (scale 0) in the last, padded tile
-    amx = cpu_kernels.linear_int8(LIB, x, w8, gelu, amx=True)
-    assert torch.equal(amx, cpu_kernels.linear_int8(LIB, x, w8, gelu, amx=False))
+    amx = cpu_matmul.linear_int8(LIB, x, w8, gelu, amx=True)
+    assert torch.equal(amx, cpu_matmul.linear_int8(LIB, x, w8, gelu, amx=False))
     torch.testing.assert_close(amx.float(), _reference(x, w, w8.bias, gelu).float(),
                                rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5 if dtype == torch.float32 else 1e-2)
     with pytest.raises(ValueError, match="AMX-INT8"):  # K % 64 != 0: only VNNI takes it
-        cpu_kernels.linear_int8(LIB, torch.zeros(2, 96), cpu_kernels.pack_int8(torch.randn(8, 96)), amx=True)
+        cpu_matmul.linear_int8(LIB, torch.zeros(2, 96), cpu_matmul.pack_int8(torch.randn(8, 96)), amx=True)
 
 
 @needs_int8
 def test_zero_rows_and_bad_shapes():
-    w8 = cpu_kernels.pack_int8(torch.randn(70, 64), torch.ones(70))
-    y = cpu_kernels.linear_int8(LIB, torch.zeros(3, 64), w8)
+    w8 = cpu_matmul.pack_int8(torch.randn(70, 64), torch.ones(70))
+    y = cpu_matmul.linear_int8(LIB, torch.zeros(3, 64), w8)
     assert torch.equal(y, torch.ones(3, 70))  # a zero row quantizes to zeros, not NaN
-    assert cpu_kernels.linear_int8(LIB, torch.zeros(0, 64), w8).shape == (0, 70)
+    assert cpu_matmul.linear_int8(LIB, torch.zeros(0, 64), w8).shape == (0, 70)
     with pytest.raises(ValueError):
-        cpu_kernels.linear_int8(LIB, torch.zeros(3, 65), w8)
+        cpu_matmul.linear_int8(LIB, torch.zeros(3, 65), w8)
     with pytest.raises(ValueError):
-        cpu_kernels.linear_int8(LIB, torch.zeros(3, 64, dtype=torch.float16), w8)
+        cpu_matmul.linear_int8(LIB, torch.zeros(3, 64, dtype=torch.float16), w8)
     with pytest.raises(ValueError):
-        cpu_kernels.pack_int8(torch.randn(8, 66))
+        cpu_matmul.pack_int8(torch.randn(8, 66))
 
 
 def test_weight_quantization_round_trip():
     w = torch.randn(40, 96)
     w[3] = 0  # an all-zero output channel keeps a usable scale
-    q, scale = cpu_kernels.quantize_int8(w)
+    q, scale = cpu_matmul.quantize_int8(w)
     assert q.dtype == torch.int8 and int(q.abs().max()) <= 127 and torch.all(scale > 0)
     assert torch.all((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-6)
-    p = cpu_kernels.pack_int8(w)
+    p = cpu_matmul.pack_int8(w)
     assert p.packed.shape == (1, 24, 64, 4)  # [ceil(40/64), K/4, 64, 4]
     assert torch.equal(p.packed[0, 5, 7], q[7, 20:24])  # W[64 p + c, 4 g + j]
     assert torch.equal(p.wsum, q.int().sum(1) * 128)

@@ -1,4 +1,4 @@
-"""The native-kernel wrappers in `server.cpu_kernels` refuse bad arguments themselves.
+"""The native-kernel wrappers in `server.cpu_kernels` and `server.cpu_matmul` refuse bad arguments themselves.
 
 The C code trusts every pointer, stride, index and length it is given: a slot index past
 the cache or a length past `max_len` is a read or write outside the tensor, not an error.
@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server import cpu_kernels
+from server import cpu_kernels, cpu_matmul
 
 S, H, L, D = 3, 2, 16, 16  # cache slots, heads, max_len, head_dim
 
@@ -78,7 +78,7 @@ def write_kv_args(**bad) -> dict:
 
 def linear_args(**bad) -> dict:
     w = torch.zeros(48, 64, dtype=torch.bfloat16)
-    args = dict(x=torch.zeros(3, 64, dtype=torch.bfloat16), packed=cpu_kernels.pack_amx(w), n=48, bias=None)
+    args = dict(x=torch.zeros(3, 64, dtype=torch.bfloat16), packed=cpu_matmul.pack_amx(w), n=48, bias=None)
     return {**args, **bad}
 
 
@@ -89,7 +89,7 @@ CALLS = {
         lib, a["q"], a["k"], a["v"], a["slots"], a["pasts"], a["qlens"])),
     "argmax_rows": (argmax_args, lambda lib, a: cpu_kernels.argmax_rows(lib, a["logits"])),
     "write_kv": (write_kv_args, lambda lib, a: cpu_kernels.write_kv(lib, a["kv"], a["src"], a["slots"], a["pos"])),
-    "linear_amx": (linear_args, lambda lib, a: cpu_kernels.linear_amx(lib, a["x"], a["packed"], a["n"], a["bias"])),
+    "linear_amx": (linear_args, lambda lib, a: cpu_matmul.linear_amx(lib, a["x"], a["packed"], a["n"], a["bias"])),
 }
 NATIVE = {"decode_attention": "decode_attention_f32", "prefill_attention": "prefill_attention_f32",
           "argmax_rows": "argmax_rows_bf16", "write_kv": "write_kv", "linear_amx": "linear_amx_bf16"}
@@ -171,10 +171,10 @@ CASES = [
     pytest.param("linear_amx", dict(n=49), id="linear-n-past-tiles"),
     pytest.param("linear_amx", dict(bias=torch.zeros(47, dtype=torch.bfloat16)), id="linear-bias-shape"),
     pytest.param("linear_amx", dict(bias=torch.zeros(48)), id="linear-bias-fp32"),
-    pytest.param("linear_amx", dict(packed=cpu_kernels.pack_amx(torch.zeros(48, 64, dtype=torch.bfloat16)).float()),
+    pytest.param("linear_amx", dict(packed=cpu_matmul.pack_amx(torch.zeros(48, 64, dtype=torch.bfloat16)).float()),
                  id="linear-packed-fp32"),
     pytest.param("linear_amx", dict(packed=torch.zeros(3, 2, dtype=torch.bfloat16)), id="linear-packed-too-small"),
-    pytest.param("linear_amx", dict(packed=cpu_kernels.pack_amx(torch.zeros(48, 64, dtype=torch.bfloat16))
+    pytest.param("linear_amx", dict(packed=cpu_matmul.pack_amx(torch.zeros(48, 64, dtype=torch.bfloat16))
                                     .transpose(2, 3)), id="linear-packed-not-contiguous"),
     pytest.param("linear_amx", dict(x=torch.zeros(3, 64, dtype=torch.bfloat16, device=M)), id="linear-not-cpu"),
 ]
@@ -191,7 +191,7 @@ def test_bad_argument_is_refused_before_the_native_code(wrapper, bad):
                          ids=["k-not-32x", "fp32"])
 def test_pack_amx_refuses_what_linear_amx_cannot_read(w):
     with pytest.raises(ValueError):
-        cpu_kernels.pack_amx(w)
+        cpu_matmul.pack_amx(w)
 
 
 # ------------------------------------------------------------------ the baselines on the real kernels

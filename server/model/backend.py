@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from server import cpu_kernels
+from server import cpu_kernels, cpu_matmul
 from server.model.greedy import GreedyScreen
 from server.model.linear import Linear, can_pack
 
@@ -45,7 +45,7 @@ class Backend:
         linears = self.linears(model)
         if any(m.int8 is not None for m in linears):
             matmuls = "native int8 kernel (%s; per-channel int8 weights, per-row int8 activations)" % (
-                "AMX-INT8" if cpu_kernels.amx_int8(cpu_kernels.load()) else "AVX512-VNNI")
+                "AMX-INT8" if cpu_matmul.amx_int8(cpu_kernels.load()) else "AVX512-VNNI")
         elif self.head is None:
             matmuls = "torch"
         elif any(m.amx is not None for m in linears):
@@ -98,7 +98,7 @@ def choose(model: "GPT2", *, native: bool = True, amx: bool = True, screen: bool
     set_native(model, b, native, amx and not quantize)  # int8 needs no bf16 copy of the weights
     if quantize:
         lib = b.native or cpu_kernels.load()
-        if not cpu_kernels.int8(lib):
+        if not cpu_matmul.int8(lib):
             raise ValueError("--quantize int8 needs the native CPU kernels with AVX512-VNNI (a C compiler, "
                              "AVX-512 and VNNI); this machine has not got them")
         for m in b.linears(model):
@@ -115,9 +115,9 @@ def set_native(model: "GPT2", b: Backend, on: bool, amx: bool = True) -> bool:
             w.dtype, model.spec.head_dim, model.spec.n_positions, model.spec.n_head):
         lib = cpu_kernels.load()
     b.native = lib
-    amx_lib = lib if amx and cpu_kernels.amx(lib) else None
+    amx_lib = lib if amx and cpu_matmul.amx(lib) else None
     # no AMX: the AVX512-BF16 kernel for bf16 decode steps (POLYPROMPT_CPU_BF16=0 leaves them to oneDNN)
-    bf_lib = lib if amx and amx_lib is None and cpu_kernels.bf16(lib) and \
+    bf_lib = lib if amx and amx_lib is None and cpu_matmul.bf16(lib) and \
         not cpu_kernels._switched_off("POLYPROMPT_CPU_BF16") else None
     for m in b.linears(model):
         m.set_amx(amx_lib)

@@ -1,6 +1,6 @@
 """CPU linear layers: oneDNN pre-packed weights, the AMX matmul for bf16 decode steps (or the
-AVX512-BF16 one where there is no AMX), the int8 VNNI matmul of `--quantize int8`, and the
-row buckets every CPU matmul is padded to."""
+AVX512-BF16 one where there is no AMX), the int8 matmul of `--quantize int8` (AVX512-VNNI or
+AMX-INT8), and the row buckets every CPU matmul is padded to."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server import cpu_kernels
+from server import cpu_matmul
 
 
 def bucket_rows(n: int) -> int:
@@ -48,21 +48,21 @@ class Linear(nn.Linear):
 
     packed: torch.Tensor | None = None
     # bf16 on CPU with AMX (see `set_amx`): the kernel library while steps of at most
-    # AMX_MAX_ROWS rows (decode) run on `cpu_kernels.linear_amx`, and the weight in its tile
+    # AMX_MAX_ROWS rows (decode) run on `cpu_matmul.linear_amx`, and the weight in its tile
     # layout (kept when switched off: switching back is free)
     _amx_lib = None
     _amx_packed: torch.Tensor | None = None
     # bf16 on CPUs with AVX512-BF16 but no AMX (see `set_bf16`): the kernel library while steps of
-    # at most BF16_MAX_ROWS rows run on `cpu_kernels.linear_bf16`, and the weight in its panels
+    # at most BF16_MAX_ROWS rows run on `cpu_matmul.linear_bf16`, and the weight in its panels
     _bf16_lib = None
-    _bf16_packed: "cpu_kernels.BF16Weight | None" = None
+    _bf16_packed: "cpu_matmul.BF16Weight | None" = None
     # with --quantize int8 (see `set_int8`): the kernel library and the weight quantized for it
     _int8_lib = None
-    _int8_packed: "cpu_kernels.Int8Weight | None" = None
-    AMX_MAX_ROWS = 64
+    _int8_packed: "cpu_matmul.Int8Weight | None" = None
+    AMX_MAX_ROWS = 64  # past ~64-96 rows oneDNN is as fast (bench kernels scenario), and prefill is compute-bound
     # the AVX512-BF16 kernel beat oneDNN at every size measured, 8 to 1,024 rows, by 3-16 % from
     # 64 rows on (bench/results/HISTORY.md), so prefill chunks run on it too
-    BF16_MAX_ROWS = 4096  # past ~64-96 rows oneDNN is as fast (bench kernels scenario), and prefill is compute-bound
+    BF16_MAX_ROWS = 4096
 
     @classmethod
     def frozen(cls, weight: torch.Tensor, batch_hint: int) -> "Linear":
@@ -94,32 +94,32 @@ class Linear(nn.Linear):
         turns it off. Returns whether it is on."""
         w = self.weight.detach()
         return self._use("amx", lib, w.dtype == torch.bfloat16 and self.in_features % 32 == 0,
-                         lambda: cpu_kernels.pack_amx(w))
+                         lambda: cpu_matmul.pack_amx(w))
 
     @property
-    def bf16(self) -> "cpu_kernels.BF16Weight | None":
+    def bf16(self) -> "cpu_matmul.BF16Weight | None":
         """The packed weight the native bf16 kernel runs on, None while it is off."""
         return self._bf16_packed if self._bf16_lib is not None else None
 
     def set_bf16(self, lib) -> bool:
-        """Run steps of up to BF16_MAX_ROWS rows on `cpu_kernels.linear_bf16` (AVX512-BF16; for
+        """Run steps of up to BF16_MAX_ROWS rows on `cpu_matmul.linear_bf16` (AVX512-BF16; for
         CPUs without AMX) when this weight suits it (bf16, on the CPU, inputs even); `None`
         turns it off. Returns whether it is on."""
         w = self.weight.detach()
         return self._use("bf16", lib, w.dtype == torch.bfloat16 and self.in_features % 2 == 0,
-                         lambda: cpu_kernels.pack_bf16(w, self.bias))
+                         lambda: cpu_matmul.pack_bf16(w, self.bias))
 
     @property
-    def int8(self) -> "cpu_kernels.Int8Weight | None":
+    def int8(self) -> "cpu_matmul.Int8Weight | None":
         """The int8 weight every step runs on, None while int8 is off."""
         return self._int8_packed if self._int8_lib is not None else None
 
     def set_int8(self, lib) -> bool:
-        """Run every step on `cpu_kernels.linear_int8` (per-channel int8 weights, each row
+        """Run every step on `cpu_matmul.linear_int8` (per-channel int8 weights, each row
         quantized on the fly) with `lib` the loaded kernels; `None` turns it off. Returns
         whether it is on (the weight needs inputs a multiple of 4 and to be on the CPU)."""
         w = self.weight.detach()
-        return self._use("int8", lib, self.in_features % 4 == 0, lambda: cpu_kernels.pack_int8(w, self.bias))
+        return self._use("int8", lib, self.in_features % 4 == 0, lambda: cpu_matmul.pack_int8(w, self.bias))
 
     def pack(self, batch_hint: int) -> None:
         """Pre-pack the weight for oneDNN (`batch_hint` 0: don't; the int8 path needs no copy)."""
@@ -130,12 +130,12 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         if self._int8_lib is not None:
             shape = x.shape
-            y = cpu_kernels.linear_int8(self._int8_lib, x.reshape(-1, shape[-1]), self._int8_packed, gelu)
+            y = cpu_matmul.linear_int8(self._int8_lib, x.reshape(-1, shape[-1]), self._int8_packed, gelu)
             return y.view(*shape[:-1], y.shape[-1])
         if self._amx_lib is not None and x.dim() == 2 and x.shape[0] <= self.AMX_MAX_ROWS:
-            return cpu_kernels.linear_amx(self._amx_lib, x, self._amx_packed, self.out_features, self.bias, gelu)
+            return cpu_matmul.linear_amx(self._amx_lib, x, self._amx_packed, self.out_features, self.bias, gelu)
         if self._bf16_lib is not None and x.dim() == 2 and x.shape[0] <= self.BF16_MAX_ROWS:
-            return cpu_kernels.linear_bf16(self._bf16_lib, x, self._bf16_packed, gelu)
+            return cpu_matmul.linear_bf16(self._bf16_lib, x, self._bf16_packed, gelu)
         if self.packed is None:
             y = F.linear(x, self.weight, self.bias)
             return F.gelu(y, approximate="tanh") if gelu else y
