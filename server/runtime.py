@@ -19,6 +19,7 @@ import torch
 
 from registry import Registry
 from registry.paths import default_db_url, model_id_for
+from server.engine import openmp
 from server.engine.engine import Engine
 from server.engine.kv_cache import slot_bytes
 from server.metrics import Metrics
@@ -121,6 +122,7 @@ class Runtime:
     def start(self) -> None:
         if not self.engine_on_caller_thread:
             self.engine.start()
+            openmp.release()  # this thread's OpenMP workers would slow the engine's (openmp.py)
         self._poller = threading.Thread(target=self._poll, name="polyprompt-registry-poll", daemon=True)
         self._poller.start()
         # PostgreSQL: LISTEN for the NOTIFY every registry write sends, and reload at once (the

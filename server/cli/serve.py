@@ -36,6 +36,7 @@ def main(argv: list[str]) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.engine import openmp
     from server.runtime import Runtime
 
     try:
@@ -51,11 +52,18 @@ def main(argv: list[str]) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
                                            log_level=settings.log_level.lower(), timeout_graceful_shutdown=5))
     # HTTP runs on its own thread (uvicorn installs no signal handlers there); the main thread
-    # runs the engine loop (its matmuls ran ~15% faster there than on a secondary thread in our
-    # CPU measurements) or, with --engine-thread, just waits. SIGTERM/SIGINT drain: refuse new
+    # runs the engine loop or, with --engine-thread, just waits. SIGTERM/SIGINT drain: refuse new
     # requests, let accepted ones finish within --drain-timeout, end the rest, exit 0; a second
     # signal stops waiting.
     runtime.engine_on_caller_thread = settings.engine_main_thread
+    # before the HTTP thread exists: its torch work gets one OpenMP thread, the engine's team
+    # keeps its own (server/engine/openmp.py; with --engine-thread, this thread's team from
+    # loading the model is handed back)
+    if settings.engine_main_thread:
+        openmp.claim(runtime.engine.threads)
+    else:
+        openmp.release()
+        openmp.set_default(1)
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="polyprompt-http", daemon=True)
     lifecycle = app.state.lifecycle
 

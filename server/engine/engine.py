@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from server.engine import openmp
 from server.engine.execute import Executor
 from server.engine.graphs import StaticDecoder
 from server.engine.kv_cache import KVCache, slot_bytes
@@ -78,6 +79,7 @@ class Engine:
         self.stats = {"steps": 0, "generated_tokens": 0, "prompt_tokens": 0, "finished": 0, "row_failures": 0}
         self.listeners: list[Callable[[Request, RequestOutput], None]] = []
         self.meter = BusyMeter()  # time inside step() in `_loop` (server/engine/utilisation.py)
+        self.threads = torch.get_num_threads()  # the loop's OpenMP team (server/engine/openmp.py)
 
     # ------------------------------------------------------------------ intake (any thread)
     def add_request(self, req: Request) -> None:
@@ -164,6 +166,7 @@ class Engine:
         self._loop(until)
 
     def _loop(self, until: Callable[[], bool] = lambda: False) -> None:
+        openmp.claim(self.threads)  # the only team with more than one thread: see its module
         while not self._stop.is_set():
             if until():
                 return
