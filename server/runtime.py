@@ -222,6 +222,11 @@ class Runtime:
         if old or tasks:
             log.info("task table reloaded: %d tasks (generation %d)", len(tasks), gen)
 
+    def has_prompt(self, sha256: str) -> bool:
+        """Whether `load_prompt(sha256)` would answer from memory (no disk read)."""
+        with self._prompts_lock:
+            return sha256 in self._prompts
+
     def load_prompt(self, sha256: str) -> torch.Tensor:
         """The soft prompt of a version (CPU float32), cached in memory by sha256."""
         with self._prompts_lock:

@@ -122,6 +122,32 @@ def test_completion_token_id_prompt(client):
     assert_error(client.post("/v1/completions", json={"model": "alpha", "prompt": [10**9]}), 400, "vocab")
 
 
+def test_preparing_on_the_loop_or_a_thread_answers_the_same(client, monkeypatch):
+    """Requests whose soft prompts are in memory and whose text is short are prepared on the
+    event loop (service._quick); the rest on a worker thread. Same answers either way."""
+    from server import service
+
+    rt = client.app.state.runtime
+    ids = _encode(client, PROMPT)
+    quick = greedy(client, "alpha", PROMPT, ignore_eos=True)
+    info = service._resolve(rt, "alpha")
+    assert rt.has_prompt(info.sha256)
+    assert service._quick(rt, [("alpha", PROMPT, None, None)], {"alpha": info})
+    assert service._quick(rt, [("alpha", ids, None, None)], {"alpha": info})
+    assert not service._quick(rt, [("alpha", "x" * (service.INLINE_CHARS + 1), None, None)], {"alpha": info})
+    monkeypatch.setattr(service, "INLINE_CHARS", -1)  # every request through the thread now
+    assert not service._quick(rt, [("alpha", ids, None, None)], {"alpha": info})
+    assert greedy(client, "alpha", PROMPT, ignore_eos=True)["choices"] == quick["choices"]
+    monkeypatch.undo()
+    with rt._prompts_lock:  # out of memory: read from the registry on the thread, then cached
+        rt._prompts.clear()
+        rt._prompt_bytes = 0
+    assert not service._quick(rt, [("alpha", ids, None, None)], {"alpha": info})
+    assert greedy(client, "alpha", ids, ignore_eos=True)["choices"][0]["token_ids"] == \
+        quick["choices"][0]["token_ids"]
+    assert rt.has_prompt(info.sha256)
+
+
 def test_n_with_seed(client):
     body = dict(model="alpha", prompt=PROMPT, n=3, temperature=1.0, seed=7, max_tokens=8,
                 ignore_eos=True, return_token_ids=True)
