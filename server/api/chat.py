@@ -23,6 +23,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from server import service
+from server.api import answers
 from server.api.deps import RuntimeDep, User
 from server.api.responses import GENERATION
 from server.api.schemas import ChatCompletionRequest
@@ -173,7 +174,7 @@ async def chat_completions(body: ChatCompletionRequest, rt: RuntimeDep, request:
         choices.append(choice)
     completion_tokens = sum(len(out.token_ids) for out in finals)
     return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
-            "choices": choices, "usage": service.usage(prompt_tokens, completion_tokens)}
+            "choices": choices, "usage": answers.usage(prompt_tokens, completion_tokens)}
 
 
 async def _stream(body: ChatCompletionRequest, submission: "service.Submission", cid: str, created: int,
@@ -205,7 +206,7 @@ async def _stream(body: ChatCompletionRequest, submission: "service.Submission",
             if out.finished:
                 yield event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}])
         if usage:
-            yield event([], usage=service.usage(prompt_tokens, completion_tokens))
+            yield event([], usage=answers.usage(prompt_tokens, completion_tokens))
     except APIError as e:  # headers are already sent: report in-band
         yield f"data: {json.dumps(e.body())}\n\n"
     yield "data: [DONE]\n\n"

@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from server import service
+from server.api import answers
 from server.api.deps import RuntimeDep, User
 from server.api.responses import BATCH, GENERATION
 from server.api.schemas import CompletionRequest, GenerateRequest
@@ -50,11 +51,11 @@ async def completions(body: CompletionRequest, rt: RuntimeDep, request: Request)
     finals = await service.collect(request, service.Submission(rt, prepared))
     for i, out in enumerate(finals):
         completion_tokens += len(out.token_ids)
-        lp = service.logprobs_json(rt, out.logprobs if body.logprobs is not None else None)
+        lp = answers.logprobs_json(rt, out.logprobs if body.logprobs is not None else None)
         text = out.text
         if body.echo:
             echoed = _echo_text(rt, prompts[i // body.n])
-            lp = service.echo_logprobs(rt, prepared[i].prompt_ids, out.prompt_logprobs, lp, len(echoed)) \
+            lp = answers.echo_logprobs(rt, prepared[i].prompt_ids, out.prompt_logprobs, lp, len(echoed)) \
                 if body.logprobs is not None else None
             text = echoed + text
         choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
@@ -62,7 +63,7 @@ async def completions(body: CompletionRequest, rt: RuntimeDep, request: Request)
             choice["token_ids"] = out.token_ids
         choices[i] = choice
     return {"id": cid, "object": "text_completion", "created": created, "model": body.model,
-            "choices": choices, "usage": service.usage(prompt_tokens, completion_tokens)}
+            "choices": choices, "usage": answers.usage(prompt_tokens, completion_tokens)}
 
 
 def _echo_text(rt, prompt: str | list[int]) -> str:
@@ -80,11 +81,11 @@ async def _stream(body: CompletionRequest, submission: "service.Submission", cid
         async for i, out in submission.outputs():
             completion_tokens += len(out.new_token_ids)
             text = out.text_delta
-            lp = service.logprobs_json(rt, out.logprobs if body.logprobs is not None else None, offsets[i])
+            lp = answers.logprobs_json(rt, out.logprobs if body.logprobs is not None else None, offsets[i])
             if not echoed[i]:
                 echoed[i] = True
                 prefix = _echo_text(rt, prompts[i // body.n])
-                lp = service.echo_logprobs(rt, prepared[i].prompt_ids, out.prompt_logprobs, lp, len(prefix)) \
+                lp = answers.echo_logprobs(rt, prepared[i].prompt_ids, out.prompt_logprobs, lp, len(prefix)) \
                     if body.logprobs is not None else None
                 offsets[i] += len(prefix)
                 text = prefix + text
@@ -98,7 +99,7 @@ async def _stream(body: CompletionRequest, submission: "service.Submission", cid
             yield f"data: {json.dumps(chunk)}\n\n"
         if (body.stream_options or {}).get("include_usage"):
             chunk = {"id": cid, "object": "text_completion", "created": created, "model": body.model,
-                     "choices": [], "usage": service.usage(prompt_tokens, completion_tokens)}
+                     "choices": [], "usage": answers.usage(prompt_tokens, completion_tokens)}
             yield f"data: {json.dumps(chunk)}\n\n"
     except APIError as e:  # headers are already sent: report in-band
         yield f"data: {json.dumps(e.body())}\n\n"
@@ -119,7 +120,7 @@ async def generate(body: GenerateRequest, rt: RuntimeDep, request: Request) -> d
     for i, out in zip(runnable, finals):
         n_prompt = len(prepared[i].prompt_ids)
         results[i] = {"task": body.requests[i].task, "text": out.text, "token_ids": out.token_ids,
-                      "finish_reason": out.finish_reason, "usage": service.usage(n_prompt, len(out.token_ids))}
+                      "finish_reason": out.finish_reason, "usage": answers.usage(n_prompt, len(out.token_ids))}
         if body.requests[i].logprobs is not None:
-            results[i]["logprobs"] = service.logprobs_json(rt, out.logprobs)
+            results[i]["logprobs"] = answers.logprobs_json(rt, out.logprobs)
     return {"results": results}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from server import scoring, service
+from server.api import answers
 from server.api.deps import RuntimeDep, User
 from server.api.responses import BATCH
 from server.api.schemas import ScoreRequest
@@ -28,5 +29,5 @@ async def score(body: ScoreRequest, rt: RuntimeDep, request: Request) -> dict:
     for item, candidate in zip(answer["results"], body.candidates):
         item["candidate"] = candidate
     answer["model"] = body.model
-    answer["usage"] = service.usage(n_prompt + sum(len(p.prompt_ids) - 1 for p in prepared), 0)
+    answer["usage"] = answers.usage(n_prompt + sum(len(p.prompt_ids) - 1 for p in prepared), 0)
     return answer
