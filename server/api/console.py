@@ -35,12 +35,12 @@ class AuthInfo(BaseModel):
 
 
 @router.get("/v1/auth", dependencies=[User], responses=USER, response_model=AuthInfo)
-def auth(request: Request) -> AuthInfo:
+async def auth(request: Request) -> AuthInfo:
     """Which role the presented key has: a cheap check (no registry or engine), answered by the same
     functions that guard the routes, so the console and the server can never disagree. 401 where a
     user route would refuse the request."""
     try:
-        require_admin(request)
+        await require_admin(request)
     except APIError:
         return AuthInfo(role="user")
     return AuthInfo(role="admin")
