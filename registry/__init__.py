@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from . import store
+from . import store, views
 from .errors import (
     IntegrityError,
     InvalidName,
@@ -193,12 +193,12 @@ class Registry:
     def get_task(self, name: str) -> dict[str, Any]:
         """The task as a dict; raises TaskNotFound."""
         with self._session() as s:
-            return store.task_to_dict(store.get_task(s, name=name))
+            return views.task_to_dict(store.get_task(s, name=name))
 
     def list_tasks(self) -> list[dict[str, Any]]:
         """All tasks (ordered by name)."""
         with self._session() as s:
-            return [store.task_to_dict(t) for t in store.list_tasks(s)]
+            return [views.task_to_dict(t) for t in store.list_tasks(s)]
 
     def list_tasks_page(self, *, limit: int, offset: int = 0, q: str | None = None
                         ) -> tuple[list[dict[str, Any]], int]:
@@ -206,7 +206,7 @@ class Registry:
         name, and how many match in all; both read in one session, so they agree."""
         with self._session() as s:
             page = store.list_tasks_page(s, limit=limit, offset=offset, q=q)
-            return [store.task_to_dict(t) for t in page], store.count_tasks(s, q=q)
+            return [views.task_to_dict(t) for t in page], store.count_tasks(s, q=q)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """`{name: task dict}` for every task, with active version info, in one query."""
@@ -326,14 +326,14 @@ class Registry:
                     meta=meta,
                     data=data,
                 )
-            return store.task_to_dict(task)
+            return views.task_to_dict(task)
 
     def update_task(self, name: str, *, chat_template: str | None = store._UNSET) -> dict[str, Any]:
         """Change the task's settings that are passed (today only `chat_template`; None: back to
         the server's) and return the task; nothing passed: nothing written. Raises TaskNotFound /
         ValueError (a template that cannot be stored; the caller checks that it renders)."""
         with self._session() as s, s.begin():
-            return store.task_to_dict(store.update_task(s, name=name, chat_template=chat_template))
+            return views.task_to_dict(store.update_task(s, name=name, chat_template=chat_template))
 
     def delete_task(self, name: str) -> None:
         """Delete the task's rows and, in the same transaction, the prompt blobs no other version
@@ -376,9 +376,9 @@ class Registry:
                 base_model=base_model,
                 data=data,
             )
-            return store.version_to_dict(pv)
+            return views.version_to_dict(pv)
 
     def activate_version(self, name: str, version: int) -> dict[str, Any]:
         """Make `version` the active one; raises TaskNotFound / VersionNotFound."""
         with self._session() as s, s.begin():
-            return store.version_to_dict(store.activate_version(s, name=name, version=int(version)))
+            return views.version_to_dict(store.activate_version(s, name=name, version=int(version)))
