@@ -74,3 +74,32 @@ def test_release_ends_the_threads_openmp_workers(default_threads):
     with_team, released, after = _on_thread(side_thread)
     assert released, "libgomp's omp_pause_resource_all is missing or failed"
     assert after <= with_team - 2  # its two workers are gone
+
+
+def test_the_engine_loop_claims_the_team(tiny_model_dir, default_threads):
+    """Engine._loop (serve's engine thread, `--engine-thread`, Ray replicas) keeps its team and
+    leaves one OpenMP thread to threads that start torch work later."""
+    from transformers import AutoTokenizer
+
+    from server.engine.engine import Engine, EngineConfig
+    from server.engine.request import Request
+    from server.engine.sampler import SamplingParams
+    from server.model import GPT2
+
+    n = torch.get_num_threads()
+    if n < 2:
+        pytest.skip("LOUD SKIP: torch has one thread here; a claimed team looks like any other")
+    openmp.set_default(n)  # as in a fresh process (an earlier engine in this one may have set 1)
+    assert _on_thread(torch.get_num_threads) == n
+    model = GPT2.from_pretrained(str(tiny_model_dir))
+    eng = Engine(model, AutoTokenizer.from_pretrained(tiny_model_dir), EngineConfig(max_num_seqs=2))
+    done = threading.Event()
+    eng.add_request(Request("r", [1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True),
+                            on_output=lambda out: done.set() if out.finished else None))
+    eng.start()
+    try:
+        assert done.wait(60), "the engine did not answer"
+        assert eng.threads == n
+        assert _on_thread(torch.get_num_threads) == 1
+    finally:
+        eng.shutdown()
