@@ -160,13 +160,15 @@ def load() -> ctypes.CDLL | None:
             log.warning("native CPU kernels would run a second OpenMP runtime (%s); using SDPA",
                         ", ".join(sorted(runtimes)))
             return None
-        p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+        p, i64, i32, f32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_double
         for name in ("decode_attention_f32", "decode_attention_bf16"):
             fn = getattr(lib, name)
             fn.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, p, p, i64, i64, i32, i32, i32, f32, i32]
             fn.restype = i32
         lib.argmax_rows_bf16.argtypes = [p, i64, i64, i32, p, i32]
         lib.argmax_rows_bf16.restype = None
+        lib.screen_pick.argtypes = [p, i64, i64, p, i64, p, p, i64, p, i32, i32, f64, i64, p, p, i32]
+        lib.screen_pick.restype = None
         lib.write_kv.argtypes = [p, i64, i64, i64, p, i64, i64, i64, i64, p, p, i32, i32, i32, i32, i32]
         lib.write_kv.restype = None
         for name in ("prefill_attention_f32", "prefill_attention_bf16"):
@@ -294,6 +296,29 @@ def argmax_rows(lib: ctypes.CDLL, logits: torch.Tensor) -> list[int]:
     out = torch.empty(r, dtype=torch.int64)
     lib.argmax_rows_bf16(logits.data_ptr(), logits.stride(0), v, r, out.data_ptr(), torch.get_num_threads())
     return out.tolist()
+
+
+def screen_pick(lib: ctypes.CDLL, y: torch.Tensor, bound: torch.Tensor, perm: torch.Tensor, h: torch.Tensor,
+                w: torch.Tensor, round_bf16: bool, slack: float, max_cand: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 greedy screen's pick (`Int8Screen`; kernels.c has the arithmetic): int8
+    logits `y` `[R, V]` bf16 in the screen's token order `perm` `[V]` int64, bounds `[R,
+    ceil(V/64)]` float64, normed hidden states `h` `[R, K]` float32, the head `w` `[V, K]`
+    (float32 or bf16, original order). Returns (tokens `[R]`, -1 where a row is left to the
+    full head; candidates per row `[R]`)."""
+    r, v = y.shape
+    k = h.shape[1]
+    if y.dtype != torch.bfloat16 or h.dtype != torch.float32 or bound.dtype != torch.float64 or \
+            perm.dtype != torch.int64 or w.dtype not in (torch.float32, torch.bfloat16) or \
+            bound.shape != (r, -(-v // 64)) or perm.shape != (v,) or h.shape[0] != r or w.shape != (v, k):
+        raise ValueError("screen_pick: mismatched dtypes or shapes")
+    if any(t.device.type != "cpu" for t in (y, bound, perm, h, w)):
+        raise ValueError("screen_pick runs on CPU tensors")
+    y, bound, perm, h, w = (t.contiguous() for t in (y, bound, perm, h, w))
+    tok, count = torch.empty(r, dtype=torch.int64), torch.empty(r, dtype=torch.int64)
+    lib.screen_pick(y.data_ptr(), r, v, bound.data_ptr(), bound.shape[1], perm.data_ptr(), h.data_ptr(), k,
+                    w.data_ptr(), int(w.dtype == torch.bfloat16), int(round_bf16), slack, max_cand,
+                    tok.data_ptr(), count.data_ptr(), torch.get_num_threads())
+    return tok, count
 
 
 def write_kv(lib: ctypes.CDLL, kv: torch.Tensor, src: torch.Tensor, slots: torch.Tensor,

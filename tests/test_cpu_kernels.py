@@ -334,7 +334,7 @@ def test_linear_amx_refuses_what_the_c_code_cannot_check():
 def test_bf16_model_runs_decode_sized_matmuls_on_amx(tiny_model_dir, monkeypatch):
     """A bf16 model's matmuls of up to AMX_MAX_ROWS rows go to the AMX kernel (the blocks,
     the LM head), larger ones to oneDNN; switching it off and on gives the same numbers as
-    oneDNN up to bf16 rounding, and an fp32 model keeps AMX for its bf16 screen only."""
+    oneDNN up to bf16 rounding, and an fp32 model keeps AMX for its bf16 screen (where it has one) only."""
     from server.model import GPT2, Linear
 
     model = GPT2.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
@@ -356,9 +356,11 @@ def test_bf16_model_runs_decode_sized_matmuls_on_amx(tiny_model_dir, monkeypatch
         assert ((on.float() - off.float()).abs() <= off.float().abs() * 2**-7 + 2e-2).all()
     h = torch.randn(9, model.spec.n_embd, generator=g).to(torch.bfloat16)
     calls.clear()
-    model.greedy(h)
+    model.logits(h)
     assert calls == [16]  # the head, rows padded to the bucket size
     f32 = GPT2.from_pretrained(str(tiny_model_dir))
+    f32.enable_greedy_screen(kind="bf16")  # an fp32 model's screen where there is no VNNI for the int8 one
+    f32.set_native_kernels(True)
     layers = f32.backend.linears(f32)
     assert [m.amx is not None for m in layers] == [False] * (len(layers) - 1) + [True]
 
@@ -406,7 +408,8 @@ def test_linear_bf16_refuses_what_the_c_code_cannot_check():
 def test_bf16_model_runs_decode_sized_matmuls_on_avx512_bf16(tiny_model_dir, monkeypatch):
     """Without AMX, a bf16 model's matmuls of up to BF16_MAX_ROWS rows go to the AVX512-BF16
     kernel (blocks and LM head), larger ones to oneDNN; off and on agree up to bf16 rounding;
-    an fp32 model uses it for its bf16 greedy screen only; POLYPROMPT_CPU_BF16=0 turns it off."""
+    an fp32 model uses it for its bf16 greedy screen (where it has one) only; POLYPROMPT_CPU_BF16=0
+    turns it off."""
     from server.model import GPT2, Linear
 
     model = GPT2.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
@@ -429,6 +432,8 @@ def test_bf16_model_runs_decode_sized_matmuls_on_avx512_bf16(tiny_model_dir, mon
         model.set_native_kernels(True)
         assert ((on.float() - off.float()).abs() <= off.float().abs() * 2**-7 + 2e-2).all()
     f32 = GPT2.from_pretrained(str(tiny_model_dir))
+    f32.enable_greedy_screen(kind="bf16")  # an fp32 model's screen where there is no VNNI for the int8 one
+    f32.set_native_kernels(True)
     layers = f32.backend.linears(f32)
     assert [m.bf16 is not None for m in layers] == [False] * (len(layers) - 1) + [True]
     monkeypatch.setenv("POLYPROMPT_CPU_BF16", "0")

@@ -12,6 +12,7 @@
  * prefill_attention_*: causal attention of prefill rows over their own slots (below).
  * write_kv: a step's keys and values into the cache, a row copy per token.
  * argmax_rows_bf16: torch.argmax over the last dim of bf16 logits, in one pass.
+ * screen_pick: the int8 greedy screen's candidates, rescored exactly, and each row's winner.
  * linear_amx_bf16: bf16 matmul (+ bias, tanh-GELU) of decode-sized steps on AMX tiles, built
  * only with -mamx-tile -mamx-bf16 (at the end of the file).
  * linear_int8 (AVX512-VNNI) and linear_int8_amx (AMX-INT8, built with -mamx-int8): the int8
@@ -239,6 +240,91 @@ void argmax_rows_bf16(const uint16_t *x, int64_t rs, int64_t V, int R, int64_t *
         const float m = _mm512_reduce_max_ps(best);
         const __mmask16 eq = _mm512_cmp_ps_mask(best, _mm512_set1_ps(m), _CMP_EQ_OQ);
         out[r] = _mm512_mask_reduce_min_epi32(eq, best_idx);
+    }
+}
+
+/* The int8 greedy screen's pick (server/model/greedy.py, Int8Screen), one row per thread:
+ * y[r, :V] are the row's int8 logits over the vocabulary in the screen's sorted order (bf16: each
+ * within Y_ROUNDING |y| of the kernel's float value), bound[r, b] (float64) bounds
+ * |float value - exact| over block b of 64 tokens (the last one partial). The
+ * exact best logit is at least low = max_b (max y in b - bound[b]); every token whose y reaches
+ * low - bound[b] is rescored exactly: float64 dot of h[r] (float32) and its head row w[perm[j]]
+ * (float32, or bf16 if w_bf16), rounded to float32 (and to bf16 if round_bf16, as a bf16
+ * head's logits are; low is then lowered by slack * |low| so ties in bf16 are all kept). The
+ * best score wins, the lowest token id on ties. tok[r] = -1 where the row cannot be decided
+ * here (a non-finite bound or score, or more than max_cand candidates); count[r] = its
+ * candidates. */
+static inline float round_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    u = (u + 0x7fff + ((u >> 16) & 1)) & 0xffff0000u;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+/* float64 dot of K float32 values and K float32 (or bf16) values, in 16 float64 lanes */
+static inline double dot_f64(const float *a, const void *b, int b_bf16, int64_t K) {
+    __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+    for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 live = live_lanes(K - k);
+        const __m512 x = _mm512_maskz_loadu_ps(live, a + k);
+        const __m512 w = b_bf16 ? load_bf16_masked((const uint16_t *)b + k, live)
+                                : _mm512_maskz_loadu_ps(live, (const float *)b + k);
+        s0 = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(x)), _mm512_cvtps_pd(_mm512_castps512_ps256(w)), s0);
+        s1 = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))),
+                             _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(w), 1))), s1);
+    }
+    return _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+}
+
+#define Y_ROUNDING 0.0078125 /* 2^-7 > a bf16 value's rounding error relative to it */
+void screen_pick(const uint16_t *y, int64_t R, int64_t V, const double *bound, int64_t nblk,
+                 const int64_t *perm, const float *h, int64_t K, const void *w, int w_bf16,
+                 int round_bf16_out, double slack, int64_t max_cand, int64_t *tok, int64_t *count,
+                 int threads) {
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")
+    for (int64_t r = 0; r < R; r++) {
+        const uint16_t *yr = y + r * V;
+        const double *br = bound + r * nblk;
+        const float *hr = h + r * K;
+        float *bmax = malloc(nblk * sizeof(float));
+        double low = -INFINITY;
+        int ok = bmax != NULL;
+        for (int64_t b = 0; ok && b < nblk; b++) {
+            const int64_t v0 = b * 64, n = V - v0 < 64 ? V - v0 : 64;
+            __m512 m = _mm512_set1_ps(-INFINITY);
+            for (int64_t t = 0; t < n; t += 16)
+                m = _mm512_max_ps(m, _mm512_mask_blend_ps(live_lanes(n - t), _mm512_set1_ps(-INFINITY),
+                                                          load_bf16_masked(yr + v0 + t, live_lanes(n - t))));
+            bmax[b] = _mm512_reduce_max_ps(m);
+            const double lb = (double)bmax[b] - fabs((double)bmax[b]) * Y_ROUNDING - br[b];
+            if (!isfinite(br[b]) || !isfinite(lb)) ok = 0;
+            if (lb > low) low = lb;
+        }
+        if (round_bf16_out) low -= fabs(low) * slack;
+        int64_t best_tok = -1, n_cand = 0;
+        float best = -INFINITY;
+        for (int64_t b = 0; ok && b < nblk; b++) {
+            const double thr = low - br[b];
+            if ((double)bmax[b] + fabs((double)bmax[b]) * Y_ROUNDING < thr) continue;
+            const int64_t v0 = b * 64, n = V - v0 < 64 ? V - v0 : 64;
+            for (int64_t t = 0; t < n; t++) {
+                uint32_t u = (uint32_t)yr[v0 + t] << 16;
+                float yv;
+                memcpy(&yv, &u, 4);
+                if ((double)yv + fabs((double)yv) * Y_ROUNDING < thr) continue;
+                if (++n_cand > max_cand) { ok = 0; break; }
+                const int64_t id = perm[v0 + t];
+                float score = (float)dot_f64(hr, w_bf16 ? (const void *)((const uint16_t *)w + id * K)
+                                                        : (const void *)((const float *)w + id * K), w_bf16, K);
+                if (round_bf16_out) score = round_bf16(score);
+                if (!isfinite(score)) { ok = 0; break; }
+                if (score > best || (score == best && id < best_tok)) { best = score; best_tok = id; }
+            }
+        }
+        free(bmax);
+        tok[r] = ok ? best_tok : -1;
+        count[r] = n_cand;
     }
 }
 

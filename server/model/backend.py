@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from server import cpu_kernels, cpu_matmul
-from server.model.greedy import GreedyScreen
+from server.model.greedy import GreedyScreen, Int8Screen
 from server.model.linear import Linear, can_pack
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -22,7 +22,7 @@ HEAD_ALIGN = 64  # rows of the padded CUDA LM head
 class Backend:
     head: Linear | None = None  # CPU: the LM head packed for oneDNN (row-bucketed steps)
     head_full: torch.Tensor | None = None  # CUDA: the LM head zero-padded to HEAD_ALIGN rows
-    screen: GreedyScreen | None = None  # CPU fp32: bf16 screen for exact greedy
+    screen: GreedyScreen | Int8Screen | None = None  # CPU: int8 (or fp32's bf16) screen for exact greedy
     native: object | None = None  # the native CPU kernels (ctypes library) for attention, KV writes, argmax
     quantize: str | None = None  # "int8": every CPU matmul on int8 weights (`Linear.set_int8`)
 
@@ -38,7 +38,9 @@ class Backend:
     def describe(self, model: "GPT2") -> dict[str, str]:
         """Which path each part takes on this machine (the startup log, /health `paths`)."""
         w = model.wte.weight
-        greedy = "bf16 screen + fp32 rescoring" if self.screening else "full LM head + argmax"
+        greedy = "full LM head + argmax"
+        if self.screening:
+            greedy = "%s screen + exact rescoring" % ("int8" if isinstance(self.screen, Int8Screen) else "bf16")
         if w.device.type != "cpu":
             return {"device": str(w.device), "attention": "SDPA", "greedy": greedy, "matmuls": "cuBLAS" +
                     (f" (LM head padded to a multiple of {HEAD_ALIGN} rows)" if self.head_full is not None else "")}
@@ -73,8 +75,9 @@ def choose(model: "GPT2", *, native: bool = True, amx: bool = True, screen: bool
     """The backend for `model` on its device and dtype. CPU fp32/bf16: every matmul weight
     pre-packed for oneDNN, the LM head too; the native kernels when `native` and they can run
     here (AVX-512, a C compiler), with `amx` the native bf16 matmul of decode steps (AMX where
-    the CPU has it, else AVX512-BF16); for fp32 the greedy screen where bf16 matmuls are
-    native (`screen` forces it on or off). `quantize="int8"`: every matmul, the LM head's too, on the native int8 kernel
+    the CPU has it, else AVX512-BF16); the greedy screen: int8 where the CPU has VNNI (fp32
+    and bf16 models), else bf16 for fp32 models where bf16 matmuls are native (`screen`
+    forces it on or off; `POLYPROMPT_CPU_SCREEN=0` turns it off). `quantize="int8"`: every matmul, the LM head's too, on the native int8 kernel
     instead (CPU with AVX512-VNNI only; a ValueError elsewhere). CUDA: the LM head padded
     for aligned cuBLAS kernels."""
     quantize = None if quantize in (None, "none") else quantize
@@ -91,11 +94,15 @@ def choose(model: "GPT2", *, native: bool = True, amx: bool = True, screen: bool
         if isinstance(m, Linear):
             m.pack(0 if quantize else batch_hint)
     b = Backend(head=Linear.frozen(model.head_weight().detach(), 0 if quantize else batch_hint), quantize=quantize)
-    if screen is None:
-        screen = not quantize and w.dtype == torch.float32 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if screen:
-        b.screen = GreedyScreen(model.head_weight(), batch_hint)
     set_native(model, b, native, amx and not quantize)  # int8 needs no bf16 copy of the weights
+    kind = "int8" if native and cpu_matmul.int8(cpu_kernels.load()) else "bf16"
+    if screen is None:
+        screen = not quantize and not cpu_kernels._switched_off("POLYPROMPT_CPU_SCREEN") and (
+            kind == "int8" or (w.dtype == torch.float32 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    if screen:
+        b.screen = make_screen(model.head_weight(), kind, batch_hint)
+        if b.screen.layer is not None:  # a bf16 screen's layer takes the native bf16 matmul too
+            set_native(model, b, native, amx)
     if quantize:
         lib = b.native or cpu_kernels.load()
         if not cpu_matmul.int8(lib):
@@ -104,6 +111,17 @@ def choose(model: "GPT2", *, native: bool = True, amx: bool = True, screen: bool
         for m in b.linears(model):
             m.set_int8(lib)
     return b
+
+
+def make_screen(head_weight: torch.Tensor, kind: str, batch_hint: int = 128) -> GreedyScreen | Int8Screen:
+    """The greedy screen of `kind`: "int8" (`Int8Screen`, needs the native kernels with
+    VNNI; a ValueError elsewhere) or "bf16" (`GreedyScreen`, for fp32 models)."""
+    if kind == "int8":
+        lib = cpu_kernels.load()
+        if not cpu_matmul.int8(lib):
+            raise ValueError("the int8 greedy screen needs the native CPU kernels with AVX512-VNNI")
+        return Int8Screen(head_weight, lib)
+    return GreedyScreen(head_weight, batch_hint)
 
 
 def set_native(model: "GPT2", b: Backend, on: bool, amx: bool = True) -> bool:

@@ -29,7 +29,7 @@ from torch import nn
 from server import cpu_kernels
 from server.model import backend as backends
 from server.model.attention import StepMeta, attend, native_step
-from server.model.greedy import GreedyScreen, argmax_rows
+from server.model.greedy import argmax_rows
 from server.model.linear import Linear, bucket_rows, bucketed, pad_rows
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -126,10 +126,11 @@ class GPT2(nn.Module):
         compiler; AMX for the matmul); else SDPA and torch ops. Returns whether they are in use."""
         return backends.set_native(self, self.backend, on, amx)
 
-    def enable_greedy_screen(self, batch_hint: int = 128) -> None:
-        """Screen greedy rows with a bf16 copy of the LM head (see `GreedyScreen`), also where
-        bf16 matmuls are not native (tests: the answer must not change)."""
-        self.backend.screen = GreedyScreen(self.head_weight(), batch_hint)
+    def enable_greedy_screen(self, batch_hint: int = 128, kind: str = "bf16") -> None:
+        """Screen greedy rows with a bf16 (`GreedyScreen`, fp32 models) or int8 (`Int8Screen`,
+        needs VNNI) copy of the LM head, also where it would not be chosen (tests: the answer
+        must not change)."""
+        self.backend.screen = backends.make_screen(self.head_weight(), kind, batch_hint)
 
     @property
     def amx_kernels(self) -> bool:
@@ -188,15 +189,20 @@ class GPT2(nn.Module):
 
     def greedy(self, hidden: torch.Tensor) -> list[int]:
         """Greedy tokens for hidden states `[R, C]`, exactly `logits(hidden).argmax(-1)`: by
-        the bf16 screen where there is one (fp32 on CPU), else from the full logits (a bf16
-        model's by the native or block-wise argmax)."""
+        the greedy screen where there is one (CPU: int8 where the CPU has VNNI, else bf16 for
+        fp32 models), else from the full logits (a bf16 model's by the native or block-wise argmax)."""
         b = self.backend
         if not b.screening:
-            logits = self.logits(hidden)
-            if logits.dtype != torch.bfloat16:
-                return logits.argmax(-1).tolist()
-            return cpu_kernels.argmax_rows(b.native, logits) if b.native is not None else argmax_rows(logits)
-        return b.screen.greedy(self.ln_f(hidden), self.head_weight(), self._head_logits)
+            return self._full_greedy(self.ln_f(hidden))
+        return b.screen.greedy(self.ln_f(hidden), self.head_weight(), self._full_greedy)
+
+    def _full_greedy(self, h: torch.Tensor) -> list[int]:
+        """The argmax of the full LM head's logits of normed hidden states `h` (first maximum on ties)."""
+        logits = self._head_logits(h)
+        if logits.dtype != torch.bfloat16:
+            return logits.argmax(-1).tolist()
+        lib = self.backend.native
+        return cpu_kernels.argmax_rows(lib, logits) if lib is not None else argmax_rows(logits)
 
     def _qkv(self, blk: Block, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         s = self.spec
@@ -289,7 +295,7 @@ class GPT2(nn.Module):
             blk.mlp.c_proj(blk.mlp.c_fc(x, gelu=True))
             if m <= bucket_rows(max_rows):
                 b.head(x)
-                if b.screening:
+                if b.screening and b.screen.layer is not None:
                     b.screen.layer(x.to(torch.bfloat16))
         return len(sizes)
 
