@@ -98,7 +98,8 @@ def choose(model: "GPT2", *, native: bool = True, amx: bool = True, screen: bool
     kind = "int8" if native and cpu_matmul.int8(cpu_kernels.load()) else "bf16"
     if screen is None:
         screen = not quantize and not cpu_kernels._switched_off("POLYPROMPT_CPU_SCREEN") and (
-            kind == "int8" or (w.dtype == torch.float32 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+            kind == "int8" or (w.dtype == torch.float32 and torch.ops.mkldnn._is_mkldnn_bf16_supported())) \
+            and bool(torch.isfinite(model.head_weight()).all())  # a NaN logit is argmax's answer: the full head's
     if screen:
         b.screen = make_screen(model.head_weight(), kind, batch_hint)
         if b.screen.layer is not None:  # a bf16 screen's layer takes the native bf16 matmul too
