@@ -26,9 +26,13 @@ def load_engine_model(model_dir: Path, dtype: str, device: str = "cpu"):
 
     from server.model import GPT2
 
+    from server.lifecycle import freeze_heap
+
     model = GPT2.from_pretrained(str(model_dir), device=device, dtype=DTYPES[dtype],
                                  quantize=split_dtype(dtype)[1])
-    return model, AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    freeze_heap()  # as `polyprompt serve` does once loaded: no full collections of this heap mid-run
+    return model, tokenizer
 
 
 def _requests(wl: Workload, tag: str, key_prefix: str = ""):

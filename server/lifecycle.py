@@ -1,4 +1,5 @@
-"""Shutdown without dropping work: SIGTERM -> stop admitting -> drain -> exit 0.
+"""Shutdown without dropping work: SIGTERM -> stop admitting -> drain -> exit 0; and the
+start-up heap frozen out of the garbage collector's way (`freeze_heap`).
 
 `Lifecycle` is the server's one record of whether it admits requests; `DrainGate` (pure
 ASGI, outermost) counts the HTTP requests in flight and, once draining, answers new ones
@@ -8,6 +9,7 @@ replica) while the requests already accepted run to completion.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import threading
@@ -81,3 +83,15 @@ class DrainGate:
             await self.app(scope, receive, send)
         finally:
             lc.in_flight -= 1
+
+
+def freeze_heap() -> int:
+    """One full collection, then every object alive moved out of the garbage collector's
+    reach (`gc.freeze`); returns how many. The heap a server builds at start-up (torch,
+    transformers, the app, the registry: ~10^6 objects) lives as long as the process, and
+    Python's full collections scanned all of it every few seconds of serving: 180-370 ms
+    each, landing mid-step, up to ~9 % of a benchmark run's time (bench/results/HISTORY.md,
+    session 13). Objects made later are collected as usual."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

@@ -37,6 +37,7 @@ def main(argv: list[str]) -> int:
 
     from server.app import create_app
     from server.engine import openmp
+    from server.lifecycle import freeze_heap
     from server.runtime import Runtime
 
     try:
@@ -64,6 +65,7 @@ def main(argv: list[str]) -> int:
     else:
         openmp.release()
         openmp.set_default(1)
+    freeze_heap()  # start-up is done: its heap out of the collector's way (server/lifecycle.py)
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="polyprompt-http", daemon=True)
     lifecycle = app.state.lifecycle
 
