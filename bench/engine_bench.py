@@ -24,9 +24,8 @@ def split_dtype(dtype: str) -> tuple[str, str | None]:
 def load_engine_model(model_dir: Path, dtype: str, device: str = "cpu"):
     from transformers import AutoTokenizer
 
-    from server.model import GPT2
-
     from server.lifecycle import freeze_heap
+    from server.model import GPT2
 
     model = GPT2.from_pretrained(str(model_dir), device=device, dtype=DTYPES[dtype],
                                  quantize=split_dtype(dtype)[1])

@@ -77,8 +77,9 @@ def choose(model: "GPT2", *, native: bool = True, amx: bool = True, screen: bool
     here (AVX-512, a C compiler), with `amx` the native bf16 matmul of decode steps (AMX where
     the CPU has it, else AVX512-BF16); the greedy screen: int8 where the CPU has VNNI (fp32
     and bf16 models), else bf16 for fp32 models where bf16 matmuls are native (`screen`
-    forces it on or off; `POLYPROMPT_CPU_SCREEN=0` turns it off). `quantize="int8"`: every matmul, the LM head's too, on the native int8 kernel
-    instead (CPU with AVX512-VNNI only; a ValueError elsewhere). CUDA: the LM head padded
+    forces it on or off; `POLYPROMPT_CPU_SCREEN=0` turns it off). `quantize="int8"`: every
+    matmul, the LM head's too, on the native int8 kernel instead (CPU with AVX512-VNNI only;
+    a ValueError elsewhere). CUDA: the LM head padded
     for aligned cuBLAS kernels."""
     quantize = None if quantize in (None, "none") else quantize
     if quantize not in (None, "int8"):
