@@ -95,7 +95,6 @@ def choose(model: "GPT2", *, native: bool = True, amx: bool = True, screen: bool
         if isinstance(m, Linear):
             m.pack(0 if quantize else batch_hint)
     b = Backend(head=Linear.frozen(model.head_weight().detach(), 0 if quantize else batch_hint), quantize=quantize)
-    set_native(model, b, native, amx and not quantize)  # int8 needs no bf16 copy of the weights
     kind = "int8" if native and cpu_matmul.int8(cpu_kernels.load()) else "bf16"
     if screen is None:
         screen = not quantize and not cpu_kernels._switched_off("POLYPROMPT_CPU_SCREEN") and (
@@ -103,8 +102,7 @@ def choose(model: "GPT2", *, native: bool = True, amx: bool = True, screen: bool
             and bool(torch.isfinite(model.head_weight()).all())  # a NaN logit is argmax's answer: the full head's
     if screen:
         b.screen = make_screen(model.head_weight(), kind, batch_hint)
-        if b.screen.layer is not None:  # a bf16 screen's layer takes the native bf16 matmul too
-            set_native(model, b, native, amx)
+    set_native(model, b, native, amx and not quantize)  # a bf16 screen's layer too; int8 needs no bf16 copy
     if quantize:
         lib = b.native or cpu_kernels.load()
         if not cpu_matmul.int8(lib):

@@ -124,7 +124,7 @@ class Int8Screen:
 
     def __init__(self, head_weight: torch.Tensor, lib):
         w = head_weight.detach()
-        self.lib, self.vocab, self.k = lib, w.shape[0], w.shape[1]
+        self.lib, self.k = lib, w.shape[1]
         wf = w.float()
         q, scale = cpu_matmul.quantize_int8(wf)
         wq = q.float() * scale[:, None]
