@@ -187,6 +187,8 @@ def load() -> ctypes.CDLL | None:
             lib.linear_bf16.argtypes = [p, i64, i64, p, i64, p, p, i32, i32]
             lib.linear_bf16.restype = None
             lib.bf16_available.restype = i32
+        lib.linear_f32.argtypes = [p, i64, i64, p, i64, p, p, i32, i32]
+        lib.linear_f32.restype = None
         if hasattr(lib, "linear_amx_bf16"):  # built with AMX support
             lib.linear_amx_bf16.argtypes = [p, i64, i64, p, i64, p, p, i32, i32]
             lib.linear_amx_bf16.restype = i32

@@ -2,6 +2,7 @@
 builds): where the compiler and CPU have AMX-BF16, the bf16 matmul of decode-sized steps
 (`linear_amx`, on weights packed by `pack_amx`; README, CPU speed, has why); on CPUs with
 AVX512-BF16 but no AMX (AMD Zen 4/5) the same on `vdpbf16ps` (`linear_bf16`, `pack_bf16`);
+fp32 matmuls on AVX-512 FMA (`linear_f32`, `pack_f32`, any AVX-512 CPU);
 and the int8 matmul of `--quantize int8` (`linear_int8`, `pack_int8`: AVX512-VNNI, or
 AMX-INT8 tiles where the CPU has them, with the same bits). Each packs its weight once, at
 load, in the order its kernel reads it.
@@ -165,16 +166,17 @@ def bf16(lib: ctypes.CDLL | None) -> bool:
 
 
 @dataclass(frozen=True)
-class BF16Weight:
-    """A bf16 linear weight `[N, K]` in `linear_bf16`'s panels of 64 outputs
-    `[ceil(N/64), K/2, 64, 2]` (zero rows past N); `bias` float32 or None."""
+class PanelWeight:
+    """A linear weight `[N, K]` in panels of 64 outputs (zero rows past N): bf16 for
+    `linear_bf16` `[ceil(N/64), K/2, 64, 2]`, float32 for `linear_f32` `[ceil(N/64), K, 64]`;
+    `bias` float32 or None."""
     packed: torch.Tensor
     bias: torch.Tensor | None
     n: int
     k: int
 
 
-def pack_bf16(w: torch.Tensor, bias: torch.Tensor | None = None) -> BF16Weight:
+def pack_bf16(w: torch.Tensor, bias: torch.Tensor | None = None) -> PanelWeight:
     """`w` `[N, K]` (bf16, K % 2 == 0) packed for `linear_bf16`."""
     n, k = w.shape
     if w.dtype != torch.bfloat16 or k % 2:
@@ -183,10 +185,10 @@ def pack_bf16(w: torch.Tensor, bias: torch.Tensor | None = None) -> BF16Weight:
     w = w.detach()
     wp = torch.cat([w, w.new_zeros(n64 - n, k)]) if n64 != n else w
     packed = wp.reshape(n64 // 64, 64, k // 2, 2).permute(0, 2, 1, 3).contiguous()
-    return BF16Weight(packed, None if bias is None else bias.detach().float().contiguous(), n, k)
+    return PanelWeight(packed, None if bias is None else bias.detach().float().contiguous(), n, k)
 
 
-def linear_bf16(lib: ctypes.CDLL, x: torch.Tensor, w: BF16Weight, gelu: bool = False) -> torch.Tensor:
+def linear_bf16(lib: ctypes.CDLL, x: torch.Tensor, w: PanelWeight, gelu: bool = False) -> torch.Tensor:
     """`F.linear(x, W, bias)` (then tanh-GELU if `gelu`) for bf16 rows `x` `[M, K]` with W as
     `pack_bf16` made it; float32 sums, one rounding to bf16. Returns `[M, N]` bf16."""
     if x.dim() != 2 or x.shape[1] != w.k or x.dtype != torch.bfloat16 or x.device.type != "cpu":
@@ -197,4 +199,31 @@ def linear_bf16(lib: ctypes.CDLL, x: torch.Tensor, w: BF16Weight, gelu: bool = F
         lib.linear_bf16(x.data_ptr(), x.shape[0], w.k, w.packed.data_ptr(), w.n,
                         None if w.bias is None else w.bias.data_ptr(), y.data_ptr(), int(gelu),
                         torch.get_num_threads())
+    return y
+
+
+def pack_f32(w: torch.Tensor, bias: torch.Tensor | None = None) -> PanelWeight:
+    """`w` `[N, K]` (float32) packed for `linear_f32`."""
+    if w.dtype != torch.float32 or w.dim() != 2:
+        raise ValueError("pack_f32 needs a float32 [N, K] weight")
+    n, k = w.shape
+    n64 = -(-n // 64) * 64
+    w = w.detach()
+    wp = torch.cat([w, w.new_zeros(n64 - n, k)]) if n64 != n else w
+    packed = wp.reshape(n64 // 64, 64, k).transpose(1, 2).contiguous()
+    return PanelWeight(packed, None if bias is None else bias.detach().float().contiguous(), n, k)
+
+
+def linear_f32(lib: ctypes.CDLL, x: torch.Tensor, w: PanelWeight, gelu: bool = False) -> torch.Tensor:
+    """`F.linear(x, W, bias)` (then tanh-GELU if `gelu`) for float32 rows `x` `[M, K]` with W as
+    `pack_f32` made it: each output one sequential float32 sum over k (the same whatever M is).
+    Returns `[M, N]` float32."""
+    if x.dim() != 2 or x.shape[1] != w.k or x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"linear_f32: x must be float32 [M, {w.k}] on CPU, got {x.dtype} {tuple(x.shape)}")
+    x = x.contiguous()
+    y = torch.empty((x.shape[0], w.n), dtype=torch.float32)
+    if x.shape[0]:
+        lib.linear_f32(x.data_ptr(), x.shape[0], w.k, w.packed.data_ptr(), w.n,
+                       None if w.bias is None else w.bias.data_ptr(), y.data_ptr(), int(gelu),
+                       torch.get_num_threads())
     return y

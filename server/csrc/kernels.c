@@ -932,3 +932,124 @@ void linear_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *wp, in
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif
+
+/* ---------------------------------------------------------------------------------------
+ * linear_f32: y = x . W^T + bias (optionally tanh-GELU) in float32, for fp32 models.
+ *
+ * oneDNN's fp32 matmul does not keep the weights streaming at decode sizes either: at 64
+ * rows a decode step reads every weight (340 MB for the 124M model's blocks) once and uses
+ * it 64 times, and oneDNN left ~10-15 % of the FMA rate unused there (the blocks' 49 matmuls
+ * at 64 rows, Zen 5: 27-30 ms against 23-27 here). Each thread walks its own contiguous
+ * share of the panels (64 outputs, [K][64] floats each) in chunks of F32_KC inputs that stay
+ * in L2 while every 6-row tile of a block of F32_MB rows passes over them, and prefetches the
+ * next chunk into L2 meanwhile (a share of it per tile). Partial sums of a chunk go to y and
+ * come back for the next, unrounded (float32 either way), so each output is one sequential
+ * float32 sum over k, whatever the row count: a row's result does not depend on the others.
+ *
+ * wp: W [N, K] packed by cpu_matmul.pack_f32: [ceil(N/64)][K][64] (zero rows past N);
+ * x [M, K], y [M, N] contiguous; bias [N] or NULL.
+ * ------------------------------------------------------------------------------------- */
+#define F32_MR 6
+#define F32_KC 256
+#define F32_MB 96
+
+static inline __attribute__((always_inline)) void f32_tile(const int mr, const float *a, int64_t lda,
+                                                           const float *w, int64_t kc, int first, int last,
+                                                           const __m512 bv[4], int gelu, const __mmask16 live[4],
+                                                           float *y, int64_t ldy, const char *pf, int64_t pf_lines) {
+    __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00,
+           c13 = c00, c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00,
+           c40 = c00, c41 = c00, c42 = c00, c43 = c00, c50 = c00, c51 = c00, c52 = c00, c53 = c00;
+#define F32_LOAD(i)                                                                                \
+    if (mr > i && !first) {                                                                        \
+        const float *yi = y + i * ldy;                                                             \
+        c##i##0 = _mm512_maskz_loadu_ps(live[0], yi);                                              \
+        c##i##1 = _mm512_maskz_loadu_ps(live[1], yi + 16);                                         \
+        c##i##2 = _mm512_maskz_loadu_ps(live[2], yi + 32);                                         \
+        c##i##3 = _mm512_maskz_loadu_ps(live[3], yi + 48);                                         \
+    }
+    F32_LOAD(0) F32_LOAD(1) F32_LOAD(2) F32_LOAD(3) F32_LOAD(4) F32_LOAD(5)
+#undef F32_LOAD
+    for (int64_t k = 0; k < kc; k++) {
+        const float *wk = w + k * 64;
+        const __m512 w0 = _mm512_load_ps(wk), w1 = _mm512_load_ps(wk + 16), w2 = _mm512_load_ps(wk + 32),
+                     w3 = _mm512_load_ps(wk + 48);
+        if (k < pf_lines) _mm_prefetch(pf + k * 64, _MM_HINT_T1);
+        __m512 b;
+#define F32_ROW(i)                                                                                 \
+        if (mr > i) {                                                                              \
+            b = _mm512_set1_ps(a[i * lda + k]);                                                    \
+            c##i##0 = _mm512_fmadd_ps(b, w0, c##i##0);                                             \
+            c##i##1 = _mm512_fmadd_ps(b, w1, c##i##1);                                             \
+            c##i##2 = _mm512_fmadd_ps(b, w2, c##i##2);                                             \
+            c##i##3 = _mm512_fmadd_ps(b, w3, c##i##3);                                             \
+        }
+        F32_ROW(0) F32_ROW(1) F32_ROW(2) F32_ROW(3) F32_ROW(4) F32_ROW(5)
+#undef F32_ROW
+    }
+#define F32_PUT(v, j, off)                                                                         \
+    {                                                                                              \
+        __m512 r = v;                                                                              \
+        if (last) {                                                                                \
+            r = _mm512_add_ps(r, bv[j]);                                                           \
+            if (gelu) r = gelu_tanh(r);                                                            \
+        }                                                                                          \
+        _mm512_mask_storeu_ps(off, live[j], r);                                                    \
+    }
+#define F32_STORE(i)                                                                               \
+    if (mr > i) {                                                                                  \
+        float *yi = y + i * ldy;                                                                   \
+        F32_PUT(c##i##0, 0, yi) F32_PUT(c##i##1, 1, yi + 16) F32_PUT(c##i##2, 2, yi + 32)          \
+        F32_PUT(c##i##3, 3, yi + 48)                                                               \
+    }
+    F32_STORE(0) F32_STORE(1) F32_STORE(2) F32_STORE(3) F32_STORE(4) F32_STORE(5)
+#undef F32_STORE
+#undef F32_PUT
+}
+
+static void f32_rows(int mr, const float *a, int64_t lda, const float *w, int64_t kc, int first, int last,
+                     const __m512 bv[4], int gelu, const __mmask16 live[4], float *y, int64_t ldy,
+                     const char *pf, int64_t pf_lines) {
+    switch (mr) { /* a constant row count per call: the accumulators stay in registers */
+    case 6: f32_tile(6, a, lda, w, kc, first, last, bv, gelu, live, y, ldy, pf, pf_lines); break;
+    case 5: f32_tile(5, a, lda, w, kc, first, last, bv, gelu, live, y, ldy, pf, pf_lines); break;
+    case 4: f32_tile(4, a, lda, w, kc, first, last, bv, gelu, live, y, ldy, pf, pf_lines); break;
+    case 3: f32_tile(3, a, lda, w, kc, first, last, bv, gelu, live, y, ldy, pf, pf_lines); break;
+    case 2: f32_tile(2, a, lda, w, kc, first, last, bv, gelu, live, y, ldy, pf, pf_lines); break;
+    default: f32_tile(1, a, lda, w, kc, first, last, bv, gelu, live, y, ldy, pf, pf_lines); break;
+    }
+}
+
+void linear_f32(const float *x, int64_t M, int64_t K, const float *wp, int64_t N, const float *bias,
+                float *y, int gelu, int threads) {
+    const int64_t panels = (N + 63) / 64;
+    _Pragma("omp parallel num_threads(threads)")
+    for (int64_t m0 = 0; m0 < M; m0 += F32_MB) {
+        const int64_t mend = m0 + F32_MB < M ? m0 + F32_MB : M;
+        const int64_t tiles = (mend - m0 + F32_MR - 1) / F32_MR;
+        _Pragma("omp for schedule(static)")
+        for (int64_t p = 0; p < panels; p++) {
+            const float *w = wp + p * K * 64;
+            __mmask16 live[4];
+            __m512 bv[4];
+            for (int j = 0; j < 4; j++) {
+                const int64_t n0 = p * 64 + j * 16;
+                live[j] = N > n0 ? live_lanes(N - n0) : 0;
+                bv[j] = bias ? _mm512_maskz_loadu_ps(live[j], bias + n0) : _mm512_setzero_ps();
+            }
+            for (int64_t k0 = 0; k0 < K; k0 += F32_KC) {
+                const int64_t kc = K - k0 < F32_KC ? K - k0 : F32_KC;
+                /* the next chunk of this thread's stream (this panel's next, or the next panel's
+                 * first: they follow in memory), a 1/tiles share of its lines per tile */
+                const char *next = (const char *)(w + (k0 + kc) * 64);
+                const int64_t share = (kc * 4 + tiles - 1) / tiles;
+                for (int64_t t = 0; t < tiles; t++) {
+                    const int64_t m = m0 + t * F32_MR;
+                    const int mr = (int)(mend - m < F32_MR ? mend - m : F32_MR);
+                    f32_rows(mr, x + m * K + k0, K, w + k0 * 64, kc, k0 == 0, k0 + kc >= K, bv, gelu, live,
+                             y + m * N + p * 64, N, next + t * share * 64, share < kc ? share : kc);
+                }
+            }
+        }
+    }
+}

@@ -50,6 +50,11 @@ class Backend:
                 "AMX-INT8" if cpu_matmul.amx_int8(cpu_kernels.load()) else "AVX512-VNNI")
         elif self.head is None:
             matmuls = "torch"
+        elif any(m.f32 is not None for m in linears):
+            matmuls = "native AVX-512 fp32 kernel (fp32 matmuls of <= %d rows), oneDNN (the rest)%s" % (
+                Linear.F32_MAX_ROWS, "; the bf16 greedy screen's on %s" % (
+                    "AMX-BF16" if any(m.amx is not None for m in linears) else "AVX512-BF16")
+                if any(m.amx is not None or m.bf16 is not None for m in linears) else "")
         elif any(m.amx is not None for m in linears):
             matmuls = "native AMX-BF16 kernel (decode steps), oneDNN (prefill)"
         elif any(m.bf16 is not None for m in linears):
@@ -125,8 +130,9 @@ def make_screen(head_weight: torch.Tensor, kind: str, batch_hint: int = 128) -> 
 
 
 def set_native(model: "GPT2", b: Backend, on: bool, amx: bool = True) -> bool:
-    """Switch `b`'s native CPU kernels (and with `amx` the native bf16 matmul of decode steps:
-    AMX where the CPU has it, else AVX512-BF16) on or off; whether on."""
+    """Switch `b`'s native CPU kernels (and with `amx` the native matmuls: bf16 ones of decode
+    steps on AMX where the CPU has it, else AVX512-BF16 ones; fp32 ones on AVX-512 FMA) on or
+    off; whether on."""
     w = model.wte.weight
     lib = None
     if on and w.device.type == "cpu" and cpu_kernels.supports(
@@ -137,9 +143,12 @@ def set_native(model: "GPT2", b: Backend, on: bool, amx: bool = True) -> bool:
     # no AMX: the AVX512-BF16 kernel for bf16 decode steps (POLYPROMPT_CPU_BF16=0 leaves them to oneDNN)
     bf_lib = lib if amx and amx_lib is None and cpu_matmul.bf16(lib) and \
         not cpu_kernels._switched_off("POLYPROMPT_CPU_BF16") else None
+    # fp32 weights: the native fp32 kernel (POLYPROMPT_CPU_F32=0 leaves them to oneDNN)
+    f32_lib = lib if amx and not cpu_kernels._switched_off("POLYPROMPT_CPU_F32") else None
     for m in b.linears(model):
         m.set_amx(amx_lib)
         m.set_bf16(bf_lib)
+        m.set_f32(f32_lib)
     return lib is not None
 
 

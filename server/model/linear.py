@@ -1,5 +1,5 @@
 """CPU linear layers: oneDNN pre-packed weights, the AMX matmul for bf16 decode steps (or the
-AVX512-BF16 one where there is no AMX), the int8 matmul of `--quantize int8` (AVX512-VNNI or
+AVX512-BF16 one where there is no AMX), the native fp32 matmul of fp32 models, the int8 matmul of `--quantize int8` (AVX512-VNNI or
 AMX-INT8), and the row buckets every CPU matmul is padded to."""
 
 from __future__ import annotations
@@ -55,7 +55,11 @@ class Linear(nn.Linear):
     # bf16 on CPUs with AVX512-BF16 but no AMX (see `set_bf16`): the kernel library while steps of
     # at most BF16_MAX_ROWS rows run on `cpu_matmul.linear_bf16`, and the weight in its panels
     _bf16_lib = None
-    _bf16_packed: "cpu_matmul.BF16Weight | None" = None
+    _bf16_packed: "cpu_matmul.PanelWeight | None" = None
+    # fp32 (see `set_f32`): the kernel library while steps of at most F32_MAX_ROWS rows run on
+    # `cpu_matmul.linear_f32`, and the weight in its panels
+    _f32_lib = None
+    _f32_packed: "cpu_matmul.PanelWeight | None" = None
     # with --quantize int8 (see `set_int8`): the kernel library and the weight quantized for it
     _int8_lib = None
     _int8_packed: "cpu_matmul.Int8Weight | None" = None
@@ -63,6 +67,9 @@ class Linear(nn.Linear):
     # the AVX512-BF16 kernel beat oneDNN at every size measured, 8 to 1,024 rows, by 3-16 % from
     # 64 rows on (bench/results/HISTORY.md), so prefill chunks run on it too
     BF16_MAX_ROWS = 4096
+    # the fp32 kernel: 10-15 % ahead of oneDNN at 16-64 rows, level from 256 rows to 2,048
+    # (Zen 5, bench/results/HISTORY.md session 14), so prefill chunks run on it too
+    F32_MAX_ROWS = 4096
 
     @classmethod
     def frozen(cls, weight: torch.Tensor, batch_hint: int) -> "Linear":
@@ -97,7 +104,7 @@ class Linear(nn.Linear):
                          lambda: cpu_matmul.pack_amx(w))
 
     @property
-    def bf16(self) -> "cpu_matmul.BF16Weight | None":
+    def bf16(self) -> "cpu_matmul.PanelWeight | None":
         """The packed weight the native bf16 kernel runs on, None while it is off."""
         return self._bf16_packed if self._bf16_lib is not None else None
 
@@ -108,6 +115,17 @@ class Linear(nn.Linear):
         w = self.weight.detach()
         return self._use("bf16", lib, w.dtype == torch.bfloat16 and self.in_features % 2 == 0,
                          lambda: cpu_matmul.pack_bf16(w, self.bias))
+
+    @property
+    def f32(self) -> "cpu_matmul.PanelWeight | None":
+        """The packed weight the native fp32 kernel runs on, None while it is off."""
+        return self._f32_packed if self._f32_lib is not None else None
+
+    def set_f32(self, lib) -> bool:
+        """Run steps of up to F32_MAX_ROWS rows on `cpu_matmul.linear_f32` (AVX-512 FMA) when
+        this weight is float32 on the CPU; `None` turns it off. Returns whether it is on."""
+        w = self.weight.detach()
+        return self._use("f32", lib, w.dtype == torch.float32, lambda: cpu_matmul.pack_f32(w, self.bias))
 
     @property
     def int8(self) -> "cpu_matmul.Int8Weight | None":
@@ -136,6 +154,8 @@ class Linear(nn.Linear):
             return cpu_matmul.linear_amx(self._amx_lib, x, self._amx_packed, self.out_features, self.bias, gelu)
         if self._bf16_lib is not None and x.dim() == 2 and x.shape[0] <= self.BF16_MAX_ROWS:
             return cpu_matmul.linear_bf16(self._bf16_lib, x, self._bf16_packed, gelu)
+        if self._f32_lib is not None and x.dim() == 2 and x.shape[0] <= self.F32_MAX_ROWS:
+            return cpu_matmul.linear_f32(self._f32_lib, x, self._f32_packed, gelu)
         if self.packed is None:
             y = F.linear(x, self.weight, self.bias)
             return F.gelu(y, approximate="tanh") if gelu else y
