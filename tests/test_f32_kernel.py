@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from server import cpu_kernels, cpu_matmul
 
 LIB = cpu_kernels.load()
-needs_kernel = pytest.mark.skipif(LIB is None, reason="the native kernels cannot run here (no AVX-512 or no C compiler)")
+needs_kernel = pytest.mark.skipif(LIB is None, reason="the native kernels cannot run here (no AVX-512 or no C "
+                                  "compiler)")
 
 
 @needs_kernel

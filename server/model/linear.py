@@ -1,6 +1,7 @@
 """CPU linear layers: oneDNN pre-packed weights, the AMX matmul for bf16 decode steps (or the
-AVX512-BF16 one where there is no AMX), the native fp32 matmul of fp32 models, the int8 matmul of `--quantize int8` (AVX512-VNNI or
-AMX-INT8), and the row buckets every CPU matmul is padded to."""
+AVX512-BF16 one where there is no AMX), the native fp32 matmul of fp32 models, the int8
+matmul of `--quantize int8` (AVX512-VNNI or AMX-INT8), and the row buckets every CPU matmul
+is padded to."""
 
 from __future__ import annotations
 
