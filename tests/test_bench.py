@@ -115,3 +115,48 @@ def test_overload_scenario_smoke(tiny_model_dir, tmp_path):
         assert r[key]["rss_mib"] > 0, key
     assert set(r["checks"]) >= {"p99_within_bound", "goodput_at_least_90pct", "no_5xx_but_503"}
     assert "overload float32:" in res["table"] and "abandoned" in res["table"]
+
+
+def _cpu_seconds(pid: int) -> float:
+    import os
+
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_quiet_stops_the_servers_not_being_timed():
+    """`bench.quiet.Quiet` on real processes: a busy child in its own process group and one
+    in ours; while another system is timed both get no CPU time, the one being timed does,
+    and resume_all leaves them all running (so that they can be shut down)."""
+    import subprocess
+    import sys
+    import time
+
+    from bench.quiet import Quiet
+
+    busy = [sys.executable, "-c", "while True: pass"]
+    group = subprocess.Popen(busy, start_new_session=True)
+    single = subprocess.Popen(busy)
+    try:
+        with Quiet() as q:
+            q.add("vllm", group.pid, group=True)
+            q.add("http", single.pid)
+            time.sleep(0.5)
+            q.timing(None)  # the in-process engine is timed: both stopped
+            time.sleep(0.2)
+            before = {p.pid: _cpu_seconds(p.pid) for p in (group, single)}
+            time.sleep(1.0)
+            assert all(_cpu_seconds(pid) - t < 0.05 for pid, t in before.items())
+            q.timing("http")  # polyprompt HTTP timed: it runs, vLLM stays stopped
+            t_single, t_group = _cpu_seconds(single.pid), _cpu_seconds(group.pid)
+            time.sleep(1.0)
+            assert _cpu_seconds(single.pid) - t_single > 0.3
+            assert _cpu_seconds(group.pid) - t_group < 0.05
+        t_group = _cpu_seconds(group.pid)  # left the with block: everything continued
+        time.sleep(1.0)
+        assert _cpu_seconds(group.pid) - t_group > 0.3
+        assert Quiet(on=False).timing(None) is None  # --keep-idle-running: nothing stopped
+    finally:
+        for p in (group, single):
+            p.kill()
+            p.wait()
