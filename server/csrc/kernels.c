@@ -605,6 +605,14 @@ int linear_amx_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *wp,
 #define I8_OK 1
 #endif
 
+/* the VNNI and AVX512-BF16 matmuls prefetch the next panel into L2 while a panel has at
+ * least this many 6-row tiles to compute (a 124M decode step's 48 block matmuls on Zen 5,
+ * bench/results/HISTORY.md session 14: 16-64 rows 8-20 % faster with it; 8 rows, bound by
+ * the weights' stream alone, which the hardware prefetcher follows unaided, 10 % slower) */
+#ifndef PF_MIN_TILES
+#define PF_MIN_TILES 3
+#endif
+
 #ifdef I8_OK
 #define I8_MR 6
 #define I8_MB 96
@@ -636,7 +644,8 @@ static float quant_row(const void *x, int bf16, int64_t K, uint8_t *q) {
 /* acc = a (mr rows, stride lda bytes) x panel w (kq groups of 4 k); the sums live in
  * registers (locals, the loops unrolled: GCC keeps an output array in memory otherwise) */
 static inline __attribute__((always_inline)) void i8_tile(const int mr, const uint8_t *a, int64_t lda,
-                                                          const int8_t *w, int64_t kq, __m512i acc[I8_MR][4]) {
+                                                          const int8_t *w, int64_t kq, __m512i acc[I8_MR][4],
+                                                          const char *pf, int64_t pf_lines) {
     __m512i c00 = _mm512_setzero_si512(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00,
             c13 = c00, c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00,
             c40 = c00, c41 = c00, c42 = c00, c43 = c00, c50 = c00, c51 = c00, c52 = c00, c53 = c00;
@@ -645,6 +654,7 @@ static inline __attribute__((always_inline)) void i8_tile(const int mr, const ui
         const uint8_t *ag = a + g * 4;
         const __m512i w0 = _mm512_load_si512(wg), w1 = _mm512_load_si512(wg + 64),
                       w2 = _mm512_load_si512(wg + 128), w3 = _mm512_load_si512(wg + 192);
+        if (g < pf_lines) _mm_prefetch(pf + g * 64, _MM_HINT_T1);
         __m512i b;
 #define I8_ROW(i)                                                                                  \
         if (mr > i) {                                                                              \
@@ -664,14 +674,16 @@ static inline __attribute__((always_inline)) void i8_tile(const int mr, const ui
 #undef I8_OUT
 }
 
-static void i8_panel_rows(int mr, const uint8_t *a, int64_t K, const int8_t *w, __m512i acc[I8_MR][4]) {
+/* pf, pf_lines: lines of the next panel to prefetch into L2 meanwhile (one per 4 inputs) */
+static void i8_panel_rows(int mr, const uint8_t *a, int64_t K, const int8_t *w, __m512i acc[I8_MR][4],
+                          const char *pf, int64_t pf_lines) {
     switch (mr) { /* a constant row count per call: the accumulators stay in registers */
-    case 6: i8_tile(6, a, K, w, K / 4, acc); break;
-    case 5: i8_tile(5, a, K, w, K / 4, acc); break;
-    case 4: i8_tile(4, a, K, w, K / 4, acc); break;
-    case 3: i8_tile(3, a, K, w, K / 4, acc); break;
-    case 2: i8_tile(2, a, K, w, K / 4, acc); break;
-    default: i8_tile(1, a, K, w, K / 4, acc); break;
+    case 6: i8_tile(6, a, K, w, K / 4, acc, pf, pf_lines); break;
+    case 5: i8_tile(5, a, K, w, K / 4, acc, pf, pf_lines); break;
+    case 4: i8_tile(4, a, K, w, K / 4, acc, pf, pf_lines); break;
+    case 3: i8_tile(3, a, K, w, K / 4, acc, pf, pf_lines); break;
+    case 2: i8_tile(2, a, K, w, K / 4, acc, pf, pf_lines); break;
+    default: i8_tile(1, a, K, w, K / 4, acc, pf, pf_lines); break;
     }
 }
 
@@ -725,10 +737,14 @@ int linear_int8(const void *x, int x_bf16, int64_t M, int64_t K, const int8_t *w
                     sv[j] = _mm512_maskz_loadu_epi32(live[j], wsum + n0);
                     bv[j] = bias ? _mm512_maskz_loadu_ps(live[j], bias + n0) : _mm512_setzero_ps();
                 }
+                /* the next panel (this thread's next: they follow in memory), a 1/tiles share of
+                 * its K lines per tile of rows, into L2 while this one is computed */
+                const int64_t tiles = (mend - m0 + I8_MR - 1) / I8_MR, share = (K + tiles - 1) / tiles;
                 for (int64_t m = m0; m < mend; m += I8_MR) {
                     const int mr = (int)(mend - m < I8_MR ? mend - m : I8_MR);
                     __m512i acc[I8_MR][4];
-                    i8_panel_rows(mr, q + m * K, K, w, acc);
+                    i8_panel_rows(mr, q + m * K, K, w, acc, (const char *)(w + K * 64) + (m - m0) / I8_MR * share * 64,
+                                  tiles < PF_MIN_TILES ? 0 : share < K / 4 ? share : K / 4);
                     for (int i = 0; i < mr; i++)
                         for (int j = 0; j < 4; j++)
                             if (live[j])
@@ -847,7 +863,8 @@ int linear_int8_amx(const void *x, int x_bf16, int64_t M, int64_t K, const int8_
 #define BF_MB 96
 
 static inline __attribute__((always_inline)) void bf_tile(const int mr, const uint16_t *a, int64_t lda,
-                                                          const uint16_t *w, int64_t kp, __m512 acc[BF_MR][4]) {
+                                                          const uint16_t *w, int64_t kp, __m512 acc[BF_MR][4],
+                                                          const char *pf, int64_t pf_lines) {
     __m512 c00 = _mm512_setzero_ps(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00,
            c13 = c00, c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00,
            c40 = c00, c41 = c00, c42 = c00, c43 = c00, c50 = c00, c51 = c00, c52 = c00, c53 = c00;
@@ -856,6 +873,7 @@ static inline __attribute__((always_inline)) void bf_tile(const int mr, const ui
         const uint16_t *ag = a + g * 2;
         const __m512bh w0 = (__m512bh)_mm512_load_si512(wg), w1 = (__m512bh)_mm512_load_si512(wg + 32),
                        w2 = (__m512bh)_mm512_load_si512(wg + 64), w3 = (__m512bh)_mm512_load_si512(wg + 96);
+        if (g < pf_lines) _mm_prefetch(pf + g * 64, _MM_HINT_T1);
         __m512bh b;
 #define BF_ROW(i)                                                                                  \
         if (mr > i) {                                                                              \
@@ -875,14 +893,16 @@ static inline __attribute__((always_inline)) void bf_tile(const int mr, const ui
 #undef BF_OUT
 }
 
-static void bf_panel_rows(int mr, const uint16_t *a, int64_t K, const uint16_t *w, __m512 acc[BF_MR][4]) {
+/* pf, pf_lines: lines of the next panel to prefetch into L2 meanwhile (one per 2 inputs) */
+static void bf_panel_rows(int mr, const uint16_t *a, int64_t K, const uint16_t *w, __m512 acc[BF_MR][4],
+                          const char *pf, int64_t pf_lines) {
     switch (mr) {
-    case 6: bf_tile(6, a, K, w, K / 2, acc); break;
-    case 5: bf_tile(5, a, K, w, K / 2, acc); break;
-    case 4: bf_tile(4, a, K, w, K / 2, acc); break;
-    case 3: bf_tile(3, a, K, w, K / 2, acc); break;
-    case 2: bf_tile(2, a, K, w, K / 2, acc); break;
-    default: bf_tile(1, a, K, w, K / 2, acc); break;
+    case 6: bf_tile(6, a, K, w, K / 2, acc, pf, pf_lines); break;
+    case 5: bf_tile(5, a, K, w, K / 2, acc, pf, pf_lines); break;
+    case 4: bf_tile(4, a, K, w, K / 2, acc, pf, pf_lines); break;
+    case 3: bf_tile(3, a, K, w, K / 2, acc, pf, pf_lines); break;
+    case 2: bf_tile(2, a, K, w, K / 2, acc, pf, pf_lines); break;
+    default: bf_tile(1, a, K, w, K / 2, acc, pf, pf_lines); break;
     }
 }
 
@@ -910,10 +930,13 @@ void linear_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *wp, in
                 live[j] = N > n0 ? live_lanes(N - n0) : 0;
                 bv[j] = bias ? _mm512_maskz_loadu_ps(live[j], bias + n0) : _mm512_setzero_ps();
             }
+            /* the next panel (2 K lines), a 1/tiles share per tile of rows, into L2 meanwhile */
+            const int64_t tiles = (mend - m0 + BF_MR - 1) / BF_MR, share = (2 * K + tiles - 1) / tiles;
             for (int64_t m = m0; m < mend; m += BF_MR) {
                 const int mr = (int)(mend - m < BF_MR ? mend - m : BF_MR);
                 __m512 acc[BF_MR][4];
-                bf_panel_rows(mr, x + m * K, K, w, acc);
+                bf_panel_rows(mr, x + m * K, K, w, acc, (const char *)(w + K * 64) + (m - m0) / BF_MR * share * 64,
+                              tiles < PF_MIN_TILES ? 0 : share < K / 2 ? share : K / 2);
                 for (int i = 0; i < mr; i++)
                     for (int j = 0; j < 4; j++) {
                         if (!live[j]) continue;
