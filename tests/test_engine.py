@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
@@ -257,25 +260,52 @@ def test_prefix_hits_and_misses_count_requests(setup):
     assert (st["computed"], st["misses"], st["hits"]) == (1, 1, 2)
 
 
-def test_idle_engine_gathers_a_burst_then_stops_waiting(setup, monkeypatch):
-    """While arrivals keep coming the idle engine waits another window; once they pause it goes."""
+def test_idle_engine_gathers_a_burst_then_stops_waiting(setup):
+    """While arrivals keep coming the idle engine waits another window; once they pause it
+    goes (one window after the last arrival); once they fill the batch it goes at once; it
+    never waits past the max wait. Real threads and clocks, generous margins."""
     _, model, tok, _ = setup
-    eng = Engine(model, tok, EngineConfig(max_num_seqs=8, admission_window_s=0.01, admission_max_wait_s=1.0))
     ids = tok.encode("burst")
-    eng.add_request(Request("b0", ids, _greedy(0, 2)))
-    sleeps = []
 
-    def fake_sleep(s):  # each window: two more requests land, three times, then quiet
-        sleeps.append(s)
-        if len(sleeps) <= 3:
-            for k in range(2):
-                eng.add_request(Request(f"b{len(sleeps)}-{k}", ids, _greedy(0, 2)))
+    def burst(eng: Engine, n: int, gap: float) -> threading.Thread:
+        def arrive():
+            for k in range(n):
+                time.sleep(gap)
+                eng.add_request(Request(f"b{k}", ids, _greedy(0, 2)))
+        return threading.Thread(target=arrive)
 
-    monkeypatch.setattr("server.engine.engine.time.sleep", fake_sleep)
+    # 6 more arrivals 0.1 s apart, inside a 0.4 s window: the wait ends ~0.4 s after the last
+    eng = Engine(model, tok, EngineConfig(max_num_seqs=8, admission_window_s=0.4, admission_max_wait_s=10.0))
+    eng.add_request(Request("first", ids, _greedy(0, 2)))
+    t = burst(eng, 6, 0.1)
+    t0 = time.monotonic()
+    t.start()
     eng._await_burst()
-    assert len(sleeps) == 4 and eng.num_waiting == 7
+    took = time.monotonic() - t0
+    t.join()
+    assert eng.num_waiting == 7 and 0.6 + 0.4 - 0.05 <= took < 0.6 + 0.4 + 0.35
     eng.step()
     assert eng.num_running == 7  # the whole burst prefilled in one step
+    # the batch (8) fills after 7 more arrivals: no window after the last one
+    eng = Engine(model, tok, EngineConfig(max_num_seqs=8, admission_window_s=2.0, admission_max_wait_s=10.0))
+    eng.add_request(Request("first", ids, _greedy(0, 2)))
+    t = burst(eng, 7, 0.02)
+    t0 = time.monotonic()
+    t.start()
+    eng._await_burst()
+    took = time.monotonic() - t0
+    t.join()
+    assert eng.num_waiting == 8 and took < 1.0
+    # arrivals that never pause: the max wait ends it
+    eng = Engine(model, tok, EngineConfig(max_num_seqs=64, admission_window_s=0.3, admission_max_wait_s=0.5))
+    eng.add_request(Request("first", ids, _greedy(0, 2)))
+    t = burst(eng, 20, 0.05)
+    t0 = time.monotonic()
+    t.start()
+    eng._await_burst()
+    took, waiting = time.monotonic() - t0, eng.num_waiting
+    t.join()
+    assert 0.45 <= took < 0.8 and waiting < 21
 
 
 def test_step_that_fails_once_is_rerun_and_nobody_fails(setup, monkeypatch):

@@ -188,14 +188,24 @@ class Engine:
                 self.meter.end()
 
     def _await_burst(self) -> None:
+        """An idle engine with new arrivals: wait until they pause for the window (woken by each
+        arrival, so the wait ends one window after the last, not up to two), at most the max
+        wait, and not at all once they fill the batch (nothing more could join the first step)."""
         window = self.config.admission_window_s
-        deadline = time.monotonic() + self.config.admission_max_wait_s
+        now = time.monotonic()
+        deadline, quiet_at = now + self.config.admission_max_wait_s, now + window
         seen = len(self._inbox)
-        while window > 0 and seen < self.scheduler.max_num_seqs and time.monotonic() < deadline:
-            time.sleep(window)
-            if len(self._inbox) == seen:
+        while window > 0 and seen < self.scheduler.max_num_seqs:
+            self._wake.clear()
+            if len(self._inbox) == seen:  # (an arrival before the clear is seen here, not lost)
+                left = min(quiet_at, deadline) - time.monotonic()
+                if left <= 0 or not self._wake.wait(left):
+                    return
+            now = time.monotonic()
+            if now >= deadline or self._stop.is_set():
                 return
-            seen = len(self._inbox)
+            if len(self._inbox) != seen:
+                seen, quiet_at = len(self._inbox), now + window
 
     def generate(self, reqs: list[Request]) -> list[RequestOutput]:
         """Run `reqs` to completion on the calling thread (tests, benchmarks)."""
