@@ -18,8 +18,9 @@ Nothing here installs anything: each peer runs in an interpreter named by a flag
   /v1/completions loads).
 
 While one system is timed the others' servers are stopped (`bench.quiet`, SIGSTOP, unless
-`--keep-idle-running`): an idle vLLM server polls. Every peer's first requests are checked against HF's greedy tokens for the same input
-(plain peers against HF without a soft prompt, prompt_embeds against HF with it).
+`--keep-idle-running`): an idle vLLM server polls. Every peer's first requests are checked
+against HF's greedy tokens for the same input (plain peers against HF without a soft prompt,
+prompt_embeds against HF with it).
 """
 
 from __future__ import annotations

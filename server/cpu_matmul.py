@@ -176,54 +176,51 @@ class PanelWeight:
     k: int
 
 
-def pack_bf16(w: torch.Tensor, bias: torch.Tensor | None = None) -> PanelWeight:
-    """`w` `[N, K]` (bf16, K % 2 == 0) packed for `linear_bf16`."""
+def _pack_panels(w: torch.Tensor, bias: torch.Tensor | None, pair: int) -> PanelWeight:
+    """`w` `[N, K]` as panels of 64 outputs `[ceil(N/64), K/pair, 64, pair]` (zero rows past N)."""
     n, k = w.shape
-    if w.dtype != torch.bfloat16 or k % 2:
-        raise ValueError("pack_bf16 needs a bf16 [N, K] weight with K even")
     n64 = -(-n // 64) * 64
     w = w.detach()
     wp = torch.cat([w, w.new_zeros(n64 - n, k)]) if n64 != n else w
-    packed = wp.reshape(n64 // 64, 64, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    packed = wp.reshape(n64 // 64, 64, k // pair, pair).permute(0, 2, 1, 3).contiguous()
+    if pair == 1:
+        packed = packed.view(n64 // 64, k, 64)
     return PanelWeight(packed, None if bias is None else bias.detach().float().contiguous(), n, k)
+
+
+def _run_panels(fn, name: str, x: torch.Tensor, w: PanelWeight, dtype: torch.dtype, gelu: bool) -> torch.Tensor:
+    if x.dim() != 2 or x.shape[1] != w.k or x.dtype != dtype or x.device.type != "cpu":
+        raise ValueError(f"{name}: x must be {dtype} [M, {w.k}] on CPU, got {x.dtype} {tuple(x.shape)}")
+    x = x.contiguous()
+    y = torch.empty((x.shape[0], w.n), dtype=dtype)
+    if x.shape[0]:
+        fn(x.data_ptr(), x.shape[0], w.k, w.packed.data_ptr(), w.n, None if w.bias is None else w.bias.data_ptr(),
+           y.data_ptr(), int(gelu), torch.get_num_threads())
+    return y
+
+
+def pack_bf16(w: torch.Tensor, bias: torch.Tensor | None = None) -> PanelWeight:
+    """`w` `[N, K]` (bf16, K % 2 == 0) packed for `linear_bf16`."""
+    if w.dtype != torch.bfloat16 or w.dim() != 2 or w.shape[1] % 2:
+        raise ValueError("pack_bf16 needs a bf16 [N, K] weight with K even")
+    return _pack_panels(w, bias, 2)
 
 
 def linear_bf16(lib: ctypes.CDLL, x: torch.Tensor, w: PanelWeight, gelu: bool = False) -> torch.Tensor:
     """`F.linear(x, W, bias)` (then tanh-GELU if `gelu`) for bf16 rows `x` `[M, K]` with W as
     `pack_bf16` made it; float32 sums, one rounding to bf16. Returns `[M, N]` bf16."""
-    if x.dim() != 2 or x.shape[1] != w.k or x.dtype != torch.bfloat16 or x.device.type != "cpu":
-        raise ValueError(f"linear_bf16: x must be bf16 [M, {w.k}] on CPU, got {x.dtype} {tuple(x.shape)}")
-    x = x.contiguous()
-    y = torch.empty((x.shape[0], w.n), dtype=torch.bfloat16)
-    if x.shape[0]:
-        lib.linear_bf16(x.data_ptr(), x.shape[0], w.k, w.packed.data_ptr(), w.n,
-                        None if w.bias is None else w.bias.data_ptr(), y.data_ptr(), int(gelu),
-                        torch.get_num_threads())
-    return y
+    return _run_panels(lib.linear_bf16, "linear_bf16", x, w, torch.bfloat16, gelu)
 
 
 def pack_f32(w: torch.Tensor, bias: torch.Tensor | None = None) -> PanelWeight:
     """`w` `[N, K]` (float32) packed for `linear_f32`."""
     if w.dtype != torch.float32 or w.dim() != 2:
         raise ValueError("pack_f32 needs a float32 [N, K] weight")
-    n, k = w.shape
-    n64 = -(-n // 64) * 64
-    w = w.detach()
-    wp = torch.cat([w, w.new_zeros(n64 - n, k)]) if n64 != n else w
-    packed = wp.reshape(n64 // 64, 64, k).transpose(1, 2).contiguous()
-    return PanelWeight(packed, None if bias is None else bias.detach().float().contiguous(), n, k)
+    return _pack_panels(w, bias, 1)
 
 
 def linear_f32(lib: ctypes.CDLL, x: torch.Tensor, w: PanelWeight, gelu: bool = False) -> torch.Tensor:
     """`F.linear(x, W, bias)` (then tanh-GELU if `gelu`) for float32 rows `x` `[M, K]` with W as
     `pack_f32` made it: each output one sequential float32 sum over k (the same whatever M is).
     Returns `[M, N]` float32."""
-    if x.dim() != 2 or x.shape[1] != w.k or x.dtype != torch.float32 or x.device.type != "cpu":
-        raise ValueError(f"linear_f32: x must be float32 [M, {w.k}] on CPU, got {x.dtype} {tuple(x.shape)}")
-    x = x.contiguous()
-    y = torch.empty((x.shape[0], w.n), dtype=torch.float32)
-    if x.shape[0]:
-        lib.linear_f32(x.data_ptr(), x.shape[0], w.k, w.packed.data_ptr(), w.n,
-                       None if w.bias is None else w.bias.data_ptr(), y.data_ptr(), int(gelu),
-                       torch.get_num_threads())
-    return y
+    return _run_panels(lib.linear_f32, "linear_f32", x, w, torch.float32, gelu)

@@ -267,44 +267,35 @@ def test_idle_engine_gathers_a_burst_then_stops_waiting(setup):
     _, model, tok, _ = setup
     ids = tok.encode("burst")
 
-    def burst(eng: Engine, n: int, gap: float) -> threading.Thread:
+    def burst(max_seqs: int, window: float, max_wait: float, n: int, gap: float) -> tuple[Engine, float, int]:
+        """One request, then `n` more `gap` apart on another thread: (the engine, how long
+        its burst wait took, how many had arrived when it ended)."""
+        eng = Engine(model, tok, EngineConfig(max_num_seqs=max_seqs, admission_window_s=window,
+                                              admission_max_wait_s=max_wait))
+        eng.add_request(Request("first", ids, _greedy(0, 2)))
+
         def arrive():
             for k in range(n):
                 time.sleep(gap)
                 eng.add_request(Request(f"b{k}", ids, _greedy(0, 2)))
-        return threading.Thread(target=arrive)
+        t = threading.Thread(target=arrive)
+        t0 = time.monotonic()
+        t.start()
+        eng._await_burst()
+        took, waiting = time.monotonic() - t0, eng.num_waiting
+        t.join()
+        return eng, took, waiting
 
     # 6 more arrivals 0.1 s apart, inside a 0.4 s window: the wait ends ~0.4 s after the last
-    eng = Engine(model, tok, EngineConfig(max_num_seqs=8, admission_window_s=0.4, admission_max_wait_s=10.0))
-    eng.add_request(Request("first", ids, _greedy(0, 2)))
-    t = burst(eng, 6, 0.1)
-    t0 = time.monotonic()
-    t.start()
-    eng._await_burst()
-    took = time.monotonic() - t0
-    t.join()
-    assert eng.num_waiting == 7 and 0.6 + 0.4 - 0.05 <= took < 0.6 + 0.4 + 0.35
+    eng, took, waiting = burst(8, 0.4, 10.0, 6, 0.1)
+    assert waiting == 7 and 0.6 + 0.4 - 0.05 <= took < 0.6 + 0.4 + 0.35
     eng.step()
     assert eng.num_running == 7  # the whole burst prefilled in one step
     # the batch (8) fills after 7 more arrivals: no window after the last one
-    eng = Engine(model, tok, EngineConfig(max_num_seqs=8, admission_window_s=2.0, admission_max_wait_s=10.0))
-    eng.add_request(Request("first", ids, _greedy(0, 2)))
-    t = burst(eng, 7, 0.02)
-    t0 = time.monotonic()
-    t.start()
-    eng._await_burst()
-    took = time.monotonic() - t0
-    t.join()
-    assert eng.num_waiting == 8 and took < 1.0
+    _, took, waiting = burst(8, 2.0, 10.0, 7, 0.02)
+    assert waiting == 8 and took < 1.0
     # arrivals that never pause: the max wait ends it
-    eng = Engine(model, tok, EngineConfig(max_num_seqs=64, admission_window_s=0.3, admission_max_wait_s=0.5))
-    eng.add_request(Request("first", ids, _greedy(0, 2)))
-    t = burst(eng, 20, 0.05)
-    t0 = time.monotonic()
-    t.start()
-    eng._await_burst()
-    took, waiting = time.monotonic() - t0, eng.num_waiting
-    t.join()
+    _, took, waiting = burst(64, 0.3, 0.5, 20, 0.05)
     assert 0.45 <= took < 0.8 and waiting < 21
 
 
