@@ -98,7 +98,11 @@ def test_clients_that_leave_are_aborted_queued_or_running(tiny_model_dir, tmp_pa
         h = _health(url)
         assert h["running"] == 0 and h["waiting"] == 0
         assert _metric(url, "polyprompt_requests_total", finish_reason="length") == 0
-        assert _metric(url, "polyprompt_generation_tokens_total") < 2 * 1000
+        # and nothing runs on for them: the engine is idle (how many tokens the two running ones
+        # got before their clients' 0.5 s ran out depends on the machine's speed: no bound here)
+        busy = _metric(url, "polyprompt_engine_busy_seconds_total")
+        time.sleep(0.5)
+        assert _metric(url, "polyprompt_engine_busy_seconds_total") - busy < 0.05
         # the server still answers
         r = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2}, timeout=30)
         assert r.status_code == 200
