@@ -70,6 +70,7 @@ def test_fp32_model_runs_its_matmuls_on_the_fp32_kernel(tiny_model_dir, monkeypa
     layers = model.backend.linears(model)
     assert all(m.f32 is not None for m in layers if m.weight.dtype == torch.float32)
     assert "fp32 kernel" in model.backend.describe(model)["matmuls"]
+    assert all(m.packed is None for m in layers)  # no oneDNN copy of the weights beside the kernel's
     calls = []
     real = cpu_matmul.linear_f32
     monkeypatch.setattr(cpu_matmul, "linear_f32", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
@@ -83,6 +84,7 @@ def test_fp32_model_runs_its_matmuls_on_the_fp32_kernel(tiny_model_dir, monkeypa
         assert calls == ([rows] if rows <= 200 else [])
         model.set_native_kernels(True, amx=False)
         assert not any(m.f32 is not None for m in model.backend.linears(model))
+        assert all(m.packed is not None for m in model.backend.linears(model))  # oneDNN's again
         off = blk.mlp.c_fc(x, gelu=True)
         model.set_native_kernels(True)
         assert torch.allclose(on, off, rtol=1e-5, atol=1e-5)

@@ -48,6 +48,7 @@ class Linear(nn.Linear):
     """
 
     packed: torch.Tensor | None = None
+    _batch_hint = 0  # the row count oneDNN's packing was asked to suit (`pack`)
     # bf16 on CPU with AMX (see `set_amx`): the kernel library while steps of at most
     # AMX_MAX_ROWS rows (decode) run on `cpu_matmul.linear_amx`, and the weight in its tile
     # layout (kept when switched off: switching back is free)
@@ -94,6 +95,7 @@ class Linear(nn.Linear):
         if ok and getattr(self, f"_{name}_packed") is None:
             setattr(self, f"_{name}_packed", pack())
         setattr(self, f"_{name}_lib", lib if ok else None)
+        self._pack_onednn()
         return ok
 
     def set_amx(self, lib) -> bool:
@@ -142,9 +144,21 @@ class Linear(nn.Linear):
 
     def pack(self, batch_hint: int) -> None:
         """Pre-pack the weight for oneDNN (`batch_hint` 0: don't; the int8 path needs no copy)."""
+        self._batch_hint = batch_hint
+        self._pack_onednn()
+
+    def _pack_onednn(self) -> None:
+        """oneDNN's pre-packed copy of the weight, kept only while no native kernel takes the
+        steps it would serve: the fp32 and AVX512-BF16 kernels take up to F32/BF16_MAX_ROWS
+        rows, more than a step has unless --max-num-batched-tokens says otherwise, and past
+        that `F.linear` on the plain weight does. One copy of the weights fewer (~0.5 GB for
+        the 124M model in fp32); packed again when the kernel is switched off."""
         w = self.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_hint) if batch_hint and \
-            can_pack(w.dtype) and w.device.type == "cpu" else None
+        if self._f32_lib is not None or self._bf16_lib is not None or not self._batch_hint or \
+                not can_pack(w.dtype) or w.device.type != "cpu":
+            self.packed = None
+        elif self.packed is None:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w, self._batch_hint)
 
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         if self._int8_lib is not None:
