@@ -167,10 +167,13 @@ class Linear(nn.Linear):
             return y.view(*shape[:-1], y.shape[-1])
         if self._amx_lib is not None and x.dim() == 2 and x.shape[0] <= self.AMX_MAX_ROWS:
             return cpu_matmul.linear_amx(self._amx_lib, x, self._amx_packed, self.out_features, self.bias, gelu)
-        if self._bf16_lib is not None and x.dim() == 2 and x.shape[0] <= self.BF16_MAX_ROWS:
-            return cpu_matmul.linear_bf16(self._bf16_lib, x, self._bf16_packed, gelu)
-        if self._f32_lib is not None and x.dim() == 2 and x.shape[0] <= self.F32_MAX_ROWS:
-            return cpu_matmul.linear_f32(self._f32_lib, x, self._f32_packed, gelu)
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0  # any leading dims (a prefix batch is 3-D)
+        if self._bf16_lib is not None and rows <= self.BF16_MAX_ROWS:
+            y = cpu_matmul.linear_bf16(self._bf16_lib, x.reshape(rows, -1), self._bf16_packed, gelu)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        if self._f32_lib is not None and rows <= self.F32_MAX_ROWS:
+            y = cpu_matmul.linear_f32(self._f32_lib, x.reshape(rows, -1), self._f32_packed, gelu)
+            return y.view(*x.shape[:-1], y.shape[-1])
         if self.packed is None:
             y = F.linear(x, self.weight, self.bias)
             return F.gelu(y, approximate="tanh") if gelu else y
