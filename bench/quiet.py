@@ -11,7 +11,6 @@ must happen before a server is shut down (a stopped process does not act on SIGT
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
@@ -58,8 +57,7 @@ class Quiet:
     def drop(self, name: str) -> None:
         """`name`'s server is about to stop (or has): continue it, forget it."""
         if name in self.stopped:
-            with contextlib.suppress(KeyError):
-                self._signal(name, signal.SIGCONT)
+            self._signal(name, signal.SIGCONT)
             self.stopped.discard(name)
         self.procs.pop(name, None)
 

@@ -88,6 +88,11 @@ def test_fp32_model_runs_its_matmuls_on_the_fp32_kernel(tiny_model_dir, monkeypa
         off = blk.mlp.c_fc(x, gelu=True)
         model.set_native_kernels(True)
         assert torch.allclose(on, off, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    x3 = torch.randn(3, 5, model.spec.n_embd, generator=g)  # a batch of prefixes is 3-D
+    y3 = blk.mlp.c_fc(x3, gelu=True)
+    assert calls == [15] and y3.shape == (3, 5, 4 * model.spec.n_embd)
+    assert torch.equal(y3[1], blk.mlp.c_fc(x3[1], gelu=True))
     monkeypatch.setenv("POLYPROMPT_CPU_F32", "0")
     model.set_native_kernels(True)
     assert not any(m.f32 is not None for m in model.backend.linears(model))

@@ -605,6 +605,18 @@ int linear_amx_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *wp,
 #define I8_OK 1
 #endif
 
+/* a switch on a tile's row count (1..6) calling TILE(n) with n a constant: each call is
+ * compiled for its row count, so the tile's accumulators stay in registers */
+#define MR_SWITCH(mr, TILE)                                                                        \
+    switch (mr) {                                                                                  \
+    case 6: TILE(6); break;                                                                        \
+    case 5: TILE(5); break;                                                                        \
+    case 4: TILE(4); break;                                                                        \
+    case 3: TILE(3); break;                                                                        \
+    case 2: TILE(2); break;                                                                        \
+    default: TILE(1); break;                                                                       \
+    }
+
 /* the VNNI and AVX512-BF16 matmuls prefetch the next panel into L2 while a panel has at
  * least this many 6-row tiles to compute (a 124M decode step's 48 block matmuls on Zen 5,
  * bench/results/HISTORY.md session 14: 16-64 rows 8-20 % faster with it; 8 rows, bound by
@@ -677,14 +689,9 @@ static inline __attribute__((always_inline)) void i8_tile(const int mr, const ui
 /* pf, pf_lines: lines of the next panel to prefetch into L2 meanwhile (one per 4 inputs) */
 static void i8_panel_rows(int mr, const uint8_t *a, int64_t K, const int8_t *w, __m512i acc[I8_MR][4],
                           const char *pf, int64_t pf_lines) {
-    switch (mr) { /* a constant row count per call: the accumulators stay in registers */
-    case 6: i8_tile(6, a, K, w, K / 4, acc, pf, pf_lines); break;
-    case 5: i8_tile(5, a, K, w, K / 4, acc, pf, pf_lines); break;
-    case 4: i8_tile(4, a, K, w, K / 4, acc, pf, pf_lines); break;
-    case 3: i8_tile(3, a, K, w, K / 4, acc, pf, pf_lines); break;
-    case 2: i8_tile(2, a, K, w, K / 4, acc, pf, pf_lines); break;
-    default: i8_tile(1, a, K, w, K / 4, acc, pf, pf_lines); break;
-    }
+#define I8_CALL(n) i8_tile(n, a, K, w, K / 4, acc, pf, pf_lines)
+    MR_SWITCH(mr, I8_CALL)
+#undef I8_CALL
 }
 
 /* 16 outputs of one row (lanes `live`) from their int32 sums: (acc - 128 colsum) sa ws + b,
@@ -896,14 +903,9 @@ static inline __attribute__((always_inline)) void bf_tile(const int mr, const ui
 /* pf, pf_lines: lines of the next panel to prefetch into L2 meanwhile (one per 2 inputs) */
 static void bf_panel_rows(int mr, const uint16_t *a, int64_t K, const uint16_t *w, __m512 acc[BF_MR][4],
                           const char *pf, int64_t pf_lines) {
-    switch (mr) {
-    case 6: bf_tile(6, a, K, w, K / 2, acc, pf, pf_lines); break;
-    case 5: bf_tile(5, a, K, w, K / 2, acc, pf, pf_lines); break;
-    case 4: bf_tile(4, a, K, w, K / 2, acc, pf, pf_lines); break;
-    case 3: bf_tile(3, a, K, w, K / 2, acc, pf, pf_lines); break;
-    case 2: bf_tile(2, a, K, w, K / 2, acc, pf, pf_lines); break;
-    default: bf_tile(1, a, K, w, K / 2, acc, pf, pf_lines); break;
-    }
+#define BF_CALL(n) bf_tile(n, a, K, w, K / 2, acc, pf, pf_lines)
+    MR_SWITCH(mr, BF_CALL)
+#undef BF_CALL
 }
 
 int bf16_available(void) {
@@ -1033,14 +1035,9 @@ static inline __attribute__((always_inline)) void f32_tile(const int mr, const f
 static void f32_rows(int mr, const float *a, int64_t lda, const float *w, int64_t kc, int first, int last,
                      const __m512 bv[4], int gelu, const __mmask16 live[4], float *y, int64_t ldy,
                      const char *pf, int64_t pf_lines) {
-    switch (mr) { /* a constant row count per call: the accumulators stay in registers */
-    case 6: f32_tile(6, a, lda, w, kc, first, last, bv, gelu, live, y, ldy, pf, pf_lines); break;
-    case 5: f32_tile(5, a, lda, w, kc, first, last, bv, gelu, live, y, ldy, pf, pf_lines); break;
-    case 4: f32_tile(4, a, lda, w, kc, first, last, bv, gelu, live, y, ldy, pf, pf_lines); break;
-    case 3: f32_tile(3, a, lda, w, kc, first, last, bv, gelu, live, y, ldy, pf, pf_lines); break;
-    case 2: f32_tile(2, a, lda, w, kc, first, last, bv, gelu, live, y, ldy, pf, pf_lines); break;
-    default: f32_tile(1, a, lda, w, kc, first, last, bv, gelu, live, y, ldy, pf, pf_lines); break;
-    }
+#define F32_CALL(n) f32_tile(n, a, lda, w, kc, first, last, bv, gelu, live, y, ldy, pf, pf_lines)
+    MR_SWITCH(mr, F32_CALL)
+#undef F32_CALL
 }
 
 void linear_f32(const float *x, int64_t M, int64_t K, const float *wp, int64_t N, const float *bias,

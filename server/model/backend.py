@@ -51,10 +51,12 @@ class Backend:
         elif self.head is None:
             matmuls = "torch"
         elif any(m.f32 is not None for m in linears):
-            matmuls = "native AVX-512 fp32 kernel (fp32 matmuls of <= %d rows), oneDNN (the rest)%s" % (
-                Linear.F32_MAX_ROWS, "; the bf16 greedy screen's on %s" % (
-                    "AMX-BF16" if any(m.amx is not None for m in linears) else "AVX512-BF16")
-                if any(m.amx is not None or m.bf16 is not None for m in linears) else "")
+            matmuls = "native AVX-512 fp32 kernel (fp32 matmuls of <= %d rows), oneDNN (the rest)" % (
+                Linear.F32_MAX_ROWS)
+            if any(m.amx is not None for m in linears):  # a bf16 greedy screen's layer
+                matmuls += "; the bf16 greedy screen's on AMX-BF16"
+            elif any(m.bf16 is not None for m in linears):
+                matmuls += "; the bf16 greedy screen's on AVX512-BF16"
         elif any(m.amx is not None for m in linears):
             matmuls = "native AMX-BF16 kernel (decode steps), oneDNN (prefill)"
         elif any(m.bf16 is not None for m in linears):

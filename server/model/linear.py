@@ -144,7 +144,7 @@ class Linear(nn.Linear):
 
     def pack(self, batch_hint: int) -> None:
         """Pre-pack the weight for oneDNN (`batch_hint` 0: don't; the int8 path needs no copy)."""
-        self._batch_hint = batch_hint
+        self._batch_hint, self.packed = batch_hint, None
         self._pack_onednn()
 
     def _pack_onednn(self) -> None:
