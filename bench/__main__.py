@@ -196,7 +196,8 @@ def main(argv=None) -> int:
                 _log(f"http {d}: serving on {srv.url}, {len(wl.tasks)} tasks registered")
             if sc & set(P.NAMES):
                 peers = P.Peers(a, model_dir, wl, d, _log, quiet).__enter__()
-            kw = dict(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens)
+            kw = dict(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+                      kv_cache_dtype=E.kv_cache_dtype(d))
             runs: dict[str, list[dict]] = {"engine": [], "http": []}
             # in-process and HTTP runs alternate, so drift of the machine's speed hits both alike
             for rep in range(a.repeats):

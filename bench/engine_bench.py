@@ -13,12 +13,19 @@ from bench.baselines import Workload
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           # polyprompt serve --dtype D --quantize int8: int8 weights, activations in D between matmuls
           "float32+int8": torch.float32, "bfloat16+int8": torch.bfloat16}
+# "...+kv8": the same with --kv-cache-dtype int8 (an int8 KV cache; CPU)
+DTYPES.update({f"{d}+kv8": t for d, t in list(DTYPES.items()) if d != "float16"})
 
 
 def split_dtype(dtype: str) -> tuple[str, str | None]:
-    """"bfloat16+int8" -> ("bfloat16", "int8"); "float32" -> ("float32", None)."""
-    base, _, quantize = dtype.partition("+")
-    return base, quantize or None
+    """"bfloat16+int8" -> ("bfloat16", "int8"); "float32" or "float32+kv8" -> ("float32", None)."""
+    base, *rest = dtype.split("+")
+    return base, "int8" if "int8" in rest else None
+
+
+def kv_cache_dtype(dtype: str) -> str:
+    """The engine's `kv_cache_dtype` of a bench dtype: "int8" for "...+kv8", else "auto"."""
+    return "int8" if dtype.endswith("+kv8") else "auto"
 
 
 def load_engine_model(model_dir: Path, dtype: str, device: str = "cpu"):

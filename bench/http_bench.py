@@ -52,9 +52,13 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def _dtype_args(self) -> list[str]:
-        """`--dtype D`, and for "D+int8" (bench.engine_bench.DTYPES) `--quantize int8` too."""
-        base, _, quantize = self.dtype.partition("+")
-        return ["--dtype", base] + (["--quantize", quantize] if quantize else [])
+        """`--dtype D`, and for "D+int8" (bench.engine_bench.DTYPES) `--quantize int8` too,
+        for "...+kv8" `--kv-cache-dtype int8`."""
+        from bench.engine_bench import kv_cache_dtype, split_dtype
+
+        base, quantize = split_dtype(self.dtype)
+        return ["--dtype", base] + (["--quantize", quantize] if quantize else []) + \
+            (["--kv-cache-dtype", "int8"] if kv_cache_dtype(self.dtype) == "int8" else [])
 
     def __enter__(self) -> "Server":
         self.tmp = tempfile.mkdtemp(prefix="polyprompt-bench-")

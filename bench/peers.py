@@ -58,6 +58,9 @@ OV_VARIANTS = {
     "int8": ("int8", {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}, "float32"),
     "bf16": ("fp32", {"INFERENCE_PRECISION_HINT": "bf16", "KV_CACHE_PRECISION": "bf16"}, "bfloat16"),
     "int8-bf16": ("int8", {"INFERENCE_PRECISION_HINT": "bf16", "KV_CACHE_PRECISION": "bf16"}, "bfloat16"),
+    # OpenVINO's own 8-bit KV cache (u8, per-token scales and zero points) against --kv-cache-dtype int8
+    "int8-bf16-kvu8": ("int8", {"INFERENCE_PRECISION_HINT": "bf16", "KV_CACHE_PRECISION": "u8"},
+                       "bfloat16+int8+kv8"),
 }
 
 
@@ -257,7 +260,7 @@ class OpenVINO:
                 props = dict(props)
                 if self.threads > 0:
                     props["INFERENCE_NUM_THREADS"] = self.threads
-                kv_bytes = 4 if props["KV_CACHE_PRECISION"] == "f32" else 2
+                kv_bytes = {"f32": 4, "u8": 1}.get(props["KV_CACHE_PRECISION"], 2)
                 variants.append({"name": v, "path": paths[weights], "properties": props,
                                  "cache_gb": _kv_gib(self.model_dir, self.max_num_seqs, max_len, kv_bytes)})
             job = {"prompts": [list(ids) for _, ids in self.wl.requests], "new_tokens": self.wl.new_tokens,

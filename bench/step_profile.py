@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     graph_modes = {"on": [True], "off": [False], "both": [True, False]}[a.graphs]
     for rows in a.rows:
         for graphs in graph_modes:
-            eng = Engine(model, tok, EngineConfig(max_num_seqs=rows, static_decode=graphs))
+            eng = Engine(model, tok, EngineConfig(max_num_seqs=rows, static_decode=graphs,
+                                                  kv_cache_dtype=E.kv_cache_dtype(dtype)))
             eng.warm_kernels()
             sub = B.Workload(wl.tasks, wl.requests[:rows], wl.new_tokens, wl.meta)
             E.run_engine(model, tok, sub, max_num_seqs=rows, max_num_batched_tokens=2048, engine=eng, tag="warm")

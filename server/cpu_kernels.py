@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -161,20 +162,26 @@ def load() -> ctypes.CDLL | None:
                         ", ".join(sorted(runtimes)))
             return None
         p, i64, i32, f32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_double
-        for name in ("decode_attention_f32", "decode_attention_bf16"):
-            fn = getattr(lib, name)
-            fn.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, p, p, i64, i64, i32, i32, i32, f32, i32]
-            fn.restype = i32
+        for q_type in ("f32", "bf16"):  # a float cache of q's dtype, or the int8 cache (scales)
+            for name in (f"decode_attention_{q_type}", f"decode_attention_{q_type}_i8"):
+                fn = getattr(lib, name)
+                fn.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, p, i64, i64, i64, p, p, p, i64, i64, i32,
+                               i32, i32, f32, i32]
+                fn.restype = i32
+            for name in (f"prefill_attention_{q_type}", f"prefill_attention_{q_type}_i8"):
+                fn = getattr(lib, name)
+                fn.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, p, i64, i64, i64, p, p, p, p, i64, i64, i32,
+                               i32, i32, f32, i32]
+                fn.restype = i32
         lib.argmax_rows_bf16.argtypes = [p, i64, i64, i32, p, i32]
         lib.argmax_rows_bf16.restype = None
         lib.screen_pick.argtypes = [p, i64, i64, p, i64, p, p, i64, p, i32, i32, f64, i64, p, p, i32]
         lib.screen_pick.restype = None
         lib.write_kv.argtypes = [p, i64, i64, i64, p, i64, i64, i64, i64, p, p, i32, i32, i32, i32, i32]
         lib.write_kv.restype = None
-        for name in ("prefill_attention_f32", "prefill_attention_bf16"):
-            fn = getattr(lib, name)
-            fn.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, p, p, p, i64, i64, i32, i32, i32, f32, i32]
-            fn.restype = i32
+        lib.write_kv_i8.argtypes = [p, i32, i64, i64, i64, p, i64, i64, i64, i64, p, i64, i64, i64, i64, p, p,
+                                    i32, i32, i32, i32]
+        lib.write_kv_i8.restype = None
         if hasattr(lib, "linear_int8"):  # built with AVX512-VNNI support (GCC, or the flag)
             lib.linear_int8.argtypes = [p, i32, i64, i64, p, p, p, i64, p, p, i32, i32]
             lib.linear_int8.restype = i32
@@ -202,12 +209,20 @@ def supports(dtype: torch.dtype, head_dim: int, max_len: int, n_head: int) -> bo
         head_dim <= MAX_HEAD_DIM and max_len <= MAX_LEN and n_head <= MAX_HEADS
 
 
-def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     scales: "tuple[torch.Tensor, torch.Tensor] | None") -> None:
     """What the C code relies on and cannot check itself."""
     if q.dim() != 3 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("native attention needs q [N, H, D] and cache views k, v [slots, H, max_len, D]")
-    if q.dtype not in (torch.float32, torch.bfloat16) or not q.dtype == k.dtype == v.dtype:
-        raise ValueError("native attention needs float32 or bfloat16 q, k, v of one dtype")
+    if q.dtype not in (torch.float32, torch.bfloat16) or k.dtype != v.dtype or \
+            k.dtype != (torch.int8 if scales is not None else q.dtype):
+        raise ValueError("native attention needs float32 or bfloat16 q with k, v of its dtype, or int8 k, v "
+                         "with their scales")
+    if scales is not None:
+        ks, vs = scales
+        if ks.dtype != torch.float32 or ks.shape != k.shape[:3] or vs.shape != ks.shape or \
+                vs.stride() != ks.stride() or vs.dtype != ks.dtype or ks.device.type != "cpu":
+            raise ValueError("native attention: int8 k, v need float32 scales [slots, H, max_len] of one layout")
     if not (q.device.type == k.device.type == v.device.type == "cpu"):
         raise ValueError("native attention runs on CPU tensors")
     if k.shape != v.shape or k.stride() != v.stride() or q.stride(2) != 1 or k.stride(3) != 1:
@@ -234,8 +249,22 @@ def _check_rows(what: str, n: int, *tensors: torch.Tensor) -> None:
         raise ValueError(f"{what}: the index arrays must have {n} entries, got {[t.shape[0] for t in tensors]}")
 
 
+def _scale_args(scales: "tuple[torch.Tensor, torch.Tensor] | None") -> list:
+    """The kernels' scale arguments: the pointers and strides (slot, head, position) of the
+    int8 cache's key and value scales, or nulls for a float cache."""
+    if scales is None:
+        return [None, None, 0, 0, 0]
+    ks, vs = scales
+    return [ks.data_ptr(), vs.data_ptr(), *ks.stride()]
+
+
+def _kernel(lib: ctypes.CDLL, kind: str, q: torch.Tensor, scales) -> Callable:
+    return getattr(lib, f"{kind}_{'bf16' if q.dtype == torch.bfloat16 else 'f32'}{'_i8' if scales else ''}")
+
+
 def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     slots: torch.Tensor, lens: torch.Tensor, *, prechecked: bool = False) -> torch.Tensor:
+                     slots: torch.Tensor, lens: torch.Tensor, *, prechecked: bool = False,
+                     scales: "tuple[torch.Tensor, torch.Tensor] | None" = None) -> torch.Tensor:
     """Attention of one query per row over its own cache slot.
 
     q `[B, H, D]` (unit stride in D); k, v: the cache's `[slots, H, max_len, D]` views
@@ -243,8 +272,9 @@ def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torc
     to positions `0..lens[b]-1` of slot `slots[b]`. Returns `[B, H, D]`, q's dtype.
     All on CPU; slots and lens are checked against the cache unless `prechecked` (the engine's
     step checks its indices once for all layers: `server.model.attention.native_step`).
+    `scales`: an int8 cache's key and value scales `[slots, H, max_len]` (`KVCache`).
     """
-    _check_attention(q, k, v)
+    _check_attention(q, k, v, scales)
     b, h, d = q.shape
     _check_indices(slots, lens)
     if not prechecked:
@@ -252,25 +282,27 @@ def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torc
         _check_range("decode_attention: slots", slots, 0, k.shape[0] - 1)
         _check_range("decode_attention: lens", lens, 1, k.shape[2])
     out = torch.empty((b, h, d), dtype=q.dtype)
-    fn = lib.decode_attention_bf16 if q.dtype == torch.bfloat16 else lib.decode_attention_f32
-    if fn(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
-          k.stride(2), slots.data_ptr(), lens.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1),
-          b, h, d, d ** -0.5, torch.get_num_threads()):
+    if _kernel(lib, "decode_attention", q, scales)(
+            q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
+            k.stride(2), *_scale_args(scales), slots.data_ptr(), lens.data_ptr(), out.data_ptr(), out.stride(0),
+            out.stride(1), b, h, d, d ** -0.5, torch.get_num_threads()):
         raise MemoryError("decode_attention: no memory for its scratch buffers")
     return out
 
 
 def prefill_attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       slots: torch.Tensor, pasts: torch.Tensor, qlens: torch.Tensor, *,
-                      prechecked: bool = False) -> torch.Tensor:
+                      prechecked: bool = False,
+                      scales: "tuple[torch.Tensor, torch.Tensor] | None" = None) -> torch.Tensor:
     """Causal attention of prefill rows over their own cache slots.
 
     q `[N, H, D]`: the rows' queries one row after another (row b has `qlens[b]` of them,
     at positions `pasts[b]..`; their keys/values already in the cache); k, v as in
     `decode_attention`; slots, pasts, qlens `[B]` contiguous int64 (sum of qlens == N,
-    every row within the cache: checked unless `prechecked`, as in `decode_attention`). Returns `[N, H, D]`.
+    every row within the cache: checked unless `prechecked`, as in `decode_attention`); `scales`
+    as there. Returns `[N, H, D]`.
     """
-    _check_attention(q, k, v)
+    _check_attention(q, k, v, scales)
     n, h, d = q.shape
     _check_indices(slots, pasts, qlens)
     if not prechecked:
@@ -281,10 +313,11 @@ def prefill_attention(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: tor
         if int(qlens.sum()) != n or (slots.numel() and int((pasts + qlens).max()) > k.shape[2]):
             raise ValueError(f"prefill_attention: qlens must sum to the {n} queries and every row fit the cache")
     out = torch.empty((n, h, d), dtype=q.dtype)
-    fn = lib.prefill_attention_bf16 if q.dtype == torch.bfloat16 else lib.prefill_attention_f32
-    if fn(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
-          k.stride(2), slots.data_ptr(), pasts.data_ptr(), qlens.data_ptr(), out.data_ptr(), out.stride(0),
-          out.stride(1), slots.shape[0], h, d, d ** -0.5, torch.get_num_threads()):
+    if _kernel(lib, "prefill_attention", q, scales)(
+            q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
+            k.stride(2), *_scale_args(scales), slots.data_ptr(), pasts.data_ptr(), qlens.data_ptr(),
+            out.data_ptr(), out.stride(0), out.stride(1), slots.shape[0], h, d, d ** -0.5,
+            torch.get_num_threads()):
         raise MemoryError("prefill_attention: no memory for its scratch buffers")
     return out
 
@@ -324,15 +357,23 @@ def screen_pick(lib: ctypes.CDLL, y: torch.Tensor, bound: torch.Tensor, perm: to
 
 
 def write_kv(lib: ctypes.CDLL, kv: torch.Tensor, src: torch.Tensor, slots: torch.Tensor,
-             pos: torch.Tensor, *, prechecked: bool = False) -> None:
+             pos: torch.Tensor, *, prechecked: bool = False, scale: torch.Tensor | None = None) -> None:
     """`kv[:, slots, :, pos] = src`: kv is one layer's cache `[2, slots, H, max_len, D]` (a
     view, unit stride in D), src `[N, 2, H, D]` (unit stride in D, same dtype), slots and
-    pos `[N]` contiguous int64 within the cache's bounds (checked unless `prechecked`)."""
+    pos `[N]` contiguous int64 within the cache's bounds (checked unless `prechecked`).
+    An int8 cache (`scale`: its float32 scales `[2, slots, H, max_len]`) gets src (float32 or
+    bf16) quantized per token and head (`write_kv_i8` in kernels.c)."""
     if src.dim() != 4 or kv.dim() != 5 or src.shape[1] != 2 or kv.shape[0] != 2:
         raise ValueError("write_kv: src must be [N, 2, H, D] and kv one layer's [2, slots, H, max_len, D]")
     n, _, h, d = src.shape
-    if src.dtype != kv.dtype or src.stride(3) != 1 or kv.stride(4) != 1 or kv.shape[2] != h or kv.shape[4] != d:
+    quantized = kv.dtype == torch.int8
+    if (src.dtype != kv.dtype and not quantized) or src.stride(3) != 1 or kv.stride(4) != 1 or \
+            kv.shape[2] != h or kv.shape[4] != d or quantized != (scale is not None):
         raise ValueError("write_kv: mismatched dtype, shape or strides")
+    if quantized and (src.dtype not in (torch.float32, torch.bfloat16) or d % 16 or scale.dtype != torch.float32
+                      or scale.shape != kv.shape[:4] or scale.device.type != "cpu"):
+        raise ValueError("write_kv: an int8 cache takes float32 or bf16 keys/values (head_dim % 16 == 0) and "
+                         "float32 scales [2, slots, H, max_len]")
     if src.device.type != "cpu" or kv.device.type != "cpu":
         raise ValueError("write_kv runs on CPU tensors")
     _check_indices(slots, pos)
@@ -340,6 +381,12 @@ def write_kv(lib: ctypes.CDLL, kv: torch.Tensor, src: torch.Tensor, slots: torch
         _check_rows("write_kv", n, slots, pos)
         _check_range("write_kv: slots", slots, 0, kv.shape[1] - 1)
         _check_range("write_kv: positions", pos, 0, kv.shape[3] - 1)
+    if quantized:
+        lib.write_kv_i8(src.data_ptr(), int(src.dtype == torch.bfloat16), src.stride(0), src.stride(1),
+                        src.stride(2), kv.data_ptr(), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
+                        scale.data_ptr(), *scale.stride(), slots.data_ptr(), pos.data_ptr(), n, h, d,
+                        torch.get_num_threads())
+        return
     lib.write_kv(src.data_ptr(), src.stride(0), src.stride(1), src.stride(2), kv.data_ptr(), kv.stride(0),
                  kv.stride(1), kv.stride(2), kv.stride(3), slots.data_ptr(), pos.data_ptr(), n, h, d,
                  src.element_size(), torch.get_num_threads())

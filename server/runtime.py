@@ -72,12 +72,28 @@ def check_quantize(quantize: str, device: torch.device) -> None:
                          "and VNNI); this machine has not got them")
 
 
+def check_kv_cache_dtype_flag(kv_cache_dtype: str, device: torch.device) -> None:
+    """`--kv-cache-dtype` refused before anything loads where it cannot run (the engine checks
+    the model itself again: `server.engine.kv_cache.check_kv_cache_dtype`)."""
+    from server import cpu_kernels
+    from server.engine.kv_cache import KV_CACHE_DTYPES
+
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {kv_cache_dtype!r}")
+    if kv_cache_dtype == "int8" and device.type != "cpu":
+        raise ValueError("--kv-cache-dtype int8 runs on the CPU's native kernels (--device cpu)")
+    if kv_cache_dtype == "int8" and cpu_kernels.load() is None:
+        raise ValueError("--kv-cache-dtype int8 needs the native CPU kernels (AVX-512 and a C compiler); this "
+                         "machine has not got them")
+
+
 class Runtime:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         check_quantize(settings.quantize, self.device)  # before migrations: a bad flag fails in one line
+        check_kv_cache_dtype_flag(settings.kv_cache_dtype, self.device)
         if self.device.type == "cuda" and self.dtype == torch.float32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -99,6 +115,7 @@ class Runtime:
         if warmed := self.engine.warm_kernels():
             log.info("built CPU matmul kernels for %d step sizes in %.1fs", warmed, time.perf_counter() - t0)
         self.paths = self.model.backend.describe(self.model)
+        self.paths["kv-cache"] = self.engine.describe_cache()
         log.info("serving paths: %s", "; ".join(f"{k}: {v}" for k, v in self.paths.items()))
         self.metrics = Metrics()
         self.engine.listeners.append(self.metrics.on_finish)

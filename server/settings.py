@@ -17,6 +17,10 @@ class Settings(RegistrySettings):
     quantize: str = Field("none", description="none, or int8: every matmul on per-channel int8 weights with "
                           "each row's activations quantized on the fly (CPU with AVX512-VNNI; changes outputs "
                           "slightly, see the README)")
+    kv_cache_dtype: str = Field("auto", description="auto (the model's dtype), or int8: keys and values as int8 "
+                                "with a float32 scale per head and position (CPU with the native kernels; about "
+                                "half a bf16 cache's memory and decode-attention reads; changes outputs slightly, "
+                                "see the README)")
     max_batch_size: int = Field(128, description="running sequences at once (KV-cache slots; also capped by "
                                 "--kv-cache-gb)")
     max_queue: int = Field(1024, description="waiting requests before 503")
@@ -71,6 +75,7 @@ class Settings(RegistrySettings):
             max_queue=self.max_queue,
             max_queue_wait_s=self.max_queue_wait or None,
             kv_cache_bytes=int(self.kv_cache_gb * (1 << 30)),
+            kv_cache_dtype=self.kv_cache_dtype,
             prefix_cache_bytes=int(self.prefix_cache_mb * (1 << 20)),
             static_decode=None if self.cuda_graphs else False,  # None: CUDA graphs on GPU only
             admission_window_s=self.admission_window_ms / 1e3,

@@ -38,7 +38,7 @@ def health(rt: RuntimeDep) -> dict:
         "status": "ok" if registry["status"] == "ok" else "degraded", "registry": registry,
         "model": rt.model_id, "device": str(rt.device),
         "dtype": str(rt.dtype).removeprefix("torch."), "quantize": rt.model.backend.quantize or "none",
-        "tasks": len(rt.tasks),
+        "kv_cache_dtype": "int8" if rt.engine.cache.quantized else "auto", "tasks": len(rt.tasks),
         "running": rt.engine.num_running, "waiting": rt.engine.num_waiting,
         "utilisation": round(rt.engine.meter.utilisation(), 4), "target_utilisation": rt.settings.target_utilisation,
         "memory": rt.memory_report(), "paths": rt.paths,

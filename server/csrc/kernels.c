@@ -109,11 +109,12 @@ ALWAYS_INLINE void prefetch_lines(const void *p, int bytes) {
  * inner one. Scratch: s (H * ls floats: scores, then softmax numerators), o (H * D floats:
  * first the scaled query, then the value accumulators), inv (H floats). Per head the
  * arithmetic and its order are exactly those of one (row, head) at a time. */
-#define DECODE_ROW(NAME, T, LOAD, STORE)                                                           \
-    ALWAYS_INLINE void NAME(const T *qp, int64_t q_sh, const T *kp, const T *vp, int64_t sh,       \
-                            int64_t st, int64_t n, T *op, int64_t o_sh, int H, float scale,        \
+#define DECODE_ROW(NAME, T, KT, LOAD, KLOAD, STORE, SCALED)                                         \
+    ALWAYS_INLINE void NAME(const T *qp, int64_t q_sh, const KT *kp, const KT *vp, int64_t sh,     \
+                            int64_t st, const float *ks, const float *vs, int64_t c_sh,            \
+                            int64_t c_st, int64_t n, T *op, int64_t o_sh, int H, float scale,      \
                             float *s, int64_t ls, float *o, float *inv, const int nd) {            \
-        const int D = nd * 16, bytes = D * (int)sizeof(T);                                         \
+        const int D = nd * 16, bytes = D * (int)sizeof(KT);                                        \
         float *qf = o;                                                                             \
         for (int h = 0; h < H; h++)                                                                \
             for (int j = 0; j < nd; j++)                                                           \
@@ -122,15 +123,15 @@ ALWAYS_INLINE void prefetch_lines(const void *p, int bytes) {
         for (int64_t t = 0; t < n && t < DECODE_PREFETCH; t++)                                     \
             for (int h = 0; h < H; h++) prefetch_lines(kp + t * st + h * sh, bytes);               \
         for (int64_t t = 0; t < n; t++) {                                                          \
-            const T *kt = kp + t * st;                                                             \
+            const KT *kt = kp + t * st;                                                            \
             for (int h = 0; h < H; h++) {                                                          \
-                const T *kh = kt + h * sh;                                                         \
+                const KT *kh = kt + h * sh;                                                        \
                 const float *qh = qf + h * D;                                                      \
                 prefetch_lines(kh + DECODE_PREFETCH * st, bytes);                                  \
-                __m512 acc = _mm512_mul_ps(_mm512_load_ps(qh), LOAD(kh));                          \
+                __m512 acc = _mm512_mul_ps(_mm512_load_ps(qh), KLOAD(kh));                         \
                 for (int j = 1; j < nd; j++)                                                       \
-                    acc = _mm512_fmadd_ps(_mm512_load_ps(qh + 16 * j), LOAD(kh + 16 * j), acc);    \
-                s[h * ls + t] = _mm512_reduce_add_ps(acc);                                         \
+                    acc = _mm512_fmadd_ps(_mm512_load_ps(qh + 16 * j), KLOAD(kh + 16 * j), acc);   \
+                s[h * ls + t] = SCALED(_mm512_reduce_add_ps(acc), ks[h * c_sh + t * c_st]);        \
             }                                                                                      \
         }                                                                                          \
         for (int64_t t = 0; t < n && t < DECODE_PREFETCH; t++)                                     \
@@ -142,14 +143,14 @@ ALWAYS_INLINE void prefetch_lines(const void *p, int bytes) {
         }                                                                                          \
         for (int i = 0; i < H * D; i += 16) _mm512_store_ps(o + i, _mm512_setzero_ps());           \
         for (int64_t t = 0; t < n; t++) {                                                          \
-            const T *vt = vp + t * st;                                                             \
+            const KT *vt = vp + t * st;                                                            \
             for (int h = 0; h < H; h++) {                                                          \
-                const __m512 p = _mm512_set1_ps(s[h * ls + t]);                                    \
-                const T *vh = vt + h * sh;                                                         \
+                const __m512 p = _mm512_set1_ps(SCALED(s[h * ls + t], vs[h * c_sh + t * c_st]));   \
+                const KT *vh = vt + h * sh;                                                        \
                 float *oh = o + h * D;                                                             \
                 prefetch_lines(vh + DECODE_PREFETCH * st, bytes);                                  \
                 for (int j = 0; j < nd; j++)                                                       \
-                    _mm512_store_ps(oh + 16 * j, _mm512_fmadd_ps(p, LOAD(vh + 16 * j), _mm512_load_ps(oh + 16 * j))); \
+                    _mm512_store_ps(oh + 16 * j, _mm512_fmadd_ps(p, KLOAD(vh + 16 * j), _mm512_load_ps(oh + 16 * j))); \
             }                                                                                      \
         }                                                                                          \
         for (int h = 0; h < H; h++) {                                                              \
@@ -165,10 +166,11 @@ ALWAYS_INLINE void prefetch_lines(const void *p, int bytes) {
  * D <= MAX_HEAD_DIM, H <= MAX_HEADS, 1 <= lens[b] <= MAX_LEN (checked by the caller).
  * Rows are split over threads; each thread allocates its scratch once. Returns 1 when a
  * scratch allocation failed (out is then incomplete), else 0. */
-#define DECODE_ATTENTION(NAME, ROW, T)                                                             \
-    int NAME(const T *q, int64_t q_sb, int64_t q_sh, const T *k, const T *v, int64_t sb,           \
-             int64_t sh, int64_t st, const int64_t *slots, const int64_t *lens, T *out,            \
-             int64_t o_sb, int64_t o_sh, int B, int H, int D, float scale, int threads) {          \
+#define DECODE_ATTENTION(NAME, ROW, T, KT)                                                         \
+    int NAME(const T *q, int64_t q_sb, int64_t q_sh, const KT *k, const KT *v, int64_t sb,         \
+             int64_t sh, int64_t st, const float *ks, const float *vs, int64_t c_sb, int64_t c_sh, \
+             int64_t c_st, const int64_t *slots, const int64_t *lens, T *out, int64_t o_sb,        \
+             int64_t o_sh, int B, int H, int D, float scale, int threads) {                        \
         int64_t maxn = 1;                                                                          \
         for (int b = 0; b < B; b++) maxn = lens[b] > maxn ? lens[b] : maxn;                        \
         const int64_t ls = (maxn + 15) / 16 * 16;                                                  \
@@ -185,11 +187,14 @@ ALWAYS_INLINE void prefetch_lines(const void *p, int bytes) {
             _Pragma("omp for schedule(static)")                                                    \
             for (int b = 0; b < B; b++) {                                                          \
                 if (!s || !o) continue;                                                            \
-                const T *kp = k + slots[b] * sb, *vp = v + slots[b] * sb;                          \
+                const KT *kp = k + slots[b] * sb, *vp = v + slots[b] * sb;                         \
+                const float *ksb = ks ? ks + slots[b] * c_sb : NULL, *vsb = vs ? vs + slots[b] * c_sb : NULL; \
                 if (D == 64)                                                                       \
-                    ROW(q + b * q_sb, q_sh, kp, vp, sh, st, lens[b], out + b * o_sb, o_sh, H, scale, s, ls, o, inv, 4); \
+                    ROW(q + b * q_sb, q_sh, kp, vp, sh, st, ksb, vsb, c_sh, c_st, lens[b], out + b * o_sb, o_sh, H, \
+                        scale, s, ls, o, inv, 4);                                                  \
                 else                                                                               \
-                    ROW(q + b * q_sb, q_sh, kp, vp, sh, st, lens[b], out + b * o_sb, o_sh, H, scale, s, ls, o, inv, D / 16); \
+                    ROW(q + b * q_sb, q_sh, kp, vp, sh, st, ksb, vsb, c_sh, c_st, lens[b], out + b * o_sb, o_sh, H, \
+                        scale, s, ls, o, inv, D / 16);                                             \
             }                                                                                      \
             free(s);                                                                               \
             free(o);                                                                               \
@@ -197,10 +202,23 @@ ALWAYS_INLINE void prefetch_lines(const void *p, int bytes) {
         return failed;                                                                             \
     }
 
-DECODE_ROW(decode_row_f32, float, load_f32, store_f32)
-DECODE_ROW(decode_row_bf16, uint16_t, load_bf16, store_bf16)
-DECODE_ATTENTION(decode_attention_f32, decode_row_f32, float)
-DECODE_ATTENTION(decode_attention_bf16, decode_row_bf16, uint16_t)
+/* The int8 cache (--kv-cache-dtype int8, `write_kv_i8`): a key or value of one head at one
+ * position is its int8 vector times its float32 scale. A score is the dot product with the
+ * int8 key times the key's scale; a softmax numerator is multiplied by the value's scale
+ * before it weights the int8 value. The unscaled caches multiply by nothing (NO_SCALE). */
+#define NO_SCALE(x, sc) (x)
+#define BY_SCALE(x, sc) ((x) * (sc))
+static inline __m512 load_i8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+DECODE_ROW(decode_row_f32, float, float, load_f32, load_f32, store_f32, NO_SCALE)
+DECODE_ROW(decode_row_bf16, uint16_t, uint16_t, load_bf16, load_bf16, store_bf16, NO_SCALE)
+DECODE_ROW(decode_row_f32_i8, float, int8_t, load_f32, load_i8, store_f32, BY_SCALE)
+DECODE_ROW(decode_row_bf16_i8, uint16_t, int8_t, load_bf16, load_i8, store_bf16, BY_SCALE)
+DECODE_ATTENTION(decode_attention_f32, decode_row_f32, float, float)
+DECODE_ATTENTION(decode_attention_bf16, decode_row_bf16, uint16_t, uint16_t)
+DECODE_ATTENTION(decode_attention_f32_i8, decode_row_f32_i8, float, int8_t)
+DECODE_ATTENTION(decode_attention_bf16_i8, decode_row_bf16_i8, uint16_t, int8_t)
 
 /* out[r] = torch.argmax(x[r, :V]): the first index of the row's maximum, a NaN counting as
  * the maximum (its first index wins). x: bf16 rows with stride rs (elements). */
@@ -358,19 +376,21 @@ void write_kv(const char *src, int64_t s_i, int64_t s_kv, int64_t s_h, char *dst
  * row's keys and values are converted once to a float32 scratch, keys transposed so a
  * query scores 16 keys with D broadcast FMAs and no horizontal sums. Cache strides as in
  * decode_attention; q and out: [N, H, D] with strides (s_i, s_h). */
-#define PREFILL_ONE(NAME, T, LOAD, STORE, TO_F32)                                                  \
-    ALWAYS_INLINE void NAME(const T *q, int64_t q_si, const T *kp, const T *vp, int64_t st,        \
-                            int64_t past, int64_t nq, T *out, int64_t o_si, float scale,           \
-                            float *kt, float *vf, float *s, int64_t lpad, const int nd) {          \
+#define PREFILL_ONE(NAME, T, KT, LOAD, KLOAD, STORE, TO_F32, SCALED, VSCALED)                      \
+    ALWAYS_INLINE void NAME(const T *q, int64_t q_si, const KT *kp, const KT *vp, int64_t st,      \
+                            const float *ks, const float *vs, int64_t c_st, int64_t past,          \
+                            int64_t nq, T *out, int64_t o_si, float scale, float *kt, float *vf,   \
+                            float *s, int64_t lpad, const int nd) {                                \
         const int D = 16 * nd;                                                                     \
         const int64_t len = past + nq;                                                             \
         for (int d = 0; d < D; d++) {                                                              \
             float *row = kt + d * lpad;                                                            \
-            for (int64_t t = 0; t < len; t++) row[t] = TO_F32(kp[t * st + d]);                     \
+            for (int64_t t = 0; t < len; t++) row[t] = SCALED(TO_F32(kp[t * st + d]), ks[t * c_st]); \
             for (int64_t t = len; t < lpad; t++) row[t] = 0.0f;                                    \
         }                                                                                          \
         for (int64_t t = 0; t < len; t++)                                                          \
-            for (int j = 0; j < nd; j++) _mm512_storeu_ps(vf + t * D + 16 * j, LOAD(vp + t * st + 16 * j)); \
+            for (int j = 0; j < nd; j++)                                                           \
+                _mm512_storeu_ps(vf + t * D + 16 * j, VSCALED(KLOAD(vp + t * st + 16 * j), vs[t * c_st])); \
         for (int64_t i = 0; i < nq; i++) {                                                         \
             const T *qp = q + i * q_si;                                                            \
             float qs[MAX_HEAD_DIM];                                                                \
@@ -415,9 +435,10 @@ void write_kv(const char *src, int64_t s_i, int64_t s_kv, int64_t s_h, char *dst
     }
 
 /* Returns 0, or 1 when a scratch buffer could not be allocated (out is then incomplete). */
-#define PREFILL_ATTENTION(NAME, ONE, T)                                                            \
-    int NAME(const T *q, int64_t q_si, int64_t q_sh, const T *k, const T *v, int64_t sb,          \
-              int64_t sh, int64_t st, const int64_t *slots, const int64_t *pasts,                  \
+#define PREFILL_ATTENTION(NAME, ONE, T, KT)                                                        \
+    int NAME(const T *q, int64_t q_si, int64_t q_sh, const KT *k, const KT *v, int64_t sb,        \
+              int64_t sh, int64_t st, const float *ks, const float *vs, int64_t c_sb,              \
+              int64_t c_sh, int64_t c_st, const int64_t *slots, const int64_t *pasts,              \
               const int64_t *qlens, T *out, int64_t o_si, int64_t o_sh, int B, int H, int D,       \
               float scale, int threads) {                                                          \
         int64_t *starts = (int64_t *)malloc(sizeof(int64_t) * (B > 0 ? B : 1));                    \
@@ -435,14 +456,18 @@ void write_kv(const char *src, int64_t s_i, int64_t s_kv, int64_t s_h, char *dst
                     failed = 1;                                                                    \
                     continue;                                                                      \
                 }                                                                                  \
-                const T *kp = k + slots[b] * sb + h * sh, *vp = v + slots[b] * sb + h * sh;        \
+                const KT *kp = k + slots[b] * sb + h * sh, *vp = v + slots[b] * sb + h * sh;      \
+                const int64_t c_off = slots[b] * c_sb + h * c_sh;                                  \
+                const float *ksb = ks ? ks + c_off : NULL, *vsb = vs ? vs + c_off : NULL;          \
                 const T *qp = q + starts[b] * q_si + h * q_sh;                                     \
                 T *op = out + starts[b] * o_si + h * o_sh;                                         \
                 float *vf = kt + lpad * D, *s = vf + len * D;                                      \
                 if (D == 64)                                                                       \
-                    ONE(qp, q_si, kp, vp, st, pasts[b], qlens[b], op, o_si, scale, kt, vf, s, lpad, 4); \
+                    ONE(qp, q_si, kp, vp, st, ksb, vsb, c_st, pasts[b], qlens[b], op, o_si, scale, kt, vf, s, \
+                        lpad, 4);                                                                  \
                 else                                                                               \
-                    ONE(qp, q_si, kp, vp, st, pasts[b], qlens[b], op, o_si, scale, kt, vf, s, lpad, D / 16); \
+                    ONE(qp, q_si, kp, vp, st, ksb, vsb, c_st, pasts[b], qlens[b], op, o_si, scale, kt, vf, s, \
+                        lpad, D / 16);                                                             \
                 free(kt);                                                                          \
             }                                                                                      \
         }                                                                                          \
@@ -456,10 +481,49 @@ static inline float f32_of_bf16(uint16_t x) {
     c.u = (uint32_t)x << 16;
     return c.f;
 }
-PREFILL_ONE(prefill_one_f32, float, load_f32, store_f32, f32_of_f32)
-PREFILL_ONE(prefill_one_bf16, uint16_t, load_bf16, store_bf16, f32_of_bf16)
-PREFILL_ATTENTION(prefill_attention_f32, prefill_one_f32, float)
-PREFILL_ATTENTION(prefill_attention_bf16, prefill_one_bf16, uint16_t)
+static inline float f32_of_i8(int8_t x) { return (float)x; }
+#define VEC_SCALE(x, sc) _mm512_mul_ps(x, _mm512_set1_ps(sc))
+PREFILL_ONE(prefill_one_f32, float, float, load_f32, load_f32, store_f32, f32_of_f32, NO_SCALE, NO_SCALE)
+PREFILL_ONE(prefill_one_bf16, uint16_t, uint16_t, load_bf16, load_bf16, store_bf16, f32_of_bf16, NO_SCALE, NO_SCALE)
+PREFILL_ONE(prefill_one_f32_i8, float, int8_t, load_f32, load_i8, store_f32, f32_of_i8, BY_SCALE, VEC_SCALE)
+PREFILL_ONE(prefill_one_bf16_i8, uint16_t, int8_t, load_bf16, load_i8, store_bf16, f32_of_i8, BY_SCALE, VEC_SCALE)
+PREFILL_ATTENTION(prefill_attention_f32, prefill_one_f32, float, float)
+PREFILL_ATTENTION(prefill_attention_bf16, prefill_one_bf16, uint16_t, uint16_t)
+PREFILL_ATTENTION(prefill_attention_f32_i8, prefill_one_f32_i8, float, int8_t)
+PREFILL_ATTENTION(prefill_attention_bf16_i8, prefill_one_bf16_i8, uint16_t, int8_t)
+
+/* The int8 cache's write: each token's key and value of each head, quantized symmetrically
+ * on its own: scale = max|x| / 127, q = round-half-even(x * (127 / max|x|)) (all zero, scale
+ * 0, when max|x| == 0). src (float32, or bf16 when src_bf16) and dst as in write_kv; the
+ * scale of (kv, slot, h, t) at sc[kv*c_kv + slot*c_slot + h*c_h + t*c_t]. D % 16 == 0.
+ * `server.engine.kv_cache.quantize_kv` is the same arithmetic in torch (tested equal). */
+void write_kv_i8(const void *src, int src_bf16, int64_t s_i, int64_t s_kv, int64_t s_h, int8_t *dst,
+                 int64_t d_kv, int64_t d_slot, int64_t d_h, int64_t d_t, float *sc, int64_t c_kv,
+                 int64_t c_slot, int64_t c_h, int64_t c_t, const int64_t *slots, const int64_t *pos,
+                 int N, int H, int D, int threads) {
+    _Pragma("omp parallel for num_threads(threads) schedule(static) if(N >= 64)")
+    for (int i = 0; i < N; i++) {
+        for (int kv = 0; kv < 2; kv++) {
+            for (int h = 0; h < H; h++) {
+                const int64_t off = i * s_i + kv * s_kv + h * s_h;
+                __m512 x[MAX_HEAD_DIM / 16];
+                __m512 mx = _mm512_setzero_ps();
+                for (int j = 0; j < D / 16; j++) {
+                    x[j] = src_bf16 ? load_bf16((const uint16_t *)src + off + 16 * j)
+                                    : load_f32((const float *)src + off + 16 * j);
+                    mx = _mm512_max_ps(mx, _mm512_abs_ps(x[j]));
+                }
+                const float amax = _mm512_reduce_max_ps(mx);
+                const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+                int8_t *q = dst + kv * d_kv + slots[i] * d_slot + h * d_h + pos[i] * d_t;
+                for (int j = 0; j < D / 16; j++)
+                    _mm_storeu_si128((__m128i *)(q + 16 * j),
+                                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(x[j], inv))));
+                sc[kv * c_kv + slots[i] * c_slot + h * c_h + pos[i] * c_t] = amax / 127.0f;
+            }
+        }
+    }
+}
 
 /* tanh-approximation GELU (GPT-2's gelu_new) in float32 */
 static inline __m512 gelu_tanh(__m512 v) {

@@ -19,7 +19,7 @@ import torch
 from server.engine import openmp
 from server.engine.execute import Executor
 from server.engine.graphs import StaticDecoder
-from server.engine.kv_cache import KVCache, slot_bytes
+from server.engine.kv_cache import KVCache, check_kv_cache_dtype, slot_bytes
 from server.engine.output import Detokenizer, RequestOutput
 from server.engine.prefix_cache import PrefixCache
 from server.engine.request import EngineConfig, QueueFull, Request
@@ -48,8 +48,9 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         spec = model.spec
         self.max_len = min(self.config.max_model_len or spec.n_positions, spec.n_positions)
+        quantized = check_kv_cache_dtype(self.config.kv_cache_dtype, model)
         per_slot = slot_bytes(n_layer=spec.n_layer, n_head=spec.n_head, head_dim=spec.head_dim,
-                              max_len=self.max_len, dtype=self.dtype)
+                              max_len=self.max_len, dtype=torch.int8 if quantized else self.dtype)
         num_slots = min(self.config.max_num_seqs, self.config.kv_cache_bytes // per_slot)
         if num_slots < self.config.max_num_seqs:
             log.warning("the KV-cache budget (%.1f GiB) holds %d slots of %d positions, fewer than the %d "
@@ -58,7 +59,7 @@ class Engine:
                         self.config.max_num_seqs, num_slots)
         self.cache = KVCache(n_layer=spec.n_layer, n_head=spec.n_head, head_dim=spec.head_dim,
                              max_len=self.max_len, num_slots=num_slots, device=self.device, dtype=self.dtype,
-                             token_major=self.config.kv_token_major)
+                             token_major=self.config.kv_token_major, quantized=quantized)
         self.scheduler = Scheduler(max_num_seqs=num_slots,
                                    max_num_batched_tokens=self.config.max_num_batched_tokens)
         self.prefixes = PrefixCache(self.config.prefix_cache_bytes)
@@ -347,7 +348,8 @@ class Engine:
         missing = {k: p for k, p in prompts.items() if k not in self.prefixes}
         if not missing:
             return {}
-        computed = dict(zip(missing, self.model.prefix_kv_batch(list(missing.values()))))
+        computed = {key: self.cache.prefix_form(kv)
+                    for key, kv in zip(missing, self.model.prefix_kv_batch(list(missing.values())))}
         for key, kv in computed.items():
             self.prefixes.put(key, kv, for_request=for_request)
         return computed
@@ -362,7 +364,7 @@ class Engine:
         if req.soft_prompt is not None:
             key, sp = req.prefix_key, req.soft_prompt
             prefix = self.prefixes.acquire(
-                key, lambda: fresh[key] if key in fresh else self.model.prefix_kv(sp))
+                key, lambda: fresh[key] if key in fresh else self.cache.prefix_form(self.model.prefix_kv(sp)))
             req.holds_prefix = True
         gen = None
         if not req.params.greedy:
@@ -434,6 +436,15 @@ class Engine:
         return self.model.warm_kernels(self.config.max_num_batched_tokens, self.cache.num_slots)
 
     # ------------------------------------------------------------------ introspection
+    def describe_cache(self) -> str:
+        """The KV cache's form, for the startup log and /health `paths`."""
+        c = self.cache
+        if c.quantized:
+            return "int8 (a float32 scale per head and position), token-major, %d slots" % c.num_slots
+        return "%s, %s, %d slots" % (str(self.dtype).removeprefix("torch."),
+                                     "token-major" if c.token_major else "head-major", c.num_slots)
+
     def memory_report(self) -> dict:
         return {"kv_cache_bytes": self.cache.nbytes, "kv_slots": self.cache.num_slots,
+                "kv_cache_dtype": "int8" if self.cache.quantized else str(self.dtype).removeprefix("torch."),
                 "prefix_cache": self.prefixes.stats()}

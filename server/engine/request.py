@@ -45,6 +45,9 @@ class EngineConfig:
     static_decode: bool | None = None
     # KV-cache memory order (see `KVCache`); None = token-major for 2-byte dtypes on CPU
     kv_token_major: bool | None = None
+    # "auto": keys and values in the model's dtype; "int8": int8 with a float32 scale per head
+    # and position (CPU with the native kernels only; `KVCache`)
+    kv_cache_dtype: str = "auto"
     # Refuse a request at intake whose expected queue wait is over this (seconds), and end
     # one still queued after it with "queue_timeout". None = only the queue length bounds.
     max_queue_wait_s: float | None = None

@@ -97,24 +97,29 @@ def native_step(meta: StepMeta, positions: torch.Tensor, cache: "KVCache") -> Na
 
 
 def attend(lib, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, meta: StepMeta,
-           native: NativeStep | None) -> torch.Tensor:
+           native: NativeStep | None, scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention of a step's queries `[N, H, D]` over one layer's cache; `lib` and `native`
-    (the native kernels and the step's checked indices) or SDPA when they are None."""
+    (the native kernels and the step's checked indices) or SDPA when they are None. `scales`:
+    an int8 cache's key and value scales (`KVCache.scales`; native kernels only)."""
     nd = meta.n_decode
     if nd == q.shape[0]:
-        return _attend_decode(lib, q, kc, vc, meta, native)
+        return _attend_decode(lib, q, kc, vc, meta, native, scales)
     if native is not None and meta.prefill_pasts is not None:
         pre = cpu_kernels.prefill_attention(lib, q[nd:], kc, vc, meta.prefill_slots, meta.prefill_pasts,
-                                            meta.prefill_qlens, prechecked=True)
+                                            meta.prefill_qlens, prechecked=True, scales=scales)
+    elif scales is not None:
+        raise RuntimeError("the int8 KV cache is read by the native kernels only")
     else:
         pre = prefill_attention(q[nd:], kc, vc, meta)
-    return pre if nd == 0 else torch.cat([_attend_decode(lib, q[:nd], kc, vc, meta, native), pre])
+    return pre if nd == 0 else torch.cat([_attend_decode(lib, q[:nd], kc, vc, meta, native, scales), pre])
 
 
-def _attend_decode(lib, q, kc, vc, meta: StepMeta, native: NativeStep | None) -> torch.Tensor:
+def _attend_decode(lib, q, kc, vc, meta: StepMeta, native: NativeStep | None, scales) -> torch.Tensor:
     if native is not None:
         return cpu_kernels.decode_attention(lib, q, kc, vc, native.slots[:meta.n_decode], native.decode_lens,
-                                            prechecked=True)
+                                            prechecked=True, scales=scales)
+    if scales is not None:
+        raise RuntimeError("the int8 KV cache is read by the native kernels only")
     return decode_attention(q, kc, vc, meta)
 
 

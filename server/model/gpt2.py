@@ -315,16 +315,20 @@ class GPT2(nn.Module):
         a_pad = x.new_zeros(rows, s.n_embd) if rows > n else None
         c = s.n_embd
         native = native_step(meta, positions, cache) if lib is not None else None
+        if cache.quantized and native is None:
+            raise RuntimeError("the int8 KV cache needs the native CPU kernels, which this model does not use")
         for i, blk in enumerate(self.h):
             qkv = blk.attn.c_attn(blk.ln_1(x))[:n]  # [N, 3C]
             # keys and values of every token into the cache, in one write: [N, 2, H, D]
             kv = qkv[:, c:].view(n, 2, s.n_head, s.head_dim)
+            scales = cache.scales(i)
             if native is not None:
-                cpu_kernels.write_kv(lib, cache.kv[i], kv, native.slots, native.positions, prechecked=True)
+                cpu_kernels.write_kv(lib, cache.kv[i], kv, native.slots, native.positions, prechecked=True,
+                                     scale=None if scales is None else cache.scale[i])
             else:
                 cache.kv[i][:, meta.slot, :, positions] = kv
             q = qkv[:, :c].view(n, s.n_head, s.head_dim)
-            a = attend(lib, q, cache.k[i], cache.v[i], meta, native).reshape(n, c)  # [N, C]
+            a = attend(lib, q, cache.k[i], cache.v[i], meta, native, scales).reshape(n, c)  # [N, C]
             if a_pad is not None:
                 a_pad[:n] = a
                 a = a_pad
