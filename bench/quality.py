@@ -4,7 +4,8 @@
     python -m bench.quality --size tiny --requests 16 --tasks 4    # smoke run
 
 For each variant (`--variants`, default bfloat16, float32+int8, bfloat16+int8; "D+int8" is
-`polyprompt serve --dtype D --quantize int8`):
+`polyprompt serve --dtype D --quantize int8`, "...+kv8" adds `--kv-cache-dtype int8`, whose
+log-likelihood is taken through the engine's cache: `engine_nll`):
 - **greedy agreement** with float32 over the bench workload (the same seeded requests, soft
   prompts and `--new-tokens` as `python -m bench`, through the engine in-process): the share
   of requests whose generated tokens all equal float32's, and the mean number of leading
@@ -54,6 +55,20 @@ def token_nll(model, ids: list[int], window: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+@torch.inference_mode()
+def engine_nll(model, tokenizer, ids: list[int], window: int, kv_cache_dtype: str) -> torch.Tensor:
+    """`token_nll` through the engine's KV cache (prompt log-probs of each window as one
+    request): what a cache that stores keys and values differently (`+kv8`) costs."""
+    from server.engine.engine import Engine, EngineConfig, Request
+    from server.engine.sampler import SamplingParams
+
+    eng = Engine(model, tokenizer, EngineConfig(max_num_seqs=8, kv_cache_dtype=kv_cache_dtype))
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=0)
+    chunks = [ids[s:s + window + 1] for s in range(0, len(ids) - 1, window)]
+    outs = eng.generate([Request(f"nll-{i}", c, params) for i, c in enumerate(chunks) if len(c) >= 2])
+    return torch.tensor([-lp.logprob for o in outs for lp in o.prompt_logprobs[1:]], dtype=torch.float32)
+
+
 def _cpu() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -89,8 +104,9 @@ def main(argv=None) -> None:
     for variant in ["float32"] + [v for v in a.variants if v != "float32"]:
         t0 = time.perf_counter()
         model, etok = E.load_engine_model(model_dir, variant)
-        run = E.run_engine(model, etok, wl, max_num_seqs=64, max_num_batched_tokens=2048)
-        nll = token_nll(model, text_ids, a.window)
+        kv = E.kv_cache_dtype(variant)
+        run = E.run_engine(model, etok, wl, max_num_seqs=64, max_num_batched_tokens=2048, kv_cache_dtype=kv)
+        nll = token_nll(model, text_ids, a.window) if kv == "auto" else engine_nll(model, etok, text_ids, a.window, kv)
         row = {"variant": variant, "engine_tok_s": run["tokens"] / run["seconds"],
                "nll_mean": float(nll.mean()), "paths": model.backend.describe(model)}
         if ref_tokens is None:

@@ -12,7 +12,8 @@ from server import cpu_kernels
 from server.engine.kv_cache import KVCache, quantize_kv, slot_bytes
 
 LIB = cpu_kernels.load()
-needs_kernel = pytest.mark.skipif(LIB is None, reason="the native kernels cannot run here (no AVX-512 or no C compiler)")
+needs_kernel = pytest.mark.skipif(LIB is None, reason="SKIPPED LOUDLY: the native kernels cannot run here (no "
+                                  "AVX-512 or no C compiler), so the int8 KV cache cannot either")
 
 
 def _cache(*, heads=4, head_dim=64, max_len=96, slots=5, layers=1) -> KVCache:
