@@ -69,7 +69,7 @@ def check_quantize(quantize: str, device: torch.device) -> None:
         raise ValueError("--quantize int8 runs on the CPU (--device cpu); on CUDA, float16 is the fast path")
     if quantize == "int8" and not cpu_matmul.int8(cpu_kernels.load()):
         raise ValueError("--quantize int8 needs the native CPU kernels with AVX512-VNNI (a C compiler, AVX-512 "
-                         "and VNNI); this machine has not got them")
+                         "and VNNI); this machine has not got them, or POLYPROMPT_CPU_KERNELS=0 switched them off")
 
 
 def check_kv_cache_dtype_flag(kv_cache_dtype: str, device: torch.device) -> None:
@@ -84,7 +84,7 @@ def check_kv_cache_dtype_flag(kv_cache_dtype: str, device: torch.device) -> None
         raise ValueError("--kv-cache-dtype int8 runs on the CPU's native kernels (--device cpu)")
     if kv_cache_dtype == "int8" and cpu_kernels.load() is None:
         raise ValueError("--kv-cache-dtype int8 needs the native CPU kernels (AVX-512 and a C compiler); this "
-                         "machine has not got them")
+                         "machine has not got them, or POLYPROMPT_CPU_KERNELS=0 switched them off")
 
 
 class Runtime:

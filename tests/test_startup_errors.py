@@ -13,12 +13,16 @@ import pytest
 
 
 def _serve(tmp_path: Path, *args: str) -> tuple[int, list[str]]:
+    return _serve_env(tmp_path, {}, *args)
+
+
+def _serve_env(tmp_path: Path, env: dict[str, str], *args: str) -> tuple[int, list[str]]:
     defaults = {"--data-dir": str(tmp_path / "data"), "--device": "cpu", "--port": "0", "--log-level": "info"}
     for flag in args[::2]:
         defaults.pop(flag, None)
     argv = [a for kv in defaults.items() for a in kv] + list(args)
     p = subprocess.run([sys.executable, "-m", "server.cli", "serve", *argv], capture_output=True, text=True,
-                       timeout=120, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+                       timeout=120, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", **env})
     out = (p.stderr + p.stdout).strip()
     return p.returncode, out.splitlines()
 
@@ -89,3 +93,16 @@ def test_port_in_use_fails_before_the_model_loads(tiny_model_dir, tmp_path):
 
 def test_unknown_quantization(tiny_model_dir, tmp_path):
     _one_line(*_serve(tmp_path, "--model", str(tiny_model_dir), "--quantize", "int4"), "--quantize", "int8")
+
+
+def test_unknown_kv_cache_dtype(tiny_model_dir, tmp_path):
+    _one_line(*_serve(tmp_path, "--model", str(tiny_model_dir), "--kv-cache-dtype", "fp8"),
+              "--kv-cache-dtype", "auto, int8", "'fp8'")
+
+
+def test_int8_kv_cache_without_native_kernels(tiny_model_dir, tmp_path):
+    """With the native kernels switched off the int8 cache has no reader: refused in one line
+    (at --log-level warning, which drops the kernels' info line saying they are switched off)."""
+    rc, lines = _serve_env(tmp_path, {"POLYPROMPT_CPU_KERNELS": "0"}, "--model", str(tiny_model_dir),
+                           "--kv-cache-dtype", "int8", "--log-level", "warning")
+    _one_line(rc, lines, "--kv-cache-dtype int8", "native CPU kernels", "POLYPROMPT_CPU_KERNELS=0")
