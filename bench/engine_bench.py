@@ -31,9 +31,10 @@ def kv_cache_dtype(dtype: str) -> str:
 def load_engine_model(model_dir: Path, dtype: str, device: str = "cpu"):
     from transformers import AutoTokenizer
 
-    from server.lifecycle import freeze_heap
+    from server.lifecycle import freeze_heap, keep_freed_memory
     from server.model import GPT2
 
+    keep_freed_memory()  # as `polyprompt serve` does at start
     model = GPT2.from_pretrained(str(model_dir), device=device, dtype=DTYPES[dtype],
                                  quantize=split_dtype(dtype)[1])
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

@@ -89,6 +89,10 @@ class PolypromptReplica:
             import torch
 
             torch.set_num_threads(int(torch_threads))
+        from server.lifecycle import keep_freed_memory
+
+        if heap := keep_freed_memory():  # the replica's process is the server's: as `polyprompt serve` does
+            log.info(heap)
         self.settings = settings if isinstance(settings, Settings) else Settings(**settings)
         self.replica_id = _replica_id()
         self.app = create_app(self.settings)

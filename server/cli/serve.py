@@ -37,8 +37,11 @@ def main(argv: list[str]) -> int:
 
     from server.app import create_app
     from server.engine import openmp
-    from server.lifecycle import freeze_heap
+    from server.lifecycle import freeze_heap, keep_freed_memory
     from server.runtime import Runtime
+
+    if heap := keep_freed_memory():  # before loading: no page faults for what each step frees
+        logging.getLogger("polyprompt.serve").info(heap)
 
     try:
         sock = _bind(settings.host, settings.port)  # first: a taken port fails before seconds of loading
