@@ -246,7 +246,7 @@ for k in range(3):
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     eng.generate(batch(f"run{k}"))
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-print(applied, min(faults))
+print(applied, sum(faults))
 """
 
 
@@ -263,10 +263,11 @@ def _faults(model_dir, env: dict[str, str]) -> tuple[bool, int]:
 def test_keep_freed_memory_stops_each_steps_allocations_faulting_again(tmp_path):
     """With `keep_freed_memory` (what `polyprompt serve` sets at start) what a step frees
     (64 rows' logits over GPT-2's vocabulary alone are 12.9 MB, a 2,048-token prefill's MLP
-    activations 12.6 MB) is reused by the next step: a batch runs with (almost) no zero-filled
-    page faults. With glibc's defaults (an operator's GLIBC_TUNABLES malloc setting is left
-    alone) the same batches fault thousands of pages in again, each one of them."""
+    activations 12.6 MB) is reused by the next step: three batches run with (almost) no
+    zero-filled page faults (0-3,700 seen: Python's own arenas). With glibc's defaults (an
+    operator's GLIBC_TUNABLES malloc setting is left alone) the same batches fault pages in
+    again and again (20,000-43,000 seen)."""
     applied, faults = _faults(tmp_path / "model", {})
     applied_default, faults_default = _faults(tmp_path / "model", {"GLIBC_TUNABLES": "glibc.malloc.check=0"})
     assert applied and not applied_default
-    assert faults < 1500 and faults_default > 2 * faults + 2000, (faults, faults_default)
+    assert faults < 8000 and faults_default > 2 * faults + 8000, (faults, faults_default)
