@@ -118,9 +118,9 @@ def keep_freed_memory() -> str | None:
     it) much of that went back to the kernel each step and came back as zero-filled page
     faults: 50,000-90,000 a run of the bench's HTTP workload in the server, ~0 with this
     (+1 % throughput in a paired A/B, +4 % resident memory: bench/results/HISTORY.md, session
-    16). The process keeps its peak working set (a steady server's memory anyway). Returns what was set, or None where it
-    does not apply: not glibc, or the operator chose (MALLOC_*_ or GLIBC_TUNABLES
-    glibc.malloc.* in the environment, which stand)."""
+    16). The process keeps its peak working set (a steady server's memory anyway). Returns
+    what was set, or None where it does not apply: not glibc, or the operator chose
+    (MALLOC_*_ or GLIBC_TUNABLES glibc.malloc.* in the environment, which stand)."""
     if sys.platform != "linux" or any(k in os.environ for k in _MALLOC_ENV) or \
             "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return None

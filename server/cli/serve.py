@@ -40,8 +40,7 @@ def main(argv: list[str]) -> int:
     from server.lifecycle import freeze_heap, keep_freed_memory
     from server.runtime import Runtime
 
-    if heap := keep_freed_memory():  # before loading: no page faults for what each step frees
-        logging.getLogger("polyprompt.serve").info(heap)
+    heap = keep_freed_memory()  # before loading: no page faults for what each step frees
 
     try:
         sock = _bind(settings.host, settings.port)  # first: a taken port fails before seconds of loading
@@ -52,6 +51,8 @@ def main(argv: list[str]) -> int:
         logging.getLogger("polyprompt.serve").debug("start-up failed", exc_info=True)
         print(f"polyprompt serve: {_explain(e, settings)}", file=sys.stderr)
         return 1
+    if heap:  # logged once start-up went through (a failed one prints its one line only)
+        logging.getLogger("polyprompt.serve").info(heap)
     app = create_app(settings, runtime)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
                                            log_level=settings.log_level.lower(), timeout_graceful_shutdown=5))
