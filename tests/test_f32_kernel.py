@@ -99,3 +99,22 @@ def test_fp32_model_runs_its_matmuls_on_the_fp32_kernel(tiny_model_dir, monkeypa
     assert "fp32 kernel" not in model.backend.describe(model)["matmuls"]
     bf = GPT2.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
     assert not any(m.f32 is not None for m in bf.backend.linears(bf))  # bf16 weights: not this kernel
+
+
+@needs_kernel
+def test_linear_f32_chunk_does_not_change_a_bit():
+    """The input chunk is chosen per CPU (`cpu_kernels.f32_chunk`); each output is one
+    sequential float32 sum over k whatever the chunk, so every chunk gives the same bits."""
+    g = torch.Generator().manual_seed(5)
+    w, b, x = torch.randn(200, 600, generator=g), torch.randn(200, generator=g), torch.randn(70, 600, generator=g)
+    packed = cpu_matmul.pack_f32(w, b)  # 70 rows: one block, so the chunk set applies
+    try:
+        outs = []
+        for kc in (256, 128, 64, 37, 600, 1):
+            assert LIB.set_f32_chunk(kc) == 1
+            outs.append(cpu_matmul.linear_f32(LIB, x, packed, True))
+        assert all(torch.equal(outs[0], o) for o in outs[1:])
+        assert LIB.set_f32_chunk(0) == 0 and LIB.set_f32_chunk(-5) == 0
+    finally:
+        LIB.set_f32_chunk(cpu_kernels.f32_chunk())
+    assert cpu_kernels.f32_chunk() in (128, 256)

@@ -94,18 +94,27 @@ static inline float exp_sum(float *s, int64_t n, float mx) {
  * the accumulators stay in registers, and with D / 16 for any other head size. */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-/* Software prefetch distance of the decode kernel, in positions. The cache is read at
- * ~8 GB/s without it: a row's keys of one head are a short strided run (128 B a position in
- * a token-major bf16 cache) that the hardware prefetcher picks up too late. */
+/* Software prefetch distances of the decode kernel, in positions: DECODE_PREFETCH ahead into
+ * L1, DECODE_PREFETCH_L2 ahead into L2, neither past the row's last position (whatever lies
+ * there is another slot's). The cache is read at ~8 GB/s without any: a row's keys of one head
+ * are a short strided run (128 B a position in a token-major bf16 cache) that the hardware
+ * prefetcher picks up too late. L1 prefetches alone are bounded by the core's few L1 fill
+ * buffers; the L2 ones, further ahead, keep more lines in flight (a 64-row bf16 decode step's
+ * attention 10.1 -> 8.5 ms on Sapphire Rapids, 16.4 -> 19.5 GB/s of cache read). The keys'
+ * last L2 prefetches reach into the row's first values, read right after. */
 #define DECODE_PREFETCH 4
+#define DECODE_PREFETCH_L2 16
 
 ALWAYS_INLINE void prefetch_lines(const void *p, int bytes) {
     for (int c = 0; c < bytes; c += 64) _mm_prefetch((const char *)p + c, _MM_HINT_T0);
 }
+ALWAYS_INLINE void prefetch_lines_l2(const void *p, int bytes) {
+    for (int c = 0; c < bytes; c += 64) _mm_prefetch((const char *)p + c, _MM_HINT_T1);
+}
 
 /* One decode row, every head: keys/values of head h at position t are at kp, vp + h * sh +
  * t * st, n positions; query head h at qp + h * q_sh. Positions are the outer loop (each
- * position's heads are read together, prefetched DECODE_PREFETCH positions ahead), heads the
+ * position's heads are read together, prefetched DECODE_PREFETCH and _L2 positions ahead), heads the
  * inner one. Scratch: s (H * ls floats: scores, then softmax numerators), o (H * D floats:
  * first the scaled query, then the value accumulators), inv (H floats). Per head the
  * arithmetic and its order are exactly those of one (row, head) at a time. */
@@ -120,14 +129,20 @@ ALWAYS_INLINE void prefetch_lines(const void *p, int bytes) {
             for (int j = 0; j < nd; j++)                                                           \
                 _mm512_store_ps(qf + h * D + 16 * j,                                               \
                                 _mm512_mul_ps(LOAD(qp + h * q_sh + 16 * j), _mm512_set1_ps(scale))); \
-        for (int64_t t = 0; t < n && t < DECODE_PREFETCH; t++)                                     \
-            for (int h = 0; h < H; h++) prefetch_lines(kp + t * st + h * sh, bytes);               \
+        for (int64_t t = 0; t < n && t < DECODE_PREFETCH_L2; t++)                                  \
+            for (int h = 0; h < H; h++) {                                                          \
+                if (t < DECODE_PREFETCH) prefetch_lines(kp + t * st + h * sh, bytes);              \
+                else prefetch_lines_l2(kp + t * st + h * sh, bytes);                               \
+            }                                                                                      \
         for (int64_t t = 0; t < n; t++) {                                                          \
             const KT *kt = kp + t * st;                                                            \
             for (int h = 0; h < H; h++) {                                                          \
                 const KT *kh = kt + h * sh;                                                        \
                 const float *qh = qf + h * D;                                                      \
-                prefetch_lines(kh + DECODE_PREFETCH * st, bytes);                                  \
+                if (t + DECODE_PREFETCH < n) prefetch_lines(kh + DECODE_PREFETCH * st, bytes);     \
+                if (t + DECODE_PREFETCH_L2 < n) prefetch_lines_l2(kh + DECODE_PREFETCH_L2 * st, bytes); \
+                else if (t + DECODE_PREFETCH_L2 - n < n)                                           \
+                    prefetch_lines_l2(vp + (t + DECODE_PREFETCH_L2 - n) * st + h * sh, bytes);     \
                 __m512 acc = _mm512_mul_ps(_mm512_load_ps(qh), KLOAD(kh));                         \
                 for (int j = 1; j < nd; j++)                                                       \
                     acc = _mm512_fmadd_ps(_mm512_load_ps(qh + 16 * j), KLOAD(kh + 16 * j), acc);   \
@@ -148,7 +163,8 @@ ALWAYS_INLINE void prefetch_lines(const void *p, int bytes) {
                 const __m512 p = _mm512_set1_ps(SCALED(s[h * ls + t], vs[h * c_sh + t * c_st]));   \
                 const KT *vh = vt + h * sh;                                                        \
                 float *oh = o + h * D;                                                             \
-                prefetch_lines(vh + DECODE_PREFETCH * st, bytes);                                  \
+                if (t + DECODE_PREFETCH < n) prefetch_lines(vh + DECODE_PREFETCH * st, bytes);     \
+                if (t + DECODE_PREFETCH_L2 < n) prefetch_lines_l2(vh + DECODE_PREFETCH_L2 * st, bytes); \
                 for (int j = 0; j < nd; j++)                                                       \
                     _mm512_store_ps(oh + 16 * j, _mm512_fmadd_ps(p, KLOAD(vh + 16 * j), _mm512_load_ps(oh + 16 * j))); \
             }                                                                                      \
@@ -296,6 +312,7 @@ static inline double dot_f64(const float *a, const void *b, int b_bf16, int64_t 
 }
 
 #define Y_ROUNDING 0.0078125 /* 2^-7 > a bf16 value's rounding error relative to it */
+#define SCREEN_PREFETCH 4 /* candidates ahead */
 void screen_pick(const uint16_t *y, int64_t R, int64_t V, const double *bound, int64_t nblk,
                  const int64_t *perm, const float *h, int64_t K, const void *w, int w_bf16,
                  int round_bf16_out, double slack, int64_t max_cand, int64_t *tok, int64_t *count,
@@ -322,6 +339,10 @@ void screen_pick(const uint16_t *y, int64_t R, int64_t V, const double *bound, i
         if (round_bf16_out) low -= fabs(low) * slack;
         int64_t best_tok = -1, n_cand = 0;
         float best = -INFINITY;
+        /* first the candidates' ids, then their exact scores with the head rows prefetched a few
+         * candidates ahead (random rows of the head, from memory: ~40 a row) */
+        int64_t *cand = ok ? malloc((size_t)(max_cand > 0 ? max_cand : 1) * sizeof(int64_t)) : NULL;
+        ok = ok && cand != NULL;
         for (int64_t b = 0; ok && b < nblk; b++) {
             const double thr = low - br[b];
             if ((double)bmax[b] + fabs((double)bmax[b]) * Y_ROUNDING < thr) continue;
@@ -332,14 +353,22 @@ void screen_pick(const uint16_t *y, int64_t R, int64_t V, const double *bound, i
                 memcpy(&yv, &u, 4);
                 if ((double)yv + fabs((double)yv) * Y_ROUNDING < thr) continue;
                 if (++n_cand > max_cand) { ok = 0; break; }
-                const int64_t id = perm[v0 + t];
-                float score = (float)dot_f64(hr, w_bf16 ? (const void *)((const uint16_t *)w + id * K)
-                                                        : (const void *)((const float *)w + id * K), w_bf16, K);
-                if (round_bf16_out) score = round_bf16(score);
-                if (!isfinite(score)) { ok = 0; break; }
-                if (score > best || (score == best && id < best_tok)) { best = score; best_tok = id; }
+                cand[n_cand - 1] = perm[v0 + t];
             }
         }
+        const int64_t esz = w_bf16 ? 2 : 4;
+        for (int64_t i = 0; ok && i < n_cand && i < SCREEN_PREFETCH; i++)
+            prefetch_lines((const char *)w + cand[i] * K * esz, (int)(K * esz));
+        for (int64_t i = 0; ok && i < n_cand; i++) {
+            if (i + SCREEN_PREFETCH < n_cand)
+                prefetch_lines((const char *)w + cand[i + SCREEN_PREFETCH] * K * esz, (int)(K * esz));
+            const int64_t id = cand[i];
+            float score = (float)dot_f64(hr, (const char *)w + id * K * esz, w_bf16, K);
+            if (round_bf16_out) score = round_bf16(score);
+            if (!isfinite(score)) { ok = 0; break; }
+            if (score > best || (score == best && id < best_tok)) { best = score; best_tok = id; }
+        }
+        free(cand);
         free(bmax);
         tok[r] = ok ? best_tok : -1;
         count[r] = n_cand;
@@ -1029,9 +1058,14 @@ void linear_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *wp, in
  * rows a decode step reads every weight (340 MB for the 124M model's blocks) once and uses
  * it 64 times, and oneDNN left ~10-15 % of the FMA rate unused there (the blocks' 49 matmuls
  * at 64 rows, Zen 5: 27-30 ms against 23-27 here). Each thread walks its own contiguous
- * share of the panels (64 outputs, [K][64] floats each) in chunks of F32_KC inputs that stay
- * in L2 while every 6-row tile of a block of F32_MB rows passes over them, and prefetches the
- * next chunk into L2 meanwhile (a share of it per tile). Partial sums of a chunk go to y and
+ * share of the panels (64 outputs, [K][64] floats each) in chunks of f32_kc inputs that stay
+ * in cache while every 6-row tile of a block of F32_MB rows passes over them, and prefetches
+ * the next chunk into L2 meanwhile (a share of it per tile). The chunk is set per CPU once
+ * (set_f32_chunk, from cpu_kernels.load) for calls of one block of rows (decode steps, whose
+ * weights stream by once): 256 inputs (64 KB of a panel) were best on a Zen 5, 128 (32 KB,
+ * within L1) on a Sapphire Rapids (a 64-row step's 48 block matmuls 43.0-43.7 -> 39.8-40.6 ms
+ * there; 192: 42.3). Larger calls (prefill) take 256 (at 2,048 rows 128 was 1-2 % slower on
+ * the Sapphire Rapids). Partial sums of a chunk go to y and
  * come back for the next, unrounded (float32 either way), so each output is one sequential
  * float32 sum over k, whatever the row count: a row's result does not depend on the others.
  *
@@ -1041,6 +1075,15 @@ void linear_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *wp, in
 #define F32_MR 6
 #define F32_KC 256
 #define F32_MB 96
+static int64_t f32_kc = F32_KC;
+
+/* the inputs per chunk of linear_f32 calls of at most F32_MB rows from now on (any kc >= 1
+ * gives the same bits: each output stays one sequential sum over k); 0 when kc is refused */
+int set_f32_chunk(int64_t kc) {
+    if (kc < 1 || kc > 65536) return 0;
+    f32_kc = kc;
+    return 1;
+}
 
 static inline __attribute__((always_inline)) void f32_tile(const int mr, const float *a, int64_t lda,
                                                            const float *w, int64_t kc, int first, int last,
@@ -1106,7 +1149,7 @@ static void f32_rows(int mr, const float *a, int64_t lda, const float *w, int64_
 
 void linear_f32(const float *x, int64_t M, int64_t K, const float *wp, int64_t N, const float *bias,
                 float *y, int gelu, int threads) {
-    const int64_t panels = (N + 63) / 64;
+    const int64_t panels = (N + 63) / 64, chunk = M <= F32_MB ? f32_kc : F32_KC;
     _Pragma("omp parallel num_threads(threads)")
     for (int64_t m0 = 0; m0 < M; m0 += F32_MB) {
         const int64_t mend = m0 + F32_MB < M ? m0 + F32_MB : M;
@@ -1121,8 +1164,8 @@ void linear_f32(const float *x, int64_t M, int64_t K, const float *wp, int64_t N
                 live[j] = N > n0 ? live_lanes(N - n0) : 0;
                 bv[j] = bias ? _mm512_maskz_loadu_ps(live[j], bias + n0) : _mm512_setzero_ps();
             }
-            for (int64_t k0 = 0; k0 < K; k0 += F32_KC) {
-                const int64_t kc = K - k0 < F32_KC ? K - k0 : F32_KC;
+            for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+                const int64_t kc = K - k0 < chunk ? K - k0 : chunk;
                 /* the next chunk of this thread's stream (this panel's next, or the next panel's
                  * first: they follow in memory), a 1/tiles share of its lines per tile */
                 const char *next = (const char *)(w + (k0 + kc) * 64);

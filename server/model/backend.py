@@ -51,8 +51,8 @@ class Backend:
         elif self.head is None:
             matmuls = "torch"
         elif any(m.f32 is not None for m in linears):
-            matmuls = "native AVX-512 fp32 kernel (fp32 matmuls of <= %d rows), oneDNN (the rest)" % (
-                Linear.F32_MAX_ROWS)
+            matmuls = "native AVX-512 fp32 kernel (fp32 matmuls of <= %d rows, inputs in chunks of %d), " \
+                "oneDNN (the rest)" % (Linear.F32_MAX_ROWS, cpu_kernels.f32_chunk())
             if any(m.amx is not None for m in linears):  # a bf16 greedy screen's layer
                 matmuls += "; the bf16 greedy screen's on AMX-BF16"
             elif any(m.bf16 is not None for m in linears):
