@@ -881,14 +881,16 @@ int linear_int8(const void *x, int x_bf16, int64_t M, int64_t K, const int8_t *w
  * weights, int32 sums), same arguments, same weights, same quantized rows, so the same
  * exact int32 sums and bit-identical outputs. The VNNI panel layout is already the B-tile
  * layout: rows of 4 k x 64 outputs, 256 bytes, so the tile of 64 k x 16 outputs j of a
- * panel is 16 of those rows, 64 bytes each at offset 64 j (stride 256). Per pair of 16-output
- * blocks, rows go 32 at a time: four accumulator tiles (2 row tiles x 2 output blocks), two A
- * and two B tiles, so each tile loaded serves two products (the 4 x 1 layout before loaded
- * 5 tiles for 4: 48 block matmuls of the 124M shape, Sapphire Rapids, 2,048 rows 129-144 ->
- * 111-129 ms, 300 rows 20.4-20.9 -> 17.7-18.2, 64 rows 5.5-7.0 -> 5.1-5.6; same bits, int32
- * sums being exact). The panel's two passes find it in L2, each having prefetched half of the
- * next panel there (int8 weights streamed at 12 GB/s instead of 10 with an L1 prefetch a few
- * rows ahead).
+ * panel is 16 of those rows, 64 bytes each at offset 64 j (stride 256). Decode steps (<= 64
+ * rows, i8x_panel_4x1): per 16 outputs, rows go 64 at a time (four accumulator tiles, two A
+ * tiles in turn, one B tile); the panel's four passes find it in L2, each having prefetched a
+ * quarter of the next panel there (int8 weights streamed at 12 GB/s instead of 10 with an L1
+ * prefetch a few rows ahead). Larger calls (i8x_panel_2x2): per pair of 16-output blocks, rows
+ * 32 at a time (2 row tiles x 2 output blocks, two A and two B tiles), so each tile loaded
+ * serves two products instead of 4 / 5: a prefill's 48 block matmuls in the engine 199-204 ->
+ * 165-168 ms on Sapphire Rapids, while its 64-row decode steps took 12.2-12.4 ms of int8 matmuls
+ * with the 4 x 1 layout against 13.1-13.2 with the 2 x 2 one. Same bits either way (exact int32
+ * sums, the same epilogue).
  * Rows come in blocks of I8X_MB so a block's quantized rows stay in L2 while every panel
  * passes over them. K % 64 == 0 (the caller checks; linear_int8 takes any K % 4 == 0).
  * ------------------------------------------------------------------------------------------ */
@@ -898,6 +900,83 @@ int amx_int8_available(void) {
     unsigned a, b, c, d;
     __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
     return ((d >> 25) & 1) && amx_init(); /* AMX-INT8, and the tile state granted */
+}
+
+/* one panel, per 16-output block: rows 64 at a time (4 accumulator tiles, one B tile): decode steps */
+static inline __attribute__((always_inline)) void i8x_panel_4x1(const int8_t *w, int64_t p, int64_t panels, int64_t c0,
+        int64_t cend, const uint8_t *q, const float *sa, int64_t M, int64_t K, int64_t kblk, const float *ws,
+        const int32_t *wsum, int64_t N, const float *bias, void *y, int gelu, int x_bf16, int32_t *acc) {
+    for (int j = 0; j < 4 && p * 64 + j * 16 < N; j++) {
+        const int64_t n0 = p * 64 + j * 16;
+        const __mmask16 live = live_lanes(N - n0);
+        const __m512 wsv = _mm512_maskz_loadu_ps(live, ws + n0);
+        const __m512i sv = _mm512_maskz_loadu_epi32(live, wsum + n0);
+        const __m512 bv = bias ? _mm512_maskz_loadu_ps(live, bias + n0) : _mm512_setzero_ps();
+        for (int64_t m0 = c0; m0 < cend; m0 += 64) {
+            const int mb = (int)((cend - m0) / 16 < 4 ? (cend - m0) / 16 : 4);
+            const uint8_t *xm = q + m0 * K;
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+            for (int64_t kb = 0; kb < kblk; kb++) {
+                if (m0 == c0 && p + 1 < panels) /* a quarter of the next panel into L2 */
+                    for (int c = 0; c < 1024; c += 64) _mm_prefetch(w + K * 64 + kb * 4096 + j * 1024 + c, _MM_HINT_T1);
+                const uint8_t *xa = xm + kb * 64;
+                _tile_loadd(6, w + kb * 4096 + j * 64, 256);
+                _tile_loadd(4, xa, K);
+                _tile_dpbusd(0, 4, 6);
+                if (mb > 1) { _tile_loadd(5, xa + 16 * K, K); _tile_dpbusd(1, 5, 6); }
+                if (mb > 2) { _tile_loadd(4, xa + 32 * K, K); _tile_dpbusd(2, 4, 6); }
+                if (mb > 3) { _tile_loadd(5, xa + 48 * K, K); _tile_dpbusd(3, 5, 6); }
+            }
+            _tile_stored(0, acc, 64);
+            if (mb > 1) _tile_stored(1, acc + 256, 64);
+            if (mb > 2) _tile_stored(2, acc + 512, 64);
+            if (mb > 3) _tile_stored(3, acc + 768, 64);
+            for (int64_t m = m0; m < M && m < m0 + 64; m++)
+                i8_store(_mm512_load_si512(acc + (m - m0) * 16), sa[m], wsv, sv, bv, gelu, x_bf16,
+                         y, m * N + n0, live);
+        }
+    }
+}
+
+/* one panel, per pair of 16-output blocks: rows 32 at a time (2 x 2 accumulator tiles): larger calls */
+static inline __attribute__((always_inline)) void i8x_panel_2x2(const int8_t *w, int64_t p, int64_t panels, int64_t c0,
+        int64_t cend, const uint8_t *q, const float *sa, int64_t M, int64_t K, int64_t kblk, const float *ws,
+        const int32_t *wsum, int64_t N, const float *bias, void *y, int gelu, int x_bf16, int32_t *acc) {
+    for (int j = 0; j < 4 && p * 64 + j * 16 < N; j += 2) {
+        const int two = p * 64 + (j + 1) * 16 < N; /* the pair's second block has outputs */
+        for (int64_t m0 = c0; m0 < cend; m0 += 32) {
+            const int rb = cend - m0 >= 32 ? 2 : 1;
+            const uint8_t *xm = q + m0 * K;
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+            for (int64_t kb = 0; kb < kblk; kb++) {
+                if (m0 == c0 && p + 1 < panels) /* this pair's half of the next panel into L2 */
+                    for (int c = 0; c < 2048; c += 64) _mm_prefetch(w + K * 64 + kb * 4096 + j * 1024 + c, _MM_HINT_T1);
+                const uint8_t *xa = xm + kb * 64;
+                _tile_loadd(6, w + kb * 4096 + j * 64, 256);
+                _tile_loadd(7, w + kb * 4096 + (j + 1) * 64, 256);
+                _tile_loadd(4, xa, K);
+                _tile_dpbusd(0, 4, 6);
+                _tile_dpbusd(1, 4, 7);
+                if (rb > 1) {
+                    _tile_loadd(5, xa + 16 * K, K);
+                    _tile_dpbusd(2, 5, 6);
+                    _tile_dpbusd(3, 5, 7);
+                }
+            }
+            for (int h = 0; h < 1 + two; h++) {
+                const int64_t n0 = p * 64 + (j + h) * 16;
+                const __mmask16 live = live_lanes(N - n0);
+                const __m512 wsv = _mm512_maskz_loadu_ps(live, ws + n0);
+                const __m512i sv = _mm512_maskz_loadu_epi32(live, wsum + n0);
+                const __m512 bv = bias ? _mm512_maskz_loadu_ps(live, bias + n0) : _mm512_setzero_ps();
+                if (h == 0) { _tile_stored(0, acc, 64); if (rb > 1) _tile_stored(2, acc + 256, 64); }
+                else { _tile_stored(1, acc, 64); if (rb > 1) _tile_stored(3, acc + 256, 64); }
+                for (int64_t m = m0; m < M && m < m0 + 16 * rb; m++)
+                    i8_store(_mm512_load_si512(acc + (m - m0) * 16), sa[m], wsv, sv, bv, gelu, x_bf16,
+                             y, m * N + n0, live);
+            }
+        }
+    }
 }
 
 int linear_int8_amx(const void *x, int x_bf16, int64_t M, int64_t K, const int8_t *wp, const float *ws,
@@ -918,41 +997,10 @@ int linear_int8_amx(const void *x, int x_bf16, int64_t M, int64_t K, const int8_
             _Pragma("omp for schedule(static)")
             for (int64_t p = 0; p < panels; p++) {
                 const int8_t *w = wp + p * K * 64;
-                for (int j = 0; j < 4 && p * 64 + j * 16 < N; j += 2) {
-                    const int two = p * 64 + (j + 1) * 16 < N; /* the pair's second block has outputs */
-                    for (int64_t m0 = c0; m0 < cend; m0 += 32) {
-                        const int rb = cend - m0 >= 32 ? 2 : 1;
-                        const uint8_t *xm = q + m0 * K;
-                        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-                        for (int64_t kb = 0; kb < kblk; kb++) {
-                            if (m0 == c0 && p + 1 < panels) /* this pair's half of the next panel into L2 */
-                                for (int c = 0; c < 2048; c += 64) _mm_prefetch(w + K * 64 + kb * 4096 + j * 1024 + c, _MM_HINT_T1);
-                            const uint8_t *xa = xm + kb * 64;
-                            _tile_loadd(6, w + kb * 4096 + j * 64, 256);
-                            _tile_loadd(7, w + kb * 4096 + (j + 1) * 64, 256);
-                            _tile_loadd(4, xa, K);
-                            _tile_dpbusd(0, 4, 6);
-                            _tile_dpbusd(1, 4, 7);
-                            if (rb > 1) {
-                                _tile_loadd(5, xa + 16 * K, K);
-                                _tile_dpbusd(2, 5, 6);
-                                _tile_dpbusd(3, 5, 7);
-                            }
-                        }
-                        for (int h = 0; h < 1 + two; h++) {
-                            const int64_t n0 = p * 64 + (j + h) * 16;
-                            const __mmask16 live = live_lanes(N - n0);
-                            const __m512 wsv = _mm512_maskz_loadu_ps(live, ws + n0);
-                            const __m512i sv = _mm512_maskz_loadu_epi32(live, wsum + n0);
-                            const __m512 bv = bias ? _mm512_maskz_loadu_ps(live, bias + n0) : _mm512_setzero_ps();
-                            if (h == 0) { _tile_stored(0, acc, 64); if (rb > 1) _tile_stored(2, acc + 256, 64); }
-                            else { _tile_stored(1, acc, 64); if (rb > 1) _tile_stored(3, acc + 256, 64); }
-                            for (int64_t m = m0; m < M && m < m0 + 16 * rb; m++)
-                                i8_store(_mm512_load_si512(acc + (m - m0) * 16), sa[m], wsv, sv, bv, gelu, x_bf16,
-                                         y, m * N + n0, live);
-                        }
-                    }
-                }
+                if (Mp <= 64)
+                    i8x_panel_4x1(w, p, panels, c0, cend, q, sa, M, K, kblk, ws, wsum, N, bias, y, gelu, x_bf16, acc);
+                else
+                    i8x_panel_2x2(w, p, panels, c0, cend, q, sa, M, K, kblk, ws, wsum, N, bias, y, gelu, x_bf16, acc);
             }
         }
         _tile_release();
