@@ -65,7 +65,11 @@ class Linear(nn.Linear):
     # with --quantize int8 (see `set_int8`): the kernel library and the weight quantized for it
     _int8_lib = None
     _int8_packed: "cpu_matmul.Int8Weight | None" = None
-    AMX_MAX_ROWS = 64  # past ~64-96 rows oneDNN is as fast (bench kernels scenario), and prefill is compute-bound
+    # with its 2 x 2 tiles the AMX kernel beats oneDNN up to ~128 rows (48 block matmuls on Sapphire
+    # Rapids: 64 rows 10.0-10.2 vs 12.7-13.0 ms, 128 rows 14.6-15.0 vs 17.4-17.7; level at 192, behind
+    # at 256; a 128-row engine step's model call 40.5-43.8 vs 42.8-45.0 ms, four pairs), and prefill
+    # is compute-bound: oneDNN's
+    AMX_MAX_ROWS = 128
     # the AVX512-BF16 kernel beat oneDNN at every size measured, 8 to 1,024 rows, by 3-16 % from
     # 64 rows on (bench/results/HISTORY.md), so prefill chunks run on it too
     BF16_MAX_ROWS = 4096
