@@ -51,13 +51,8 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 
-def _cpu_has_flags() -> bool:
-    have = _cpu_flags()
-    return all(f in have for f in CPU_FLAGS)
-
-
-def cpu_summary() -> str:
-    """The CPU's name and the instruction sets the fast paths depend on (the startup log)."""
+def _cpuinfo() -> tuple[str, set[str]]:
+    """The first CPU's model name and instruction-set flags from /proc/cpuinfo."""
     name, have = "unknown CPU", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -68,27 +63,28 @@ def cpu_summary() -> str:
                 break
     except OSError:
         pass
+    return name, have
+
+
+def _cpu_has_flags() -> bool:
+    have = _cpuinfo()[1]
+    return all(f in have for f in CPU_FLAGS)
+
+
+def cpu_summary() -> str:
+    """The CPU's name and the instruction sets the fast paths depend on (the startup log)."""
+    name, have = _cpuinfo()
     isa = [f"{label} {'yes' if flag in have else 'no'}" for label, flag in
            (("AVX-512", "avx512f"), ("AVX512-BF16", "avx512_bf16"), ("AVX512-VNNI", "avx512_vnni"),
             ("AMX-BF16", "amx_bf16"), ("AMX-INT8", "amx_int8"))]
     return f"{name} ({os.cpu_count()} CPUs; {', '.join(isa)})"
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def f32_chunk() -> int:
     """Inputs per chunk of the native fp32 matmul (`linear_f32`) in decode-sized calls on this
     CPU: measured best 128 on a Sapphire Rapids (AMX; the chunk of a 64-output panel then fits
     L1) and 256 on an AMD Zen 5 (kernels.c has the figures). The same bits either way."""
-    return 128 if "amx_bf16" in _cpu_flags() else 256
+    return 128 if "amx_bf16" in _cpuinfo()[1] else 256
 
 
 def _switched_off(var: str) -> bool:

@@ -317,61 +317,63 @@ void screen_pick(const uint16_t *y, int64_t R, int64_t V, const double *bound, i
                  const int64_t *perm, const float *h, int64_t K, const void *w, int w_bf16,
                  int round_bf16_out, double slack, int64_t max_cand, int64_t *tok, int64_t *count,
                  int threads) {
-    _Pragma("omp parallel for num_threads(threads) schedule(static)")
-    for (int64_t r = 0; r < R; r++) {
-        const uint16_t *yr = y + r * V;
-        const double *br = bound + r * nblk;
-        const float *hr = h + r * K;
-        float *bmax = malloc(nblk * sizeof(float));
-        double low = -INFINITY;
-        int ok = bmax != NULL;
-        for (int64_t b = 0; ok && b < nblk; b++) {
-            const int64_t v0 = b * 64, n = V - v0 < 64 ? V - v0 : 64;
-            __m512 m = _mm512_set1_ps(-INFINITY);
-            for (int64_t t = 0; t < n; t += 16)
-                m = _mm512_max_ps(m, _mm512_mask_blend_ps(live_lanes(n - t), _mm512_set1_ps(-INFINITY),
-                                                          load_bf16_masked(yr + v0 + t, live_lanes(n - t))));
-            bmax[b] = _mm512_reduce_max_ps(m);
-            const double lb = (double)bmax[b] - fabs((double)bmax[b]) * Y_ROUNDING - br[b];
-            if (!isfinite(br[b]) || !isfinite(lb)) ok = 0;
-            if (lb > low) low = lb;
-        }
-        if (round_bf16_out) low -= fabs(low) * slack;
-        int64_t best_tok = -1, n_cand = 0;
-        float best = -INFINITY;
-        /* first the candidates' ids, then their exact scores with the head rows prefetched a few
-         * candidates ahead (random rows of the head, from memory: ~40 a row) */
-        int64_t *cand = ok ? malloc((size_t)(max_cand > 0 ? max_cand : 1) * sizeof(int64_t)) : NULL;
-        ok = ok && cand != NULL;
-        for (int64_t b = 0; ok && b < nblk; b++) {
-            const double thr = low - br[b];
-            if ((double)bmax[b] + fabs((double)bmax[b]) * Y_ROUNDING < thr) continue;
-            const int64_t v0 = b * 64, n = V - v0 < 64 ? V - v0 : 64;
-            for (int64_t t = 0; t < n; t++) {
-                uint32_t u = (uint32_t)yr[v0 + t] << 16;
-                float yv;
-                memcpy(&yv, &u, 4);
-                if ((double)yv + fabs((double)yv) * Y_ROUNDING < thr) continue;
-                if (++n_cand > max_cand) { ok = 0; break; }
-                cand[n_cand - 1] = perm[v0 + t];
+    _Pragma("omp parallel num_threads(threads)")
+    {
+        /* scratch once per thread: block maxima, and the candidates' ids (scored after they are all
+         * known, with their head rows prefetched a few ahead: random rows, from memory, ~40 a row) */
+        float *bmax = malloc((size_t)(nblk > 0 ? nblk : 1) * sizeof(float));
+        int64_t *cand = malloc((size_t)(max_cand > 0 ? max_cand : 1) * sizeof(int64_t));
+        _Pragma("omp for schedule(static)")
+        for (int64_t r = 0; r < R; r++) {
+            const uint16_t *yr = y + r * V;
+            const double *br = bound + r * nblk;
+            const float *hr = h + r * K;
+            double low = -INFINITY;
+            int ok = bmax != NULL && cand != NULL;
+            for (int64_t b = 0; ok && b < nblk; b++) {
+                const int64_t v0 = b * 64, n = V - v0 < 64 ? V - v0 : 64;
+                __m512 m = _mm512_set1_ps(-INFINITY);
+                for (int64_t t = 0; t < n; t += 16)
+                    m = _mm512_max_ps(m, _mm512_mask_blend_ps(live_lanes(n - t), _mm512_set1_ps(-INFINITY),
+                                                              load_bf16_masked(yr + v0 + t, live_lanes(n - t))));
+                bmax[b] = _mm512_reduce_max_ps(m);
+                const double lb = (double)bmax[b] - fabs((double)bmax[b]) * Y_ROUNDING - br[b];
+                if (!isfinite(br[b]) || !isfinite(lb)) ok = 0;
+                if (lb > low) low = lb;
             }
-        }
-        const int64_t esz = w_bf16 ? 2 : 4;
-        for (int64_t i = 0; ok && i < n_cand && i < SCREEN_PREFETCH; i++)
-            prefetch_lines((const char *)w + cand[i] * K * esz, (int)(K * esz));
-        for (int64_t i = 0; ok && i < n_cand; i++) {
-            if (i + SCREEN_PREFETCH < n_cand)
-                prefetch_lines((const char *)w + cand[i + SCREEN_PREFETCH] * K * esz, (int)(K * esz));
-            const int64_t id = cand[i];
-            float score = (float)dot_f64(hr, (const char *)w + id * K * esz, w_bf16, K);
-            if (round_bf16_out) score = round_bf16(score);
-            if (!isfinite(score)) { ok = 0; break; }
-            if (score > best || (score == best && id < best_tok)) { best = score; best_tok = id; }
+            if (round_bf16_out) low -= fabs(low) * slack;
+            int64_t best_tok = -1, n_cand = 0;
+            float best = -INFINITY;
+            for (int64_t b = 0; ok && b < nblk; b++) {
+                const double thr = low - br[b];
+                if ((double)bmax[b] + fabs((double)bmax[b]) * Y_ROUNDING < thr) continue;
+                const int64_t v0 = b * 64, n = V - v0 < 64 ? V - v0 : 64;
+                for (int64_t t = 0; t < n; t++) {
+                    uint32_t u = (uint32_t)yr[v0 + t] << 16;
+                    float yv;
+                    memcpy(&yv, &u, 4);
+                    if ((double)yv + fabs((double)yv) * Y_ROUNDING < thr) continue;
+                    if (++n_cand > max_cand) { ok = 0; break; }
+                    cand[n_cand - 1] = perm[v0 + t];
+                }
+            }
+            const int64_t esz = w_bf16 ? 2 : 4;
+            for (int64_t i = 0; ok && i < n_cand && i < SCREEN_PREFETCH; i++)
+                prefetch_lines((const char *)w + cand[i] * K * esz, (int)(K * esz));
+            for (int64_t i = 0; ok && i < n_cand; i++) {
+                if (i + SCREEN_PREFETCH < n_cand)
+                    prefetch_lines((const char *)w + cand[i + SCREEN_PREFETCH] * K * esz, (int)(K * esz));
+                const int64_t id = cand[i];
+                float score = (float)dot_f64(hr, (const char *)w + id * K * esz, w_bf16, K);
+                if (round_bf16_out) score = round_bf16(score);
+                if (!isfinite(score)) { ok = 0; break; }
+                if (score > best || (score == best && id < best_tok)) { best = score; best_tok = id; }
+            }
+            tok[r] = ok ? best_tok : -1;
+            count[r] = n_cand;
         }
         free(cand);
         free(bmax);
-        tok[r] = ok ? best_tok : -1;
-        count[r] = n_cand;
     }
 }
 
@@ -622,6 +624,13 @@ static void load_tile_config(void) {
     _tile_loadconfig(&cfg);
 }
 
+/* the accumulators of output block h (0 or 1) of a 2 x 2 pass, rb (1 or 2) row tiles, to acc
+ * (16 rows x 16 values of 4 bytes a tile): tiles 0 and 2 hold block 0, tiles 1 and 3 block 1 */
+static inline void store_pair_tiles(int h, int rb, void *acc) {
+    if (h == 0) { _tile_stored(0, acc, 64); if (rb > 1) _tile_stored(2, (char *)acc + 1024, 64); }
+    else { _tile_stored(1, acc, 64); if (rb > 1) _tile_stored(3, (char *)acc + 1024, 64); }
+}
+
 int linear_amx_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *wp, int64_t N,
                     const uint16_t *bias, uint16_t *y, int gelu, int threads) {
     const int64_t nblk = (N + 15) / 16, kblk = K / 32, Mp = (M + 15) / 16 * 16, npair = (nblk + 1) / 2;
@@ -670,8 +679,7 @@ int linear_amx_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *wp,
                     const int64_t nb = nb0 + h;
                     const __mmask16 cols = live_lanes(N - nb * 16);
                     const __m512 bv = bias ? load_bf16_masked(bias + nb * 16, cols) : _mm512_setzero_ps();
-                    if (h == 0) { _tile_stored(0, acc, 64); if (rb > 1) _tile_stored(2, acc + 256, 64); }
-                    else { _tile_stored(1, acc, 64); if (rb > 1) _tile_stored(3, acc + 256, 64); }
+                    store_pair_tiles(h, rb, acc);
                     for (int64_t m = m0; m < M && m < m0 + 16 * rb; m++) {
                         __m512 r = _mm512_add_ps(_mm512_load_ps(acc + (m - m0) * 16), bv);
                         if (gelu) r = gelu_tanh(r);
@@ -969,8 +977,7 @@ static inline __attribute__((always_inline)) void i8x_panel_2x2(const int8_t *w,
                 const __m512 wsv = _mm512_maskz_loadu_ps(live, ws + n0);
                 const __m512i sv = _mm512_maskz_loadu_epi32(live, wsum + n0);
                 const __m512 bv = bias ? _mm512_maskz_loadu_ps(live, bias + n0) : _mm512_setzero_ps();
-                if (h == 0) { _tile_stored(0, acc, 64); if (rb > 1) _tile_stored(2, acc + 256, 64); }
-                else { _tile_stored(1, acc, 64); if (rb > 1) _tile_stored(3, acc + 256, 64); }
+                store_pair_tiles(h, rb, acc);
                 for (int64_t m = m0; m < M && m < m0 + 16 * rb; m++)
                     i8_store(_mm512_load_si512(acc + (m - m0) * 16), sa[m], wsv, sv, bv, gelu, x_bf16,
                              y, m * N + n0, live);

@@ -67,8 +67,8 @@ class Linear(nn.Linear):
     _int8_packed: "cpu_matmul.Int8Weight | None" = None
     # with its 2 x 2 tiles the AMX kernel beats oneDNN up to ~128 rows (48 block matmuls on Sapphire
     # Rapids: 64 rows 10.0-10.2 vs 12.7-13.0 ms, 128 rows 14.6-15.0 vs 17.4-17.7; level at 192, behind
-    # at 256; a 128-row engine step's model call 40.5-43.8 vs 42.8-45.0 ms, four pairs), and prefill
-    # is compute-bound: oneDNN's
+    # at 256; a 128-row engine step's model call 40.5-43.8 vs 42.8-45.0 ms, four pairs); prefill,
+    # compute-bound, stays on oneDNN
     AMX_MAX_ROWS = 128
     # the AVX512-BF16 kernel beat oneDNN at every size measured, 8 to 1,024 rows, by 3-16 % from
     # 64 rows on (bench/results/HISTORY.md), so prefill chunks run on it too
